@@ -1,0 +1,205 @@
+"""qdrop.prepare: trace any model, fold BN, and insert quantizers as a backend preset says."""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import fx, nn
+
+from ..quant.layers import QUANTIZABLE, QuantLayer
+from ..quant.quantizer import Quantizer
+from ..quant.scheme import QScheme, parse_bits
+from .capture import record_values, trace
+from .fold import fold_batchnorm
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Where quantizers go and what grids they use, for one target runtime."""
+
+    weight: dict  # QScheme fields for weights (bits come from the request)
+    act: dict  # QScheme fields for activations
+    quantize_inputs_of: tuple = ("layer",)  # op kinds whose tensor inputs are quantized
+    quantize_network_input: bool = False
+    first_last_8bit: bool = False  # first layer's weights, last layer's weights and input
+    doc: str = ""
+
+
+PRESETS = {
+    "academic": Preset(
+        weight=dict(symmetric=False, ch_axis=0, observer="mse"),
+        act=dict(symmetric=False, observer="mse"),
+        quantize_inputs_of=("layer",),
+        quantize_network_input=False,
+        first_last_8bit=True,
+        doc="QDrop/BRECQ papers: per-channel asymmetric weights, per-tensor asymmetric activations, "
+        "first/last layer 8-bit, network input not quantized",
+    ),
+    "tensorrt": Preset(
+        weight=dict(symmetric=True, narrow_range=True, ch_axis=0, observer="minmax"),
+        act=dict(symmetric=True, signed=True, observer="mse"),
+        quantize_inputs_of=("layer", "add"),
+        quantize_network_input=True,
+        doc="TensorRT explicit quantization: int8 symmetric per-channel weights, int8 symmetric activations",
+    ),
+    "onnxruntime": Preset(
+        weight=dict(symmetric=True, narrow_range=True, ch_axis=0, observer="minmax"),
+        act=dict(symmetric=False, signed=False, observer="mse"),
+        quantize_inputs_of=("layer", "add"),
+        quantize_network_input=True,
+        doc="ONNX Runtime QDQ: int8 symmetric per-channel weights, uint8 asymmetric activations",
+    ),
+}
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass
+class PrepareConfig:
+    backend: str = "academic"
+    bits: str = "w8a8"
+    leaf_modules: list = field(default_factory=list)
+    w_observer: str | None = None
+    a_observer: str | None = None
+
+
+def _is_add(n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target in _ADD_FUNCTIONS:
+        pass
+    elif n.op == "call_method" and n.target in ("add", "add_"):
+        pass
+    else:
+        return False
+    return sum(isinstance(a, fx.Node) and a.meta.get("tensor", False) for a in n.args[:2]) == 2
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs,
+    backend: str = "academic",
+    bits: str = "w8a8",
+    leaf_modules: Iterable = (),
+    w_observer: str | None = None,
+    a_observer: str | None = None,
+) -> fx.GraphModule:
+    """Return a quantization-ready copy of `model` (the original is not modified).
+
+    Conv1d/Conv2d/Linear become QuantLayer (weight quantizer); an activation quantizer
+    is inserted after every value that feeds an op kind in the preset's
+    `quantize_inputs_of`. One quantizer per value: all users of the value see its
+    quantized version. Quantizers start 'off': call qdrop.calibrate next.
+    """
+    if backend not in PRESETS:
+        raise ValueError(f"unknown backend preset {backend!r}; choose from {sorted(PRESETS)}")
+    preset = PRESETS[backend]
+    w_bits, a_bits = parse_bits(bits)
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    leaf_modules = list(leaf_modules)
+
+    model = copy.deepcopy(model).eval()
+    gm = trace(model, leaf_modules)
+    record_values(gm, example_inputs)
+    fold_batchnorm(gm)
+
+    # weights
+    layer_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QUANTIZABLE)]
+    if not layer_nodes:
+        raise ValueError(f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer outside leaf modules to quantize")
+    seen = set()
+    for i, n in enumerate(layer_nodes):
+        if n.target in seen:  # a layer called twice shares one QuantLayer
+            continue
+        seen.add(n.target)
+        edge = preset.first_last_8bit and (i == 0 or i == len(layer_nodes) - 1)
+        w_scheme = QScheme(bits=8 if edge else w_bits, **{**preset.weight, **({"observer": w_observer} if w_observer else {})})
+        _set_module(gm, n.target, QuantLayer(gm.get_submodule(n.target), w_scheme))
+
+    # activations: which values to quantize
+    a_kw = {**preset.act, **({"observer": a_observer} if a_observer else {})}
+    targets: dict[fx.Node, int] = {}  # value -> bits
+    last_layer = layer_nodes[-1]
+    for n in gm.graph.nodes:
+        kinds = set()
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantLayer):
+            kinds.add("layer")
+        if _is_add(n):
+            kinds.add("add")
+        if not kinds & set(preset.quantize_inputs_of):
+            continue
+        for a in n.args[: (1 if "layer" in kinds else 2)]:
+            if not isinstance(a, fx.Node) or not a.meta.get("tensor", False):
+                continue
+            if a.op == "placeholder" and not preset.quantize_network_input:
+                continue
+            b = 8 if preset.first_last_8bit and n is last_layer else a_bits
+            targets[a] = max(b, targets.get(a, 0))
+
+    for value, b in targets.items():
+        name = f"act_quant_{value.name}"
+        gm.add_submodule(name, Quantizer(QScheme(bits=b, **a_kw), role="act"))
+        with gm.graph.inserting_after(value):
+            q = gm.graph.call_module(name, (value,))
+        q.meta = {**value.meta, "quantizer_of": value.name}
+        value.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+
+    gm.graph.lint()
+    gm.recompile()
+    gm.qdrop_config = PrepareConfig(backend, bits, [m for m in leaf_modules if isinstance(m, str)], w_observer, a_observer)
+    return gm
+
+
+def _set_module(gm: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, module)
+
+
+def quantizers(gm: nn.Module) -> list[tuple[str, Quantizer]]:
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, Quantizer)]
+
+
+def set_quant_state(gm: nn.Module, state: str, role: str | None = None) -> None:
+    """Set every quantizer (or those of one role: 'weight'/'act') to observe/quant/off."""
+    if state not in ("observe", "quant", "off"):
+        raise ValueError(f"unknown quantizer state {state!r}")
+    for _, q in quantizers(gm):
+        if role is None or q.role == role:
+            if state == "quant" and not q.calibrated:
+                raise RuntimeError("model is not calibrated: run qdrop.calibrate first")
+            q.state = state
+
+
+def describe(gm: fx.GraphModule) -> dict:
+    """What was quantized: layers with their weight schemes, activation quantizers with positions."""
+    layers, acts = [], []
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        m = gm.get_submodule(n.target)
+        if isinstance(m, QuantLayer):
+            s = m.weight_quant.scheme
+            layers.append(dict(name=n.target, type=type(m.layer).__name__, shape=list(m.layer.weight.shape),
+                               bits=s.bits, symmetric=s.symmetric, grid=[s.qmin, s.qmax],
+                               granularity="per-tensor" if s.ch_axis is None else f"per-channel(axis {s.ch_axis})",
+                               observer=s.observer))
+        elif isinstance(m, Quantizer):
+            s = m.scheme
+            src = n.args[0]
+            acts.append(dict(name=n.target, after=_describe_node(gm, src),
+                             feeds=[_describe_node(gm, u) for u in n.users],
+                             bits=s.bits, symmetric=s.symmetric, grid=[s.qmin, s.qmax], observer=s.observer))
+    return dict(layers=layers, activations=acts)
+
+
+def _describe_node(gm, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return str(n.target)
+    if n.op == "placeholder":
+        return f"input '{n.name}'"
+    if n.op == "output":
+        return "output"
+    t = getattr(n.target, "__name__", str(n.target))
+    return f"{n.name} ({t})"

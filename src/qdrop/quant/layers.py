@@ -1,0 +1,35 @@
+"""Quantized layers: the original conv/linear with a weight quantizer in front of its weight."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import Quantizer
+from .scheme import QScheme
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+class QuantLayer(nn.Module):
+    """Wraps a Conv1d/Conv2d (grouped, depthwise) or Linear. Its parameters stay in
+    `self.layer` so that state dicts and names remain recognisable."""
+
+    def __init__(self, layer: nn.Module, w_scheme: QScheme):
+        super().__init__()
+        if not isinstance(layer, QUANTIZABLE):
+            raise TypeError(f"cannot quantize {type(layer).__name__}")
+        self.layer = layer
+        self.weight_quant = Quantizer(w_scheme, layer.weight.shape[0], role="weight")
+
+    @property
+    def weight(self):
+        return self.layer.weight
+
+    def forward(self, x):
+        w = self.weight_quant(self.layer.weight)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, self.layer.bias)
+        return self.layer._conv_forward(x, w, self.layer.bias)
+
+    def extra_repr(self) -> str:
+        return type(self.layer).__name__

@@ -1,0 +1,203 @@
+"""The fake quantizer: one module for weights and activations.
+
+States
+  observe  - pass values through unchanged and feed the observer (calibration)
+  quant    - fake-quantize (the default after calibration)
+  off      - pass through (the prepared model then computes the original function)
+
+Learning
+  LSQ / LSQ+  - `learn_scale()` makes the step size (and optionally the zero point) a
+                trainable parameter with the LSQ gradient, scaled by 1/sqrt(N * qmax).
+  AdaRound    - `init_adaround(w)` switches a weight quantizer to learned rounding:
+                W_q = s * (clip(floor(W/s) + h(V) + z, qmin, qmax) - z).
+  QDrop       - `prob` < 1: in training mode each element keeps its FP value with
+                probability 1 - prob (resampled every call).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .observers import Observer, make_observer
+from .scheme import QScheme, qparams_from_range
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch
+
+
+def _bshape(x: torch.Tensor, ch_axis: int | None, t: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-channel qparam [C] so it broadcasts against x."""
+    if ch_axis is None:
+        return t
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return t.reshape(shape)
+
+
+class _LSQFakeQuant(torch.autograd.Function):
+    """Fake quantization with the LSQ(+) gradients.
+
+    The forward is PyTorch's fused fake-quant kernel with tensor qparams (no host sync);
+    the backward is the closed form of LSQ: with v = x/s + z,
+      d out/d x = 1 inside [qmin, qmax], 0 outside (straight-through estimator)
+      d out/d s = round(v) - v  inside, (qmin - z) or (qmax - z) outside
+      d out/d z = 0 inside, -s outside (LSQ+)
+    each parameter gradient multiplied by grad_factor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
+        zp_int = torch.round(zero_point).to(torch.int32)
+        if ch_axis is None:
+            out = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp_int.reshape(()), qmin, qmax)
+        else:
+            out = torch.fake_quantize_per_channel_affine(x, scale, zp_int, ch_axis % x.dim(), qmin, qmax)
+        ctx.save_for_backward(x, out, scale, zero_point)
+        ctx.qmin, ctx.qmax, ctx.ch_axis, ctx.grad_factor = qmin, qmax, ch_axis, grad_factor
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, out, scale, zero_point = ctx.saved_tensors
+        ch = ctx.ch_axis
+        s = _bshape(x, ch, scale)
+        z = _bshape(x, ch, torch.round(zero_point))
+        v = x / s + z
+        inside = (v >= ctx.qmin) & (v <= ctx.qmax)
+        grad_x = g * inside
+        ds = torch.where(inside, (out - x) / s, out / s)
+        dims = tuple(d for d in range(x.dim()) if ch is None or d != ch % x.dim())
+        grad_s = (g * ds).sum(dims).reshape(scale.shape) * ctx.grad_factor
+        grad_z = None
+        if ctx.needs_input_grad[2]:
+            grad_z = (g * torch.where(inside, torch.zeros_like(s), -s)).sum(dims).reshape(scale.shape)
+            grad_z = grad_z * ctx.grad_factor
+        return grad_x, grad_s, grad_z, None, None, None, None
+
+
+class Quantizer(nn.Module):
+    def __init__(self, scheme: QScheme, num_channels: int | None = None, role: str = "act"):
+        super().__init__()
+        self.scheme = scheme
+        self.role = role  # "weight" or "act": only for reports and presets
+        shape = () if scheme.ch_axis is None else (num_channels,)
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
+        self.zero_point = nn.Parameter(torch.zeros(shape), requires_grad=False)
+        self.state = "off"
+        self.prob = 1.0  # QDrop: probability that an element is quantized (training mode)
+        self.observer: Observer | None = None
+        self.calibrated = False
+        self.alpha: nn.Parameter | None = None  # AdaRound's V
+        self.hard_round = False
+
+    # ---- configuration -------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
+
+    def set_scheme(self, scheme: QScheme) -> None:
+        if self.calibrated:
+            raise RuntimeError("cannot change the scheme of a calibrated quantizer")
+        self.scheme = scheme
+
+    def observe(self) -> None:
+        self.observer = make_observer(self.scheme)
+        self.state = "observe"
+
+    def freeze(self) -> None:
+        """Turn what the observer saw into scale and zero point, and start quantizing."""
+        lo, hi = self.observer.compute_range()
+        scale, zp = qparams_from_range(lo, hi, self.scheme)
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zp.reshape(self.zero_point.shape))
+        self.observer = None
+        self.calibrated = True
+        self.state = "quant"
+
+    def calibrate_on(self, x: torch.Tensor) -> None:
+        """Observe one tensor and freeze (weights: the tensor is the whole population)."""
+        self.observe()
+        self.observer.update(x)
+        self.freeze()
+
+    def learn_scale(self, zero_point: bool = False) -> None:
+        self.scale.requires_grad_(True)
+        self.zero_point.requires_grad_(zero_point)
+
+    def stop_learning(self) -> None:
+        self.scale.requires_grad_(False)
+        self.zero_point.requires_grad_(False)
+        with torch.no_grad():
+            self.scale.clamp_(min=1e-8)
+            self.zero_point.copy_(torch.clamp(torch.round(self.zero_point), self.scheme.qmin, self.scheme.qmax))
+
+    # ---- AdaRound --------------------------------------------------------------------
+    def init_adaround(self, w: torch.Tensor) -> None:
+        s = _bshape(w, self.scheme.ch_axis, self.scale.detach())
+        rest = w.detach() / s - torch.floor(w.detach() / s)
+        rest = rest.clamp(1e-6, 1 - 1e-6)  # finite V at exact grid points
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.hard_round = False
+
+    def rounding(self) -> torch.Tensor:
+        """h(V) in [0, 1]: soft while learning, {0, 1} once hard."""
+        if self.hard_round:
+            return (self.alpha >= 0).to(self.alpha.dtype)
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        h = self.rounding()
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+    def _adaround(self, w: torch.Tensor) -> torch.Tensor:
+        s = _bshape(w, self.scheme.ch_axis, self.scale)
+        z = _bshape(w, self.scheme.ch_axis, self.zero_point)
+        q = torch.clamp(torch.floor(w / s) + self.rounding() + z, self.scheme.qmin, self.scheme.qmax)
+        return (q - z) * s
+
+    def bake(self, layer_weight: nn.Parameter) -> None:
+        """Write the hard-rounded weights into the layer and drop V: afterwards nearest
+        rounding of the stored weight reproduces the learned integer weights exactly."""
+        with torch.no_grad():
+            self.hard_round = True
+            layer_weight.copy_(self._adaround(layer_weight))
+        self.alpha = None
+        self.hard_round = False
+
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x on this quantizer's grid (as int64)."""
+        s = _bshape(x, self.scheme.ch_axis, self.scale.detach())
+        z = _bshape(x, self.scheme.ch_axis, self.zero_point.detach())
+        return torch.clamp(torch.round(x / s) + z, self.scheme.qmin, self.scheme.qmax).long()
+
+    # ---- forward ---------------------------------------------------------------------
+    def grad_factor(self, x: torch.Tensor) -> float:
+        # LSQ's gradient scale, with N the number of elements quantized by one step size
+        # (all of x per-tensor, as in the official QDrop/MQBench code)
+        n = x.numel() if self.scheme.ch_axis is None else x.numel() // x.shape[self.scheme.ch_axis]
+        return 1.0 / math.sqrt(n * self.scheme.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state == "off":
+            return x
+        if self.state == "observe":
+            self.observer.update(x)
+            return x
+        if self.alpha is not None:
+            out = self._adaround(x)
+        else:
+            out = _LSQFakeQuant.apply(
+                x, self.scale, self.zero_point, self.scheme.qmin, self.scheme.qmax,
+                self.scheme.ch_axis, self.grad_factor(x),
+            )
+        if self.prob < 1.0 and self.training:
+            out = torch.where(torch.rand_like(x) < self.prob, out, x)
+        return out
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        kind = "sym" if s.symmetric else "asym"
+        gran = "per-tensor" if s.ch_axis is None else f"per-channel(axis={s.ch_axis})"
+        return f"{self.role}, {s.bits}-bit {kind} [{s.qmin},{s.qmax}] {gran}, observer={s.observer}, state={self.state}"
