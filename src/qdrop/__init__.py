@@ -1,0 +1,12 @@
+"""qdrop: post-training quantization for PyTorch (naive PTQ, AdaRound, BRECQ, QDrop).
+
+    qmodel = qdrop.prepare(model, example_inputs, backend="academic", bits="w4a4")
+    qdrop.calibrate(qmodel, batches)
+    qdrop.reconstruct(qmodel, None, calib_inputs, algo="qdrop", iters=20000)
+"""
+from .calibrate import calibrate
+from .graph import describe, prepare, set_quant_state
+from .recon import reconstruct
+
+__version__ = "0.1.0"
+__all__ = ["calibrate", "describe", "prepare", "reconstruct", "set_quant_state"]

@@ -39,7 +39,7 @@ def load_cifar10_with_source(root: Path, split: str) -> tuple[np.ndarray, np.nda
     if not batches.is_dir():
         try:
             _download_batches(root)
-        except OSError as err:
+        except (OSError, tarfile.TarError) as err:
             looked_for = ", ".join(_NPZ_NAMES[split]) + f" or {BATCHES_DIR}/"
             raise DataError(
                 f"CIFAR-10 {split} data not found in {root} (looked for {looked_for}) "

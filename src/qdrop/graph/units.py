@@ -187,5 +187,7 @@ def subgraph(gm: fx.GraphModule, nodes: list, inp: fx.Node, outputs: list) -> fx
         if all(o in env for o in outputs):
             break
     g.output(lookup(outputs[0]) if len(outputs) == 1 else tuple(lookup(o) for o in outputs))
-    g.eliminate_dead_code()
-    return fx.GraphModule(gm, g)
+    sub = fx.GraphModule(gm, g)
+    sub.graph.eliminate_dead_code()
+    sub.recompile()
+    return sub

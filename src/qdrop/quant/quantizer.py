@@ -36,44 +36,74 @@ def _bshape(x: torch.Tensor, ch_axis: int | None, t: torch.Tensor) -> torch.Tens
 
 
 class _LSQFakeQuant(torch.autograd.Function):
-    """Fake quantization with the LSQ(+) gradients.
+    """Fake quantization with the LSQ(+) gradients and optional QDrop dropping, fused.
 
-    The forward is PyTorch's fused fake-quant kernel with tensor qparams (no host sync);
-    the backward is the closed form of LSQ: with v = x/s + z,
-      d out/d x = 1 inside [qmin, qmax], 0 outside (straight-through estimator)
-      d out/d s = round(v) - v  inside, (qmin - z) or (qmax - z) outside
-      d out/d z = 0 inside, -s outside (LSQ+)
-    each parameter gradient multiplied by grad_factor.
+    Forward: PyTorch's fused fake-quant kernel with tensor qparams (no host sync), which
+    also returns the straight-through mask `inside` (the rounded code was not clamped).
+    With `keep` (QDrop) an element takes its quantized value where keep is True and its
+    FP value elsewhere. Backward, the closed form of LSQ with v = x/s:
+      d out/d x = 1 where inside or dropped, else 0   (straight-through estimator)
+      d out/d s = round(v) - v inside, (qmin - z) or (qmax - z) outside, 0 where dropped
+      d out/d z = 0 inside, -s outside (LSQ+), 0 where dropped
+    each scaled by grad_factor. The sums are written as dot products of full tensors
+    (sum g*(out - x*inside)/s = (g.out - (g*inside).x)/s): no temporaries per term.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, ch_axis, grad_factor, keep):
         zp_int = torch.round(zero_point).to(torch.int32)
         if ch_axis is None:
-            out = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp_int.reshape(()), qmin, qmax)
+            xq, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                x, scale.reshape(()), zp_int.reshape(()), _enabled(x.device), qmin, qmax)
         else:
-            out = torch.fake_quantize_per_channel_affine(x, scale, zp_int, ch_axis % x.dim(), qmin, qmax)
-        ctx.save_for_backward(x, out, scale, zero_point)
+            xq, inside = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(x, scale, zp_int, ch_axis % x.dim(), qmin, qmax)
+        if keep is not None:
+            out = torch.where(keep, xq, x)
+        else:
+            out = xq
+        ctx.save_for_backward(x, xq, inside, keep, scale)
         ctx.qmin, ctx.qmax, ctx.ch_axis, ctx.grad_factor = qmin, qmax, ch_axis, grad_factor
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, out, scale, zero_point = ctx.saved_tensors
+        x, xq, inside, keep, scale = ctx.saved_tensors
         ch = ctx.ch_axis
-        s = _bshape(x, ch, scale)
-        z = _bshape(x, ch, torch.round(zero_point))
-        v = x / s + z
-        inside = (v >= ctx.qmin) & (v <= ctx.qmax)
-        grad_x = g * inside
-        ds = torch.where(inside, (out - x) / s, out / s)
-        dims = tuple(d for d in range(x.dim()) if ch is None or d != ch % x.dim())
-        grad_s = (g * ds).sum(dims).reshape(scale.shape) * ctx.grad_factor
-        grad_z = None
-        if ctx.needs_input_grad[2]:
-            grad_z = (g * torch.where(inside, torch.zeros_like(s), -s)).sum(dims).reshape(scale.shape)
-            grad_z = grad_z * ctx.grad_factor
-        return grad_x, grad_s, grad_z, None, None, None, None
+        g = g.contiguous()
+        if keep is None:
+            gx = g * inside
+            gq = g  # gradient reaching the quantized values
+        else:
+            gx = g * (inside | ~keep)
+            gq = g * keep
+            inside = inside & keep
+        grad_s = grad_z = None
+        if ch is None:
+            gin = gx if keep is None else gq * inside
+            grad_s = (torch.dot(gq.reshape(-1), xq.reshape(-1)) - torch.dot(gin.reshape(-1), x.reshape(-1))) / scale
+            grad_s = grad_s.reshape(scale.shape) * ctx.grad_factor
+            if ctx.needs_input_grad[2]:
+                grad_z = -scale * (gq.sum() - gin.sum()) * ctx.grad_factor
+                grad_z = grad_z.reshape(scale.shape)
+        else:
+            axis = ch % x.dim()
+            dims = tuple(d for d in range(x.dim()) if d != axis)
+            s = _bshape(x, ch, scale)
+            gin = gq * inside
+            grad_s = ((gq * xq - gin * x) / s).sum(dims) * ctx.grad_factor
+            if ctx.needs_input_grad[2]:
+                grad_z = -scale * (gq.sum(dims) - gin.sum(dims)) * ctx.grad_factor
+        return gx, grad_s, grad_z, None, None, None, None, None
+
+
+_ENABLED: dict = {}
+
+
+def _enabled(device) -> torch.Tensor:
+    """The fused kernel's 'fake quant enabled' flag, kept on the data's device (no copies per call)."""
+    if device not in _ENABLED:
+        _ENABLED[device] = torch.ones((), dtype=torch.uint8, device=device)
+    return _ENABLED[device]
 
 
 class Quantizer(nn.Module):
@@ -188,13 +218,19 @@ class Quantizer(nn.Module):
         if self.alpha is not None:
             out = self._adaround(x)
         else:
-            out = _LSQFakeQuant.apply(
+            return _LSQFakeQuant.apply(
                 x, self.scale, self.zero_point, self.scheme.qmin, self.scheme.qmax,
-                self.scheme.ch_axis, self.grad_factor(x),
+                self.scheme.ch_axis, self.grad_factor(x), self._keep_mask(x),
             )
         if self.prob < 1.0 and self.training:
             out = torch.where(torch.rand_like(x) < self.prob, out, x)
         return out
+
+    def _keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """QDrop: which elements take their quantized value (None: all of them)."""
+        if self.prob >= 1.0 or not self.training:
+            return None
+        return torch.rand_like(x) < self.prob
 
     def extra_repr(self) -> str:
         s = self.scheme

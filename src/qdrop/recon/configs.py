@@ -1,0 +1,77 @@
+"""The reconstruction algorithms, as data.
+
+Every algorithm is a list of stages; a stage is one pass over the network's units with
+one setting of the loop in engine.py. Nothing else distinguishes the algorithms.
+
+adaround  Nagel et al. 2020 as the QDrop paper runs it: layer units, each layer's input
+          taken from the quantized model with activations quantized; only the weight
+          rounding is learned (activation ranges stay as calibrated). Choice documented
+          in docs/algorithms.md.
+brecq     Li et al. 2021, official two-stage recipe: block units; stage 1 learns weight
+          rounding with activation quantization off; stage 2 learns activation step
+          sizes (LSQ, lr 4e-4, a quarter of the iterations) with the rounding fixed.
+qdrop     Wei et al. 2022: block units; rounding and activation step sizes learned jointly;
+          inside the unit each activation element is quantized with probability 0.5,
+          and the unit input mixes quantized and FP inputs element-wise (p = 0.5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Stage:
+    learn_weights: bool = True  # AdaRound rounding (V), Adam lr 1e-3
+    learn_acts: bool = False  # LSQ step sizes of the unit's activation quantizers
+    act_quant: bool = True  # activation quantizers on during this stage
+    drop_prob: float = 1.0  # probability an activation element is quantized (QDrop 0.5)
+    input_mix: float = 1.0  # probability an input element comes from the quantized model
+    iters_scale: float = 1.0  # iterations of this stage relative to the requested iters
+    w_lr: float = 1e-3
+    act_lr: float = 4e-5  # cosine-decayed to 0 over the stage
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    units: str  # "block" or "layer"
+    stages: tuple = field(default_factory=tuple)
+
+
+ALGORITHMS = {
+    "adaround": Algorithm("adaround", "layer", (Stage(learn_weights=True, learn_acts=False, act_quant=True),)),
+    "brecq": Algorithm(
+        "brecq",
+        "block",
+        (
+            Stage(learn_weights=True, learn_acts=False, act_quant=False),
+            Stage(learn_weights=False, learn_acts=True, act_quant=True, iters_scale=0.25, act_lr=4e-4),
+        ),
+    ),
+    "qdrop": Algorithm(
+        "qdrop", "block", (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5),)
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    iters: int = 20000
+    batch_size: int = 32
+    lam: float | None = None  # rounding-loss weight; None: from the architecture (see default_lambda)
+    warmup: float = 0.2  # fraction of iterations with the rounding loss off
+    b_start: float = 20.0
+    b_end: float = 2.0
+    seed: int = 0
+    log_every: int = 100
+    compile: bool = False
+    max_cache_bytes: int | None = None  # cap on the cached unit inputs/outputs
+
+
+def get_algorithm(name: str, **overrides) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose from {sorted(ALGORITHMS)} (or 'naive')")
+    algo = ALGORITHMS[name]
+    if overrides:
+        algo = replace(algo, stages=tuple(replace(s, **overrides) for s in algo.stages))
+    return algo
