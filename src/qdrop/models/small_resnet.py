@@ -33,14 +33,14 @@ class ResidualBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """Stem conv 1->16, stages of one block each (16, 32, 64 channels, strides 1, 2, 2), pool, Linear."""
+    """Stem conv 1->16, stages of one block each (16, 32, 64 channels, strides 2, 2, 2: cheap enough to train in ~1.5 min on 2 CPU cores), pool, Linear."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU()
-        self.layer1 = ResidualBlock(16, 16, stride=1)
+        self.layer1 = ResidualBlock(16, 16, stride=2)
         self.layer2 = ResidualBlock(16, 32, stride=2)
         self.layer3 = ResidualBlock(32, 64, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

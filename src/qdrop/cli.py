@@ -1,0 +1,192 @@
+"""Command line: qdrop quantize | eval | inspect | demo.
+
+Every error that is the user's (bad flag value, missing data, untraceable model) is
+printed as one line 'qdrop: error: ...' with exit status 2; nothing half-written is left.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _bits(text: str) -> str:
+    from .quant.scheme import parse_bits
+
+    try:
+        parse_bits(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.lower()
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="cifar10_resnet20|32|44|56, efficientnet_lite0, fmnist_resnet, "
+                   "torchvision:NAME, module:path.py:factory")
+    p.add_argument("--data", default=None, help="dataset folder or data root (default: $QDROP_DATA or ../shared/data)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--eval-limit", type=_positive, default=None, help="evaluate on a fixed subset of this many test samples")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .graph.prepare import PRESETS
+    from .pipeline import ALGOS
+
+    parser = argparse.ArgumentParser(prog="qdrop", description="Post-training quantization: naive, AdaRound, BRECQ, QDrop")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model, evaluate it, save checkpoint and metrics.json")
+    _common(q)
+    q.add_argument("--bits", type=_bits, required=True, help="e.g. w4a4, w2a4, w8a8 (2..8 bits)")
+    q.add_argument("--algo", choices=ALGOS, default="naive")
+    q.add_argument("--backend", choices=sorted(PRESETS), default="academic")
+    q.add_argument("--calib", type=_positive, default=1024, help="calibration samples from the training split")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--iters", type=_positive, default=20000, help="reconstruction iterations per unit")
+    q.add_argument("--batch-size", type=_positive, default=32)
+    q.add_argument("--lambda", dest="lam", type=float, default=None, help="rounding-loss weight (default: from the architecture)")
+    q.add_argument("--leaf", action="append", default=[], help="module to keep in FP as a traced leaf (repeatable)")
+    q.add_argument("--w-observer", default=None, help="override the preset's weight observer (minmax|ema_minmax|percentile|mse)")
+    q.add_argument("--a-observer", default=None, help="override the preset's activation observer")
+    q.add_argument("--compile", action="store_true", help="torch.compile each unit during reconstruction")
+    q.add_argument("--max-cache-mb", type=_positive, default=None, help="cap on cached unit inputs/outputs")
+    q.add_argument("--out", required=True, help="output directory")
+
+    e = sub.add_parser("eval", help="evaluate the FP model and, with --checkpoint, a quantized one on the test split")
+    _common(e)
+    e.add_argument("--checkpoint", default=None, help="a quantize --out directory or its model.pt")
+
+    i = sub.add_parser("inspect", help="show what is quantized: layers, weight schemes, activation quantizers, units")
+    i.add_argument("model")
+    i.add_argument("--bits", type=_bits, default="w4a4")
+    i.add_argument("--backend", choices=sorted(PRESETS), default="academic")
+    i.add_argument("--units", action="store_true", help="print the block and layer reconstruction units")
+    i.add_argument("--leaf", action="append", default=[])
+    i.add_argument("--data", default=None)
+    i.add_argument("--random", action="store_true", help="random weights (no pretrained download needed)")
+    i.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="Fashion-MNIST: train a small ResNet (cached), quantize, print a table")
+    d.add_argument("--iters", type=_positive, default=500, help="QDrop iterations per unit")
+    d.add_argument("--retrain", action="store_true")
+    d.add_argument("--threads", type=_positive, default=None)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("qdrop: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors: one line, non-zero exit
+        if _is_user_error(e):
+            print(f"qdrop: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    from .graph.capture import TraceError
+    from .graph.units import PartitionError
+    from .recon.engine import ReconstructionError
+
+    return isinstance(e, (ValueError, FileNotFoundError, TraceError, PartitionError, ReconstructionError, TypeError))
+
+
+def cmd_quantize(args) -> int:
+    from .pipeline import run_quantize
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    metrics = run_quantize(args.model, args.bits, args.algo, args.backend, data=args.data, calib=args.calib, seed=args.seed,
+                           iters=args.iters, batch_size=args.batch_size, lam=args.lam, device=args.device, out=out,
+                           leaf_modules=args.leaf, eval_limit=args.eval_limit, compile=args.compile,
+                           max_cache_bytes=args.max_cache_mb * 2**20 if args.max_cache_mb else None,
+                           w_observer=args.w_observer, a_observer=args.a_observer)
+    print(f"{metrics['model']} {metrics['bits']} {metrics['algo']}: FP {metrics['fp']:.2f}  quantized {metrics['quant']:.2f} "
+          f"({metrics['metric']}, {metrics['eval_size']} test samples) -> {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_split
+    from .eval.metrics import top1
+    from .models import load_model
+    from .pipeline import load_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.checkpoint:
+        qmodel, model, info = load_checkpoint(args.checkpoint, data=args.data)
+    else:
+        model, info = load_model(args.model, data=args.data)
+        qmodel = None
+    test = load_split(info.dataset, "test", data=args.data, preprocess=info.preprocess, limit=args.eval_limit)
+    result = dict(model=args.model, eval_data=test.description, fp=round(top1(model, test.x, test.y, device=device), 2))
+    if qmodel is not None:
+        result["quant"] = round(top1(qmodel, test.x, test.y, device=device), 2)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .graph import block_units, describe, layer_units, prepare
+    from .models import load_model
+
+    model, info = load_model(args.model, data=args.data, pretrained=not args.random)
+    qmodel = prepare(model, (torch.zeros((1, *info.input_shape)),), backend=args.backend, bits=args.bits, leaf_modules=args.leaf)
+    desc = describe(qmodel)
+    if args.units:
+        blocks = block_units(qmodel)
+        desc["units"] = [dict(name=b.name, layers=b.layers, act_quants=b.act_quants,
+                              layer_units=[u.name for u in layer_units(qmodel, b)]) for b in blocks]
+    if args.json:
+        print(json.dumps(desc, indent=1))
+        return 0
+    print(f"{args.model}: backend={args.backend} bits={args.bits}")
+    print(f"\n{len(desc['layers'])} quantized layers")
+    print(f"  {'layer':40s} {'type':8s} {'bits':>4s}  scheme")
+    for l in desc["layers"]:
+        kind = "sym" if l["symmetric"] else "asym"
+        print(f"  {l['name']:40s} {l['type']:8s} {l['bits']:>4d}  {kind} {l['grid']} {l['granularity']} {l['observer']}")
+    print(f"\n{len(desc['activations'])} activation quantizers")
+    for a in desc["activations"]:
+        kind = "sym" if a["symmetric"] else "asym"
+        print(f"  {a['name']:40s} {a['bits']:>2d}-bit {kind} {a['grid']}  after {a['after']}  -> {', '.join(a['feeds'])}")
+    if args.units:
+        print(f"\n{len(desc['units'])} block units")
+        for k, u in enumerate(desc["units"]):
+            print(f"  {k:3d} {u['name']:40s} layers: {', '.join(u['layers'])}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(iters=args.iters, retrain=args.retrain)
+    return 0
+
+
+COMMANDS = dict(quantize=cmd_quantize, eval=cmd_eval, inspect=cmd_inspect, demo=cmd_demo)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The quantize job behind `qdrop quantize` and `qdrop bench`: load, prepare, calibrate,
+reconstruct, evaluate, save. Every file is written to a temp name and renamed."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .calibrate import batched, calibrate
+from .eval.metrics import top1
+from .graph.prepare import PrepareConfig, prepare, quantizers
+from .quant.scheme import parse_bits
+from .recon import reconstruct
+
+ALGOS = ("naive", "adaround", "brecq", "qdrop")
+ACT_CALIB = 256  # samples the activation observers see (the QDrop protocol)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(qmodel, model_name: str, path: Path, example_shape) -> None:
+    cfg = qmodel.qdrop_config
+    atomic_torch_save(dict(format="qdrop-v1", model=model_name, prepare=asdict(cfg), example_shape=list(example_shape),
+                           calibrated=[n for n, q in quantizers(qmodel) if q.calibrated],
+                           state_dict=qmodel.state_dict()), path)
+
+
+def load_checkpoint(path: str | Path, data=None):
+    """Rebuild a quantized model saved by save_checkpoint: returns (qmodel, fp_model, info)."""
+    from .models import load_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no quantized checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format") != "qdrop-v1":
+        raise ValueError(f"{path} is not a qdrop checkpoint")
+    model, info = load_model(ckpt["model"], data=data)
+    cfg = PrepareConfig(**ckpt["prepare"])
+    qmodel = prepare(model, (torch.zeros(ckpt["example_shape"]),), backend=cfg.backend, bits=cfg.bits,
+                     leaf_modules=cfg.leaf_modules, w_observer=cfg.w_observer, a_observer=cfg.a_observer)
+    calibrated = set(ckpt["calibrated"])
+    for name, q in quantizers(qmodel):
+        q.calibrated = name in calibrated
+        q.state = "quant" if q.calibrated else "off"
+    qmodel.load_state_dict(ckpt["state_dict"])
+    return qmodel, model, info
+
+
+def environment() -> dict:
+    import numpy
+
+    env = dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
+               machine=platform.machine(), processor=platform.processor() or platform.machine(),
+               cpu_count=os.cpu_count(), threads=torch.get_num_threads())
+    if torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "academic", data=None, calib: int = 1024,
+                 seed: int = 0, iters: int = 20000, batch_size: int = 32, lam: float | None = None, device: str | None = None,
+                 out: str | Path | None = None, leaf_modules=(), eval_limit: int | None = None, progress: bool = True,
+                 compile: bool = False, max_cache_bytes: int | None = None, w_observer: str | None = None,
+                 a_observer: str | None = None, fp_top1: float | None = None) -> dict:
+    """Quantize one model and evaluate FP and quantized top-1 on the test split.
+
+    Calibration samples come from the training split, evaluation from the test split.
+    With `out`, writes model.pt, config.json, recon.json and (last) metrics.json there;
+    reconstruction saves its progress to recon_state.pt and resumes from it.
+    """
+    from .data import load_split
+    from .models import load_model
+
+    if algo not in ALGOS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
+    parse_bits(bits)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    seconds = {}
+    t = time.perf_counter()
+    fp_model, info = load_model(model, data=data)
+    if info.dataset == "custom":
+        raise ValueError(f"model {model!r} has no known dataset: give it one in its factory's info dict")
+    calib_split = load_split(info.dataset, "calib", data=data, preprocess=info.preprocess, limit=calib, seed=seed)
+    test_split = load_split(info.dataset, "test", data=data, preprocess=info.preprocess, limit=eval_limit)
+    seconds["load"] = time.perf_counter() - t
+
+    out_dir = Path(out) if out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(model=model, bits=bits, algo=algo, backend=backend, calib_size=len(calib_split), seed=seed,
+                  iters=iters if algo != "naive" else 0, batch_size=batch_size, lam=lam, device=device,
+                  leaf_modules=list(leaf_modules), w_observer=w_observer, a_observer=a_observer,
+                  calib_data=calib_split.description, eval_data=test_split.description, act_calib=ACT_CALIB)
+    if out_dir:
+        atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
+
+    t = time.perf_counter()
+    qmodel = prepare(fp_model, (calib_split.x[:2],), backend=backend, bits=bits, leaf_modules=leaf_modules,
+                     w_observer=w_observer, a_observer=a_observer)
+    qmodel.to(device)
+    calibrate(qmodel, batched(calib_split.x[:ACT_CALIB], 64), device=device)
+    seconds["calibrate"] = time.perf_counter() - t
+
+    recon_report = None
+    if algo != "naive":
+        t = time.perf_counter()
+        recon_report = reconstruct(qmodel, None, calib_split.x, algo=algo, iters=iters, batch_size=batch_size, lam=lam,
+                                   seed=seed, device=device, progress=progress, compile=compile,
+                                   max_cache_bytes=max_cache_bytes,
+                                   state_path=str(out_dir / "recon_state.pt") if out_dir else None)
+        seconds["reconstruct"] = time.perf_counter() - t
+        if out_dir:
+            atomic_write_text(out_dir / "recon.json", json.dumps(recon_report, indent=1))
+
+    t = time.perf_counter()
+    fp = fp_top1 if fp_top1 is not None else top1(fp_model, test_split.x, test_split.y, device=device, progress=progress, desc="eval fp")
+    quant = top1(qmodel, test_split.x, test_split.y, device=device, progress=progress, desc="eval quant")
+    seconds["evaluate"] = time.perf_counter() - t
+
+    metrics = dict(model=model, bits=bits, algo=algo, backend=backend, calib_size=len(calib_split), seed=seed,
+                   iters=config["iters"], metric=info.metric, fp=round(fp, 2), quant=round(quant, 2),
+                   eval_size=len(test_split), seconds={k: round(v, 2) for k, v in seconds.items()},
+                   ms_per_iter=round(1000 * recon_report["seconds"] / max(1, sum(r["iters"] for r in recon_report["unit_reports"])), 2)
+                   if recon_report else None,
+                   lam=recon_report["lam"] if recon_report else None, environment=environment())
+    if out_dir:
+        save_checkpoint(qmodel, model, out_dir / "model.pt", calib_split.x[:1].shape)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+        state = out_dir / "recon_state.pt"
+        if state.exists():
+            state.unlink()  # the finished model is in model.pt
+    return metrics
