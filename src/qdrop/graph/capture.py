@@ -6,6 +6,8 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
+from ..quant.layers import QUANTIZABLE
+
 
 class TraceError(RuntimeError):
     """A module could not be traced. `module` is its qualified name ('' for the root)."""
@@ -34,6 +36,8 @@ class QTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if isinstance(m, QUANTIZABLE):  # also subclasses with their own forward: quantized as one layer
             return True
         return super().is_leaf_module(m, qualname)
 

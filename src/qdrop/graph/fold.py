@@ -54,7 +54,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
         layer = modules.get(src.target)
-        if type(layer) not in _FOLDABLE[type(bn)] or calls[src.target] != 1 or bn.training:
+        if not isinstance(layer, _FOLDABLE[type(bn)]) or calls[src.target] != 1 or bn.training:
             continue
         if calls[n.target] != 1 or not bn.track_running_stats:
             continue

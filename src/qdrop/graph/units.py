@@ -4,7 +4,7 @@ Block units: cut the graph wherever exactly one value is live (a residual block 
 its shortcut stay together, because the block input is live until the add). Pieces
 without a quantized layer join the previous piece; consecutive pieces created by the
 same module (the first enclosing module that is not a plain container) are merged,
-so an inverted residual without a skip is one block, as is a bottleneck.
+so a block whose pieces are chained without a skip still forms one unit.
 
 Layer units: one quantized layer plus the elementwise activation that directly follows it.
 
@@ -97,12 +97,13 @@ def block_units(gm: fx.GraphModule) -> list[Unit]:
         uses = [pos.get(u, end) if u.op != "get_attr" else end for u in n.users]
         last_use[n] = max(uses, default=-1)
 
-    # walk positions: live values after node i
+    # walk positions: live values after node i (a batch size is not a value that must
+    # flow between units: subgraph() recomputes it from the unit's own input)
     live = {n for n in placeholders if last_use[n] >= 0}
     pieces, cur, cur_in = [], [], (next(iter(live)) if len(live) == 1 else None)
     for i, n in enumerate(body):
         cur.append(n)
-        if last_use[n] > i:
+        if last_use[n] > i and not _is_batch_size(n):
             live.add(n)
         live = {v for v in live if last_use[v] > i}
         if len(live) == 1 and i < end - 1:
@@ -157,6 +158,14 @@ def layer_units(gm: fx.GraphModule, block: Unit) -> list[Unit]:
     return units
 
 
+def _is_batch_size(n: fx.Node) -> bool:
+    """x.size(0): every activation of the chain shares the batch dimension."""
+    if n.op != "call_method" or n.target != "size":
+        return False
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    return dim == 0
+
+
 def _is_activation(gm, n: fx.Node) -> bool:
     if n.op == "call_module":
         return isinstance(gm.get_submodule(n.target), _ACTIVATION_MODULES)
@@ -176,6 +185,8 @@ def subgraph(gm: fx.GraphModule, nodes: list, inp: fx.Node, outputs: list) -> fx
         if a not in env:
             if a.op == "get_attr":
                 env[a] = g.node_copy(a, lookup)
+            elif _is_batch_size(a):
+                env[a] = g.call_method("size", (env[inp], 0))
             else:
                 raise PartitionError(f"node {a.name} is needed but is outside the unit")
         return env[a]

@@ -18,11 +18,13 @@ from ..data.download import OFFLINE_ENV, offline
 from ..data.paths import cache_dir
 from .cifar_resnet import DEPTHS, cifar_resnet, find_cifar_resnet_weights
 from .errors import ModelError
+from .regnet import regnet_x_600mf
 from .small_resnet import SmallResNet
 from .weights import load_weights
 
 VALID_NAMES = (
     f"cifar10_resnet{{{'|'.join(str(d) for d in DEPTHS)}}}, efficientnet_lite0, fmnist_resnet, "
+    "regnet_x_600mf, "
     "torchvision:NAME (e.g. torchvision:resnet18), module:path/to/file.py:factory"
 )
 _VISION_HINT = "install the vision extras: pip install 'qdrop[vision]'"
@@ -61,6 +63,14 @@ def load_model(
         return _efficientnet_lite0(pretrained, weights), ModelInfo(name, "imagefolder", "tf_inception", (3, 224, 224), 1000)
     if name == "fmnist_resnet":
         return _fmnist_resnet(pretrained, weights), ModelInfo(name, "fashion_mnist", "fmnist", (1, 28, 28), 10)
+    if name == "regnet_x_600mf":
+        # no published torchvision weights for this size: random init unless `weights` is given
+        if pretrained and weights is None:
+            raise ModelError("regnet_x_600mf has no bundled weights: pass weights=PATH or pretrained=False")
+        model = regnet_x_600mf()
+        if weights is not None:
+            load_weights(model, weights)
+        return model.eval(), ModelInfo(name, "imagefolder", "imagenet", (3, 224, 224), 1000)
     if name.startswith("torchvision:"):
         return _torchvision(name.removeprefix("torchvision:"), pretrained, weights)
     if name.startswith("module:"):

@@ -1,6 +1,7 @@
 """Quantized layers: the original conv/linear with a weight quantizer in front of its weight."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -8,6 +9,7 @@ from .quantizer import Quantizer
 from .scheme import QScheme
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}
 
 
 class QuantLayer(nn.Module):
@@ -27,9 +29,17 @@ class QuantLayer(nn.Module):
 
     def forward(self, x):
         w = self.weight_quant(self.layer.weight)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+        if self._plain:
+            if isinstance(self.layer, nn.Linear):
+                return F.linear(x, w, self.layer.bias)
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        # a subclass with its own forward (e.g. 'same' padding before the conv): run that
+        # forward with the quantized weight in place of the parameter
+        return torch.func.functional_call(self.layer, {"weight": w}, (x,))
+
+    @property
+    def _plain(self) -> bool:
+        return type(self.layer).forward in _PLAIN_FORWARDS
 
     def extra_repr(self) -> str:
         return type(self.layer).__name__

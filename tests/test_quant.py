@@ -1,0 +1,216 @@
+"""Quantizers and observers: properties of the grid, LSQ gradients, AdaRound, observers."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qdrop.quant import QScheme, Quantizer, parse_bits, qparams_from_range
+from qdrop.quant.observers import make_observer, mse_search, rows
+
+schemes = st.builds(
+    QScheme,
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    signed=st.sampled_from([None, True, False]),
+    narrow_range=st.booleans(),
+)
+
+
+def quantizer_for(scheme, lo, hi):
+    q = Quantizer(scheme)
+    q.calibrate_on(torch.tensor([lo, hi]))
+    return q
+
+
+ranges = st.tuples(st.floats(-50, -1e-3), st.floats(1e-3, 50))
+tensors = st.lists(st.floats(-100, 100, width=32), min_size=1, max_size=64).map(torch.tensor)
+
+
+@settings(max_examples=150, deadline=None)
+@given(schemes, ranges, tensors)
+def test_dequantized_values_lie_on_the_grid(scheme, rng, x):
+    q = quantizer_for(scheme, *rng)
+    code = q(x) / q.scale + q.zero_point
+    assert torch.allclose(code, torch.round(code), atol=1e-3)
+    assert code.min() >= scheme.qmin - 1e-3 and code.max() <= scheme.qmax + 1e-3
+
+
+@settings(max_examples=150, deadline=None)
+@given(schemes, ranges, tensors)
+def test_quantizing_twice_changes_nothing(scheme, rng, x):
+    q = quantizer_for(scheme, *rng)
+    once = q(x)
+    assert torch.allclose(q(once), once, atol=1e-5 * float(q.scale))
+
+
+@settings(max_examples=150, deadline=None)
+@given(schemes, ranges, tensors)
+def test_error_at_most_half_a_step_inside_and_clipping_outside(scheme, rng, x):
+    q = quantizer_for(scheme, *rng)
+    s, z = float(q.scale), float(q.zero_point)
+    lo, hi = (scheme.qmin - z) * s, (scheme.qmax - z) * s
+    out = q(x)
+    inside = (x >= lo) & (x <= hi)
+    assert ((x - out).abs()[inside] <= s / 2 + 1e-5 * max(1.0, abs(hi), abs(lo))).all()
+    assert torch.allclose(out[x < lo], torch.full_like(out[x < lo], lo), atol=1e-5 * abs(lo) + 1e-6)
+    assert torch.allclose(out[x > hi], torch.full_like(out[x > hi], hi), atol=1e-5 * abs(hi) + 1e-6)
+
+
+def test_range_includes_zero_and_symmetric_zero_point_is_zero():
+    s, z = qparams_from_range(torch.tensor(0.5), torch.tensor(2.0), QScheme(bits=8))
+    assert float(z) == 0.0  # range widened to include 0
+    s, z = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), QScheme(bits=8, symmetric=True, narrow_range=True))
+    assert float(z) == 0.0 and math.isclose(float(s), 3.0 / 127, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("ch_axis", [None, 1])
+@pytest.mark.parametrize("prob", [1.0, 0.5])
+def test_lsq_gradients_match_closed_form(ch_axis, prob):
+    """d/dx: 1 inside (or dropped); d/ds: round(v)-v inside, qmin-z / qmax-z outside; d/dz: -s outside;
+    parameter gradients scaled by 1/sqrt(N*qmax)."""
+    torch.manual_seed(0)
+    C = 16
+    q = Quantizer(QScheme(bits=4, ch_axis=ch_axis), C if ch_axis else None)
+    q.calibrate_on(torch.randn(8, C, 4, 4))
+    q.learn_scale(zero_point=True)
+    q.prob = prob
+    q.train()
+    x = (torch.randn(8, C, 4, 4) * 1.5).requires_grad_()
+    torch.manual_seed(1)
+    y = q(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.manual_seed(1)
+    keep = torch.rand_like(x) < prob if prob < 1 else torch.ones_like(x, dtype=torch.bool)
+    shape = [1, -1, 1, 1] if ch_axis else []
+    s, z = q.scale.detach().reshape(shape), q.zero_point.detach().reshape(shape)
+    v = x.detach() / s
+    code = torch.round(v) + z
+    inside = (code >= 0) & (code <= 15)
+    dims = (0, 2, 3) if ch_axis else (0, 1, 2, 3)
+    n = x.numel() if ch_axis is None else x.numel() // C
+    gf = 1 / math.sqrt(n * 15)
+    ds = torch.where(inside, torch.round(v) - v, code.clamp(0, 15) - z) * keep
+    dz = torch.where(inside, torch.zeros_like(v), -s.expand_as(v)) * keep
+    assert torch.equal(x.grad, g * (inside | ~keep))
+    assert torch.allclose(q.scale.grad, (g * ds).sum(dims) * gf, atol=1e-5)
+    assert torch.allclose(q.zero_point.grad, (g * dz).sum(dims) * gf, atol=1e-5)
+
+
+def test_drop_probability_mixes_fp_and_quantized_values_only_in_training():
+    q = Quantizer(QScheme(bits=2))
+    q.calibrate_on(torch.randn(1000))
+    x = torch.randn(20000)
+    q.prob = 0.5
+    q.train()
+    out = q(x)
+    frac_fp = (out == x).float().mean().item()
+    assert 0.45 < frac_fp < 0.55  # about half keep their FP value (2-bit grid: FP values rarely on it)
+    q.eval()
+    assert torch.equal(q(x), q.__class__.forward(q, x))
+    assert (q(x) == x).float().mean() < 0.05
+
+
+def test_states_off_and_observe_pass_through():
+    q = Quantizer(QScheme(bits=3))
+    x = torch.randn(100)
+    assert torch.equal(q(x), x)  # starts off
+    q.observe()
+    assert torch.equal(q(x), x)
+    q.freeze()
+    assert q.state == "quant" and not torch.equal(q(x), x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 2**31 - 1))
+def test_adaround_starts_at_the_weight_and_bakes_onto_the_grid(bits, seed):
+    torch.manual_seed(seed)
+    w = torch.randn(8, 4, 3, 3)
+    q = Quantizer(QScheme(bits=bits, ch_axis=0, observer="minmax"), 8, "weight")
+    q.calibrate_on(w)
+    q.init_adaround(w)
+    s4, z4 = q.scale.reshape(-1, 1, 1, 1), q.zero_point.reshape(-1, 1, 1, 1)
+    representable = (w / s4 + z4 >= q.scheme.qmin) & (w / s4 + z4 <= q.scheme.qmax)
+    assert representable.float().mean() > 0.75  # only zero-point rounding pushes a range end out
+    assert torch.allclose(q(w)[representable], w[representable], atol=1e-4)  # soft rounding at init reproduces w
+    with torch.no_grad():
+        q.alpha.add_(torch.randn_like(q.alpha))
+    q.hard_round = True
+    hard = q(w).detach()
+    q.hard_round = False
+    weight = torch.nn.Parameter(w.clone())
+    q.bake(weight)
+    assert q.alpha is None
+    assert torch.allclose(weight, hard)
+    assert torch.allclose(q(weight), weight, atol=1e-6)  # nearest rounding keeps the learned integers
+    # every baked weight is floor or ceil of w/s
+    s = q.scale.reshape(-1, 1, 1, 1)
+    ints = q.int_repr(weight) - q.zero_point.reshape(-1, 1, 1, 1)
+    assert ((ints - torch.floor(w / s)).abs() <= 1).all()
+
+
+def test_round_loss_is_zero_for_hard_values_and_positive_otherwise():
+    q = Quantizer(QScheme(bits=4, ch_axis=0), 2, "weight")
+    q.calibrate_on(torch.randn(2, 5))
+    q.init_adaround(torch.randn(2, 5))
+    assert q.round_loss(2.0) > 0
+    with torch.no_grad():
+        q.alpha.copy_(torch.sign(torch.randn_like(q.alpha)) * 100)
+    assert float(q.round_loss(2.0)) == 0.0
+
+
+@pytest.mark.parametrize("text", ["w1a4", "w9a8", "wxa4", "w4", "4a4", "w4a1", "w4a9"])
+def test_parse_bits_rejects(text):
+    with pytest.raises(ValueError):
+        parse_bits(text)
+
+
+def test_parse_bits_accepts():
+    assert parse_bits("W2A4") == (2, 4)
+
+
+def test_minmax_per_channel_and_ema():
+    x = torch.arange(24.0).reshape(2, 3, 4) - 5
+    obs = make_observer(QScheme(bits=8, ch_axis=1, observer="minmax"))
+    obs.update(x)
+    lo, hi = obs.compute_range()
+    r = rows(x, 1)
+    assert torch.equal(lo, r.amin(1)) and torch.equal(hi, r.amax(1))
+    ema = make_observer(QScheme(bits=8, observer="ema_minmax"))
+    ema.update(torch.tensor([0.0, 1.0]))
+    ema.update(torch.tensor([0.0, 11.0]))
+    assert math.isclose(float(ema.compute_range()[1]), 0.9 * 1 + 0.1 * 11, rel_tol=1e-6)
+
+
+def test_percentile_clips_outliers():
+    x = torch.cat([torch.randn(100000), torch.tensor([1000.0])])
+    obs = make_observer(QScheme(bits=8, observer="percentile"))
+    obs.update(x)
+    lo, hi = obs.compute_range()
+    assert 2 < float(hi) < 10 and -10 < float(lo) < -2
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_search_never_worse_than_minmax(symmetric, bits):
+    torch.manual_seed(bits)
+    x = torch.cat([torch.randn(4, 500), torch.randn(4, 5) * 6], 1)  # heavy tails
+    scheme = QScheme(bits=bits, symmetric=symmetric, ch_axis=0)
+
+    def err(lo, hi):
+        s, z = qparams_from_range(lo, hi, scheme)
+        xq = (torch.clamp(torch.round(x / s[:, None]) + z[:, None], scheme.qmin, scheme.qmax) - z[:, None]) * s[:, None]
+        return (xq - x).abs().pow(2.4).mean(1)
+
+    lo, hi = x.amin(1), x.amax(1)
+    blo, bhi = mse_search(x, lo, hi, scheme)
+    assert (err(blo, bhi) <= err(lo, hi) + 1e-7).all()
+    if bits <= 4:
+        assert (err(blo, bhi) < err(lo, hi)).all()  # clipping the tail pays at low bits
+
+
+def test_scheme_rejects_bits():
+    with pytest.raises(ValueError):
+        QScheme(bits=1)
