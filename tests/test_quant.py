@@ -125,7 +125,7 @@ def test_states_off_and_observe_pass_through():
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 8), st.integers(1, 2**31 - 1))
-def test_adaround_starts_at_the_weight_and_bakes_onto_the_grid(bits, seed):
+def test_adaround_starts_at_the_weight_and_fixes_integer_weights(bits, seed):
     torch.manual_seed(seed)
     w = torch.randn(8, 4, 3, 3)
     q = Quantizer(QScheme(bits=bits, ch_axis=0, observer="minmax"), 8, "weight")
@@ -140,15 +140,18 @@ def test_adaround_starts_at_the_weight_and_bakes_onto_the_grid(bits, seed):
     q.hard_round = True
     hard = q(w).detach()
     q.hard_round = False
-    weight = torch.nn.Parameter(w.clone())
-    q.bake(weight)
-    assert q.alpha is None
-    assert torch.allclose(weight, hard)
-    assert torch.allclose(q(weight), weight, atol=1e-6)  # nearest rounding keeps the learned integers
-    # every baked weight is floor or ceil of w/s
-    s = q.scale.reshape(-1, 1, 1, 1)
-    ints = q.int_repr(weight) - q.zero_point.reshape(-1, 1, 1, 1)
-    assert ((ints - torch.floor(w / s)).abs() <= 1).all()
+    q.fix_rounding()
+    assert q.alpha is None and q.round_up.dtype == torch.uint8
+    assert torch.equal(q(w), hard)  # the fixed decisions reproduce the hard-rounded weights
+    s, z = q.scale.reshape(-1, 1, 1, 1), q.zero_point.reshape(-1, 1, 1, 1)
+    codes = q.int_repr(w)
+    assert torch.allclose((codes - z) * s, hard, atol=1e-6)  # integer weights = what the model computes
+    assert ((codes - z - torch.floor(w / s)).abs() <= 1).all()  # each is floor or ceil of w/s (or clipped)
+    # a checkpoint with learned rounding loads into a fresh quantizer
+    fresh = Quantizer(QScheme(bits=bits, ch_axis=0, observer="minmax"), 8, "weight")
+    fresh.calibrate_on(w)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(w), hard)
 
 
 def test_round_loss_is_zero_for_hard_values_and_positive_otherwise():

@@ -120,6 +120,7 @@ class Quantizer(nn.Module):
         self.calibrated = False
         self.alpha: nn.Parameter | None = None  # AdaRound's V
         self.hard_round = False
+        self.register_buffer("round_up", None)  # learned rounding decisions (uint8 0/1), once fixed
 
     # ---- configuration -------------------------------------------------------------
     @property
@@ -170,9 +171,12 @@ class Quantizer(nn.Module):
         rest = rest.clamp(1e-6, 1 - 1e-6)  # finite V at exact grid points
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.hard_round = False
+        self.round_up = None
 
     def rounding(self) -> torch.Tensor:
-        """h(V) in [0, 1]: soft while learning, {0, 1} once hard."""
+        """h(V) in [0, 1]: soft while learning, {0, 1} once hard (or once fixed)."""
+        if self.alpha is None:
+            return self.round_up.to(self.scale.dtype)
         if self.hard_round:
             return (self.alpha >= 0).to(self.alpha.dtype)
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
@@ -187,20 +191,31 @@ class Quantizer(nn.Module):
         q = torch.clamp(torch.floor(w / s) + self.rounding() + z, self.scheme.qmin, self.scheme.qmax)
         return (q - z) * s
 
-    def bake(self, layer_weight: nn.Parameter) -> None:
-        """Write the hard-rounded weights into the layer and drop V: afterwards nearest
-        rounding of the stored weight reproduces the learned integer weights exactly."""
-        with torch.no_grad():
-            self.hard_round = True
-            layer_weight.copy_(self._adaround(layer_weight))
+    def fix_rounding(self) -> None:
+        """End AdaRound: keep the hard decisions (round up or down, one bit per weight) as a
+        buffer and drop V. The FP weight itself is never modified, so the FP model (all
+        quantizers off) stays the original - needed by later stages and by resuming."""
+        self.round_up = (self.alpha.detach() >= 0).to(torch.uint8)
         self.alpha = None
         self.hard_round = False
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "round_up"
+        if key in state_dict and self.round_up is None:  # a checkpoint with learned rounding
+            self.round_up = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes of x on this quantizer's grid (as int64)."""
+        """Integer codes of x on this quantizer's grid (int64): nearest rounding, or the
+        learned AdaRound decisions when this quantizer holds them (x is then the weight)."""
         s = _bshape(x, self.scheme.ch_axis, self.scale.detach())
         z = _bshape(x, self.scheme.ch_axis, self.zero_point.detach())
-        return torch.clamp(torch.round(x / s) + z, self.scheme.qmin, self.scheme.qmax).long()
+        with torch.no_grad():
+            if self.alpha is not None or self.round_up is not None:
+                q = torch.floor(x / s) + self.rounding().detach() + z
+            else:
+                q = torch.round(x / s) + z
+        return torch.clamp(q, self.scheme.qmin, self.scheme.qmax).long()
 
     # ---- forward ---------------------------------------------------------------------
     def grad_factor(self, x: torch.Tensor) -> float:
@@ -215,7 +230,7 @@ class Quantizer(nn.Module):
         if self.state == "observe":
             self.observer.update(x)
             return x
-        if self.alpha is not None:
+        if self.alpha is not None or self.round_up is not None:
             out = self._adaround(x)
         else:
             return _LSQFakeQuant.apply(

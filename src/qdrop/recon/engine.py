@@ -305,6 +305,6 @@ def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg
     seconds = time.perf_counter() - t0
     for layer in layers:
         if layer.weight_quant.alpha is not None:
-            layer.weight_quant.bake(layer.layer.weight)
+            layer.weight_quant.fix_rounding()
     return dict(unit=unit.name, kind=unit.kind, iters=iters, seconds=seconds, ms_per_iter=1000 * seconds / iters,
                 final_loss=curve[-1][1] if curve else None, curve=curve)

@@ -1,0 +1,171 @@
+"""Reconstruction: algorithms reduce the error, resume is exact, bad input is refused."""
+import pytest
+import torch
+
+import qdrop
+from qdrop.graph import quantizers
+from qdrop.models import SmallResNet
+from qdrop.quant.layers import QuantLayer
+from qdrop.recon import ReconstructionError, default_lambda, quant_mode, reconstruct
+from qdrop.recon.engine import _Cache
+
+
+def small_setup(bits="w2a4", seed=0, n=64):
+    torch.manual_seed(seed)
+    model = SmallResNet().eval()
+    # give BN some statistics so that folding matters
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-0.2, 0.2)
+    x = torch.randn(n, 1, 28, 28)
+    qmodel = qdrop.prepare(model, (x[:2],), bits=bits)
+    qdrop.calibrate(qmodel, [x[:32]])
+    return model, qmodel, x
+
+
+def output_error(qmodel, model, x):
+    with torch.no_grad():
+        return (qmodel(x) - model(x)).pow(2).sum(1).mean().item()
+
+
+def int_state(qmodel):
+    """Integer weights and activation step sizes: what a resumed run must reproduce."""
+    out = {}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantLayer):
+            out[name] = m.weight_quant.int_repr(m.layer.weight)
+    for name, q in quantizers(qmodel):
+        if q.role == "act":
+            out[name + ".scale"] = q.scale.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("algo", ["adaround", "brecq", "qdrop"])
+def test_reconstruction_reduces_output_error(algo):
+    model, qmodel, x = small_setup()
+    before = output_error(qmodel, model, x)
+    report = reconstruct(qmodel, model, x, algo=algo, iters=200, batch_size=16, progress=False)
+    after = output_error(qmodel, model, x)
+    assert after < 0.8 * before, (before, after)
+    kinds = {r["kind"] for r in report["unit_reports"]}
+    assert kinds == ({"layer"} if algo == "adaround" else {"block"})
+    # rounding is fixed (one bit per weight), FP weights untouched; probabilities are back to 1
+    fp_weights = dict(model.named_parameters())
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantLayer):
+            wq = m.weight_quant
+            assert wq.alpha is None and (wq.round_up is not None) == (algo != "naive")
+            s = wq.scale.reshape(-1, *[1] * (m.layer.weight.dim() - 1))
+            z = wq.zero_point.reshape(s.shape)
+            assert torch.allclose(wq(m.layer.weight), (wq.int_repr(m.layer.weight) - z) * s, atol=1e-6)
+    with quant_mode(qmodel, weights=False, acts=False), torch.no_grad():
+        assert torch.allclose(qmodel(x), model(x), atol=1e-4)  # the FP model is still the original
+    assert all(q.prob == 1.0 and q.state == "quant" for _, q in quantizers(qmodel))
+
+
+def test_qdrop_learns_activation_steps_and_brecq_stage_two_too():
+    for algo in ("qdrop", "brecq"):
+        _, qmodel, x = small_setup()
+        before = {n: q.scale.item() for n, q in quantizers(qmodel) if q.role == "act"}
+        reconstruct(qmodel, None, x, algo=algo, iters=50, batch_size=16, progress=False)
+        after = {n: q.scale.item() for n, q in quantizers(qmodel) if q.role == "act"}
+        assert any(abs(before[n] - after[n]) > 0 for n in before), algo
+
+
+def test_adaround_keeps_activation_steps():
+    _, qmodel, x = small_setup()
+    before = {n: q.scale.item() for n, q in quantizers(qmodel) if q.role == "act"}
+    reconstruct(qmodel, None, x, algo="adaround", iters=30, batch_size=16, progress=False)
+    assert before == {n: q.scale.item() for n, q in quantizers(qmodel) if q.role == "act"}
+
+
+@pytest.mark.parametrize("algo", ["qdrop", "brecq"])
+def test_killed_run_resumes_to_the_same_model(tmp_path, algo):
+    _, ref_model, x = small_setup()
+    reconstruct(ref_model, None, x, algo=algo, iters=30, batch_size=16, seed=3, progress=False)
+    expected = int_state(ref_model)
+
+    state = tmp_path / "state.pt"
+    _, qmodel, x = small_setup()
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_third(step, name):
+        if step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        reconstruct(qmodel, None, x, algo=algo, iters=30, batch_size=16, seed=3, progress=False,
+                    state_path=str(state), on_unit_done=kill_after_third)
+    assert state.exists()
+    _, resumed, x = small_setup()  # a fresh process: prepare + calibrate again
+    done = []
+    reconstruct(resumed, None, x, algo=algo, iters=30, batch_size=16, seed=3, progress=False,
+                state_path=str(state), on_unit_done=lambda step, name: done.append(step))
+    assert done[0] == 3  # started at the first unfinished unit
+    got = int_state(resumed)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_state_from_another_run_is_refused(tmp_path):
+    state = tmp_path / "state.pt"
+    _, qmodel, x = small_setup()
+    reconstruct(qmodel, None, x, algo="qdrop", iters=10, batch_size=16, progress=False, state_path=str(state))
+    _, qmodel, x = small_setup()
+    with pytest.raises(ReconstructionError, match="different run"):
+        reconstruct(qmodel, None, x, algo="qdrop", iters=11, batch_size=16, progress=False, state_path=str(state))
+
+
+def test_bad_input_is_refused():
+    model = SmallResNet().eval()
+    x = torch.randn(40, 1, 28, 28)
+    qmodel = qdrop.prepare(model, (x[:2],), bits="w4a4")
+    with pytest.raises(ReconstructionError, match="not calibrated"):
+        reconstruct(qmodel, None, x, iters=5, progress=False)
+    qdrop.calibrate(qmodel, [x])
+    with pytest.raises(ValueError, match="iters"):
+        reconstruct(qmodel, None, x, iters=0, progress=False)
+    with pytest.raises(ValueError, match="fewer than the batch size"):
+        reconstruct(qmodel, None, x[:8], iters=5, batch_size=32, progress=False)
+    with pytest.raises(ValueError, match="algorithm"):
+        reconstruct(qmodel, None, x, algo="magic", iters=5, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        reconstruct(qmodel, None, torch.full_like(x, float("nan")), iters=5, progress=False)
+    with pytest.raises(ReconstructionError, match="memory cap"):
+        reconstruct(qmodel, None, x, iters=5, batch_size=16, max_cache_bytes=1000, progress=False)
+
+
+def test_nan_during_optimisation_names_unit_and_iteration():
+    _, qmodel, x = small_setup()
+    with torch.no_grad():
+        qmodel.get_submodule("layer2.conv1").layer.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ReconstructionError, match=r"unit layer2: loss became NaN/Inf at iteration 0"):
+        reconstruct(qmodel, None, x, algo="qdrop", iters=20, batch_size=16, progress=False)
+
+
+def test_cache_falls_back_to_half_precision_under_a_cap():
+    cache = _Cache(torch.device("cpu"), 100, max_bytes=3 * 100 * 10 * 3)
+    assert cache.placement((10,))[1] == torch.float16
+    assert _Cache(torch.device("cpu"), 100, None).placement((10,))[1] == torch.float32
+
+
+def test_default_lambda_from_structure():
+    import torchvision
+
+    def prepared(m):
+        return qdrop.prepare(m.eval(), (torch.randn(1, 3, 64, 64),))
+
+    assert default_lambda(prepared(torchvision.models.resnet18())) == 0.01
+    assert default_lambda(prepared(torchvision.models.mobilenet_v2())) == 0.1
+    assert default_lambda(prepared(torchvision.models.mnasnet1_0())) == 0.2
+
+
+def test_quant_mode_restores_states():
+    _, qmodel, x = small_setup()
+    with quant_mode(qmodel, weights=False, acts=False):
+        assert all(q.state == "off" for _, q in quantizers(qmodel))
+    assert all(q.state == "quant" for _, q in quantizers(qmodel))
