@@ -1,0 +1,33 @@
+# One-command set-up: `make demo` runs the main job, `make test` the test suite.
+# Each creates .venv and installs the project (torch pinned by constraints.txt) on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-all data clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[vision,onnx,dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST for the demo: Debian's package when we may install it, else qdrop downloads it.
+data:
+	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
+		echo "note: could not install dataset-fashion-mnist; qdrop will try to download Fashion-MNIST"; \
+	fi
+
+demo: $(STAMP) data
+	$(VENV)/bin/qdrop demo
+
+# fast subset (CI): everything except tests marked slow
+test: $(STAMP) data
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP) data
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,84 @@
+"""CUDA checks for a lent GPU: quantizer parity CUDA vs CPU, no host sync in the loop.
+
+    python benchmarks/gpu_check.py --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from qdrop.quant import QScheme, Quantizer
+
+
+def parity() -> dict:
+    torch.manual_seed(0)
+    out = {}
+    for ch in (None, 1):
+        q = Quantizer(QScheme(bits=4, ch_axis=ch), 16 if ch else None)
+        q.calibrate_on(torch.randn(8, 16, 4, 4))
+        q.learn_scale(True)
+        x = torch.randn(8, 16, 4, 4) * 1.5
+        g = torch.randn_like(x)
+        res = {}
+        for dev in ("cpu", "cuda"):
+            qq = q.to(dev)
+            qq.scale.grad = qq.zero_point.grad = None
+            xx = x.to(dev).requires_grad_()
+            y = qq(xx)
+            y.backward(g.to(dev))
+            res[dev] = (y.detach().cpu(), xx.grad.cpu(), qq.scale.grad.cpu(), qq.zero_point.grad.cpu())
+        out[f"ch_axis={ch}"] = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(res["cpu"], res["cuda"]))
+    return out
+
+
+def no_sync_in_loop() -> bool:
+    """The reconstruction step must not synchronise with the host: run it under
+    torch.cuda.set_sync_debug_mode('error') (outside the once-per-log-window check)."""
+    from qdrop.graph import block_units, subgraph
+    from qdrop.models import SmallResNet
+    import qdrop
+
+    model = SmallResNet().eval().cuda()
+    x = torch.randn(64, 1, 28, 28, device="cuda")
+    qm = qdrop.prepare(model, (x[:2],), bits="w4a4").cuda()
+    qdrop.calibrate(qm, [x])
+    unit = block_units(qm)[1]
+    mod = subgraph(qm, unit.nodes, unit.input, [unit.output])
+    for t in unit.layers:
+        l = qm.get_submodule(t)
+        l.weight_quant.init_adaround(l.layer.weight)
+    acts = [qm.get_submodule(t) for t in unit.act_quants]
+    for q in acts:
+        q.learn_scale()
+        q.prob = 0.5
+        q.train()
+    inp = torch.randn(64, 16, 14, 14, device="cuda").relu()
+    params = [qm.get_submodule(t).weight_quant.alpha for t in unit.layers] + [q.scale for q in acts]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            idx = torch.randperm(64, device="cuda")[:32]
+            xb = inp[idx]
+            xb = torch.where(torch.rand_like(xb) < 0.5, xb, xb * 0.9)
+            loss = mod(xb).pow(2).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return True
+    except RuntimeError as e:
+        print("sync:", e)
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_check.json")
+    args = ap.parse_args()
+    res = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, parity=parity(), no_sync=no_sync_in_loop())
+    print(json.dumps(res))
+    open(args.out, "w").write(json.dumps(res, indent=1))
