@@ -102,7 +102,7 @@ _ENABLED: dict = {}
 def _enabled(device) -> torch.Tensor:
     """The fused kernel's 'fake quant enabled' flag, kept on the data's device (no copies per call)."""
     if device not in _ENABLED:
-        _ENABLED[device] = torch.ones((), dtype=torch.uint8, device=device)
+        _ENABLED[device] = torch.ones((), dtype=torch.long, device=device)  # int64: the CUDA kernel requires it
     return _ENABLED[device]
 
 
