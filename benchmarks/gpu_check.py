@@ -25,7 +25,7 @@ def parity() -> dict:
         for dev in ("cpu", "cuda"):
             qq = q.to(dev)
             qq.scale.grad = qq.zero_point.grad = None
-            xx = x.to(dev).requires_grad_()
+            xx = x.detach().to(dev).clone().requires_grad_()
             y = qq(xx)
             y.backward(g.to(dev))
             res[dev] = (y.detach().cpu(), xx.grad.cpu(), qq.scale.grad.cpu(), qq.zero_point.grad.cpu())

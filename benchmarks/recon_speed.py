@@ -66,6 +66,15 @@ def bare_step_time(qmodel, unit, mod, x, y, iters, device):
     return dt
 
 
+def restore(qmodel, unit, state):
+    """Undo a timing run: drop learned rounding, reload step sizes."""
+    for t in unit.layers:
+        wq = qmodel.get_submodule(t).weight_quant
+        wq.alpha = None
+        wq.round_up = None
+    qmodel.load_state_dict(state)
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -98,13 +107,13 @@ def main():
             y_fp = run_chunks(mod, x_fp, device)
         state = {n: v.clone() for n, v in qmodel.state_dict().items()}
         bare = bare_step_time(qmodel, unit, mod, x_q, y_fp, args.iters, device)
-        qmodel.load_state_dict(state)
+        restore(qmodel, unit, state)
         with quant_mode(qmodel, weights=True, acts=True):
             _optimize(qmodel, unit, mod, x_q, x_fp, y_fp, stage, 10, cfg, lam, device, 0, _NoBar(), unit.name)  # warm-up
-            qmodel.load_state_dict(state)
+            restore(qmodel, unit, state)
             sync(device)
             r = _optimize(qmodel, unit, mod, x_q, x_fp, y_fp, stage, args.iters, cfg, lam, device, 0, _NoBar(), unit.name)
-        qmodel.load_state_dict(state)
+        restore(qmodel, unit, state)
         loop = r["seconds"] / args.iters
         rows.append(dict(unit=unit.name, loop_ms=round(1000 * loop, 2), bare_ms=round(1000 * bare, 2), ratio=round(loop / bare, 3)))
         print(f"{k:2d} {unit.name:12s} loop {1000 * loop:7.2f} ms  bare {1000 * bare:7.2f} ms  ratio {loop / bare:5.2f}", flush=True)

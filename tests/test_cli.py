@@ -73,7 +73,7 @@ def test_untraceable_model_via_module_factory(tmp_path, capsys):
 def test_inspect_lists_layers_activations_and_units(capsys):
     assert main(["inspect", "cifar10_resnet20", "--random", "--units", "--bits", "w2a4"]) == 0
     out = capsys.readouterr().out
-    assert "21 quantized layers" in out and "11 block units" in out
+    assert "20 quantized layers" in out  # 19 convs (option-A shortcuts have none) + fc and "11 block units" in out
     assert "layer1.0.conv1" in out and "after" in out
 
 

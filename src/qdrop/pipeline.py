@@ -89,9 +89,13 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
     from .data import load_split
     from .models import load_model
 
+    from .data import DataError
+
     if algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
     parse_bits(bits)
+    if data is not None and not Path(data).expanduser().exists():
+        raise DataError(f"data path {str(data)!r} does not exist")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     seconds = {}
