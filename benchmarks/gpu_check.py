@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import torch
@@ -23,12 +24,12 @@ def parity() -> dict:
         g = torch.randn_like(x)
         res = {}
         for dev in ("cpu", "cuda"):
-            qq = q.to(dev)
+            qq = copy.deepcopy(q).to(dev)
             qq.scale.grad = qq.zero_point.grad = None
             xx = x.detach().to(dev).clone().requires_grad_()
             y = qq(xx)
             y.backward(g.to(dev))
-            res[dev] = (y.detach().cpu(), xx.grad.cpu(), qq.scale.grad.cpu(), qq.zero_point.grad.cpu())
+            res[dev] = tuple(t.detach().cpu().clone() for t in (y, xx.grad, qq.scale.grad, qq.zero_point.grad))
         out[f"ch_axis={ch}"] = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(res["cpu"], res["cuda"]))
     return out
 
