@@ -51,7 +51,6 @@ def test_reconstruction_reduces_output_error(algo):
     kinds = {r["kind"] for r in report["unit_reports"]}
     assert kinds == ({"layer"} if algo == "adaround" else {"block"})
     # rounding is fixed (one bit per weight), FP weights untouched; probabilities are back to 1
-    fp_weights = dict(model.named_parameters())
     for name, m in qmodel.named_modules():
         if isinstance(m, QuantLayer):
             wq = m.weight_quant

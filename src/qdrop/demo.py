@@ -5,14 +5,12 @@ bit-widths and print FP vs quantized accuracy on the 10,000 test images.
 """
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 
 from .calibrate import batched, calibrate
 from .data import load_split
-from .data.paths import cache_dir
 from .eval.metrics import top1
 from .graph.prepare import prepare
 from .models import SmallResNet

@@ -13,11 +13,9 @@ function; tested), so the FP and quantized passes share modules and code.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
-from dataclasses import asdict
 
 import torch
 from torch import fx, nn
@@ -26,7 +24,6 @@ from tqdm.auto import tqdm
 from ..graph.prepare import quantizers
 from ..graph.units import Unit, block_units, layer_units, subgraph
 from ..quant.layers import QuantLayer
-from ..quant.quantizer import Quantizer
 from .configs import Algorithm, ReconConfig, Stage, get_algorithm
 
 
