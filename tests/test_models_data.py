@@ -128,8 +128,8 @@ def test_small_resnet_shapes_and_fx_trace():
         expected = model(x)
         torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), expected, rtol=0, atol=0)
     assert expected.shape == (5, 10)
-    # Projection shortcuts exactly where the shape changes; ReLUs are modules.
-    assert isinstance(model.layer1.shortcut, torch.nn.Identity)
+    # Every stage downsamples (strides 2, 2, 2), so each has a projection shortcut; ReLUs are modules.
+    assert isinstance(model.layer1.shortcut[0], torch.nn.Conv2d) and model.layer1.shortcut[0].stride == (2, 2)
     assert isinstance(model.layer2.shortcut[0], torch.nn.Conv2d) and model.layer2.shortcut[0].stride == (2, 2)
     assert sum(isinstance(m, torch.nn.ReLU) for m in model.modules()) == 7
 
