@@ -44,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .graph.prepare import PRESETS
-    from .pipeline import ALGOS
+    from .pipeline import ALGOS, EXPORT_FORMATS
 
     parser = argparse.ArgumentParser(prog="qdrop", description="Post-training quantization: naive, AdaRound, BRECQ, QDrop")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--data", default=None)
     i.add_argument("--random", action="store_true", help="random weights (no pretrained download needed)")
     i.add_argument("--json", action="store_true")
+
+    x = sub.add_parser("export", help="export a quantized checkpoint: QDQ ONNX, TensorRT ranges, QNN/AIMET encodings")
+    x.add_argument("--checkpoint", required=True, help="a quantize --out directory or its model.pt")
+    x.add_argument("--format", dest="fmt", choices=EXPORT_FORMATS, default="onnx",
+                   help="onnx: QDQ ONNX; tensorrt: QDQ ONNX + .ranges.json; qnn: FP32 ONNX + .encodings.json (AIMET)")
+    x.add_argument("--out", default=None, help="output .onnx path (default: CHECKPOINT_DIR/model.onnx)")
+    x.add_argument("--int4", action="store_true", help="write INT4/UINT4 Q/DQ (opset 21) for grids of <= 4 bits")
+    x.add_argument("--check", nargs="?", const=True, default=None, metavar="DATA",
+                   help="run ONNX Runtime next to the simulation on the test split (DATA: dataset folder; "
+                        "default: the model's data) and write parity.json beside the model")
+    x.add_argument("--data", default=None, help="data root for loading the model (default: $QDROP_DATA or ../shared/data)")
+    x.add_argument("--eval-limit", type=_positive, default=None, help="check on a fixed subset of this many test samples")
+    x.add_argument("--threads", type=_positive, default=None)
 
     d = sub.add_parser("demo", help="Fashion-MNIST: train a small ResNet (cached), quantize, print a table")
     d.add_argument("--iters", type=_positive, default=500, help="QDrop iterations per unit")
@@ -179,6 +192,24 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .pipeline import run_export
+
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "model.onnx"
+    r = run_export(ckpt, out, fmt=args.fmt, check_data=args.check, data=args.data, int4=args.int4,
+                   eval_limit=args.eval_limit)
+    print(f"wrote {r['path']} ({r['format']}, opset {r['opset']}, {r['act_quantizers']} activation and "
+          f"{r['weight_quantizers']} weight quantizers)" + (f" + {r['side_file']}" if "side_file" in r else ""))
+    if "parity" in r:
+        p = r["parity"]
+        print(f"parity on {p['samples']} test samples: top-1 agreement {p['agreement']:.2f} %, simulation {p['sim_top1']:.2f} %, "
+              f"ONNX Runtime {p['ort_top1']:.2f} %, max |diff| {p['max_abs_diff']:.4g}, mean |diff| {p['mean_abs_diff']:.4g}")
+        print(f"integer kernels in ONNX Runtime's optimised graph: {p['integer_node_total']} {p['integer_nodes']} "
+              f"-> {Path(r['path']).parent / 'parity.json'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -186,7 +217,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = dict(quantize=cmd_quantize, eval=cmd_eval, inspect=cmd_inspect, demo=cmd_demo)
+COMMANDS = dict(quantize=cmd_quantize, eval=cmd_eval, inspect=cmd_inspect, export=cmd_export, demo=cmd_demo)
 
 if __name__ == "__main__":
     sys.exit(main())

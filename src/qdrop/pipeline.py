@@ -153,3 +153,62 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
         if state.exists():
             state.unlink()  # the finished model is in model.pt
     return metrics
+
+
+EXPORT_FORMATS = ("onnx", "tensorrt", "qnn")
+
+
+def run_export(checkpoint, out: str | Path, fmt: str = "onnx", check_data=None, data=None, int4: bool = False,
+               eval_limit: int | None = None, progress: bool = True) -> dict:
+    """Export a `qdrop quantize` checkpoint. Formats:
+      onnx      QDQ ONNX (int8/uint8 containers; int4/uint4 at opset 21 with int4=True)
+      tensorrt  QDQ ONNX (symmetric int8) + OUT.ranges.json (tensor -> clip range)
+      qnn       FP32 ONNX + OUT.encodings.json (AIMET layout)
+    With check_data (a dataset folder or True for the model's default data), runs ONNX Runtime
+    next to the simulation on the test split and writes parity.json beside the model."""
+    from .data import load_split
+    from .export import export_onnx, parity
+    from .export.check import write_json_atomic
+    from .export.encodings import aimet_encodings, tensorrt_ranges
+    from .export.onnx_qdq import ExportError
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ValueError(f"output path {str(out)!r} must end in .onnx")
+    if not out.parent.exists():
+        raise ExportError(f"output directory {str(out.parent)!r} does not exist")
+    qmodel, fp_model, info = load_checkpoint(checkpoint, data=data)
+    qmodel.eval()
+    example = torch.zeros((1, *info.input_shape))
+    if fmt == "tensorrt":
+        bad = [n for n, q in quantizers(qmodel) if q.state == "quant" and not (q.bits == 8 and q.scheme.symmetric)]
+        if bad:
+            raise ExportError(f"TensorRT explicit quantization needs symmetric int8 everywhere; {bad[0]} is not "
+                              "(quantize with --backend tensorrt --bits w8a8)")
+    t = time.perf_counter()
+    report = export_onnx(qmodel, out, example, int4=int4, fp32=(fmt == "qnn"))
+    result = dict(path=str(out), format=fmt, opset=report.opset, low_bit_container=report.low_bit_container,
+                  act_quantizers=report.act_quantizers, weight_quantizers=report.weight_quantizers,
+                  export_seconds=round(time.perf_counter() - t, 2))
+    side = None
+    if fmt == "tensorrt":
+        side = out.with_suffix(".ranges.json")
+        write_json_atomic(tensorrt_ranges(qmodel, report), side)
+    elif fmt == "qnn":
+        side = out.with_suffix(".encodings.json")
+        write_json_atomic(aimet_encodings(qmodel, report), side)
+    if side:
+        result["side_file"] = str(side)
+    if check_data is not None and check_data is not False:
+        if fmt == "qnn":
+            raise ValueError("--check compares ONNX Runtime's integer execution with the simulation; "
+                             "the qnn format is an FP32 graph (check the onnx format instead)")
+        cdata = data if check_data is True else check_data
+        test = load_split(info.dataset, "test", data=cdata, preprocess=info.preprocess, limit=eval_limit)
+        p = parity(qmodel, out, test.x, test.y, progress=progress)
+        p.update(checkpoint=str(checkpoint), onnx=str(out), eval_data=test.description)
+        write_json_atomic(p, out.parent / "parity.json")
+        result["parity"] = p
+    return result

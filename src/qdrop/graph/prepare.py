@@ -52,6 +52,14 @@ PRESETS = {
         quantize_network_input=True,
         doc="ONNX Runtime QDQ: int8 symmetric per-channel weights, uint8 asymmetric activations",
     ),
+    "qnn": Preset(
+        weight=dict(symmetric=True, narrow_range=False, ch_axis=0, observer="minmax"),
+        act=dict(symmetric=False, signed=False, observer="mse"),
+        quantize_inputs_of=("layer", "add"),
+        quantize_network_input=True,
+        doc="Qualcomm QNN/SNPE (AIMET encodings): int8 symmetric per-channel weights on the full "
+        "[-128, 127] grid, uint8 asymmetric activations",
+    ),
 }
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}

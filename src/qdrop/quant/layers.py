@@ -35,7 +35,22 @@ class QuantLayer(nn.Module):
             return self.layer._conv_forward(x, w, self.layer.bias)
         # a subclass with its own forward (e.g. 'same' padding before the conv): run that
         # forward with the quantized weight in place of the parameter
+        if torch.jit.is_tracing():  # ONNX export: the stateless API refuses jit tracing
+            return self._swapped_weight_forward(x, w)
         return torch.func.functional_call(self.layer, {"weight": w}, (x,))
+
+    def _swapped_weight_forward(self, x, w):
+        params = self.layer._parameters
+        saved = dict(params)
+        del params["weight"]
+        try:
+            self.layer.weight = w
+            return self.layer(x)
+        finally:
+            del self.layer.weight
+            # same order as before: the ONNX exporter pairs parameter names and values by it
+            params.clear()
+            params.update(saved)
 
     @property
     def _plain(self) -> bool:

@@ -214,7 +214,9 @@ class Quantizer(nn.Module):
             if self.alpha is not None or self.round_up is not None:
                 q = torch.floor(x / s) + self.rounding().detach() + z
             else:
-                q = torch.round(x / s) + z
+                # x * (1/s), not x / s: the same float arithmetic as PyTorch's fake-quant kernels, so
+                # that exact ties (a min/max weight at +-127.5 steps) round as in the simulation
+                q = torch.round(x * (1.0 / s)) + z
         return torch.clamp(q, self.scheme.qmin, self.scheme.qmax).long()
 
     # ---- forward ---------------------------------------------------------------------

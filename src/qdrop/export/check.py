@@ -1,0 +1,93 @@
+"""Parity of an exported model with the PyTorch simulation, and proof of integer kernels."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Node types of ONNX Runtime's optimised graph that compute on integers.
+INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
+               "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
+               "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul",
+               "MatMulIntegerToFloat", "QAttention", "NhwcQLinearConv", "QLinearReduceMean"}
+
+
+def ort_session(path, optimized_path: str | None = None, level: str = "all", threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if optimized_path:
+        so.optimized_model_filepath = str(optimized_path)
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_counts(path) -> tuple[dict, dict]:
+    """Op-type counts of the graph ONNX Runtime actually executes (after its QDQ fusion at the
+    'extended' level, saved with SessionOptions.optimized_model_filepath), and the integer ones."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        opt = os.path.join(d, "optimized.onnx")
+        ort_session(path, optimized_path=opt, level="extended")
+        counts = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
+    integer = {k: v for k, v in sorted(counts.items()) if k in INTEGER_OPS}
+    return dict(sorted(counts.items())), integer
+
+
+@torch.no_grad()
+def parity(qmodel, onnx_path, x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 100,
+           progress: bool = False) -> dict:
+    """Run the simulation and ONNX Runtime on the same inputs and compare them."""
+    from tqdm import tqdm
+
+    sess = ort_session(onnx_path)
+    in_name = sess.get_inputs()[0].name
+    device = next(qmodel.parameters()).device
+    qmodel.eval()
+    sim_pred, ort_pred = [], []
+    max_diff, sum_diff, n_el, ref_scale = 0.0, 0.0, 0, 0.0
+    for i in tqdm(range(0, len(x), batch_size), desc="parity", disable=not progress):
+        xb = x[i:i + batch_size]
+        s = qmodel(xb.to(device)).float().cpu()
+        o = torch.from_numpy(sess.run(None, {in_name: xb.cpu().numpy().astype(np.float32)})[0])
+        d = (s - o).abs()
+        max_diff = max(max_diff, d.max().item())
+        sum_diff += d.sum().item()
+        n_el += d.numel()
+        ref_scale = max(ref_scale, s.abs().max().item())
+        sim_pred.append(s.argmax(1))
+        ort_pred.append(o.argmax(1))
+    sim_pred, ort_pred = torch.cat(sim_pred), torch.cat(ort_pred)
+    out = dict(samples=len(x), agreement=round(100.0 * (sim_pred == ort_pred).float().mean().item(), 3),
+               max_abs_diff=max_diff, mean_abs_diff=sum_diff / max(1, n_el), output_abs_max=ref_scale)
+    if y is not None:
+        out["sim_top1"] = round(100.0 * (sim_pred == y).float().mean().item(), 2)
+        out["ort_top1"] = round(100.0 * (ort_pred == y).float().mean().item(), 2)
+    counts, integer = optimized_op_counts(onnx_path)
+    out["integer_nodes"] = integer
+    out["integer_node_total"] = sum(integer.values())
+    out["optimized_ops"] = counts
+    return out
+
+
+def write_json_atomic(obj, path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

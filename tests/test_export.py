@@ -1,0 +1,262 @@
+"""ONNX export: QDQ structure, parity with the simulation in ONNX Runtime, integer kernels,
+backend side files, and clear errors that leave nothing on disk."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import qdrop  # noqa: E402
+from qdrop.export import ExportError, export_onnx, optimized_op_counts, parity  # noqa: E402
+from qdrop.export.check import ort_session  # noqa: E402
+from qdrop.export.encodings import aimet_encodings, tensorrt_ranges  # noqa: E402
+from qdrop.graph import quantizers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+needs_cifar = pytest.mark.skipif(not (CIFAR / "test.npz").exists(), reason="needs ../shared/data/cifar10")
+
+
+class Net(nn.Module):
+    """conv-bn-relu, a residual block, pooling and a linear head: every op kind the presets place quantizers around."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = self.c2(F.relu(self.c1(x)))
+        x = F.relu(x + y)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.2, 0.2)
+        m.bn.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _quantized(backend="onnxruntime", bits="w8a8", n=64):
+    torch.manual_seed(1)
+    x = torch.randn(n, 3, 16, 16)
+    qm = qdrop.prepare(_model(), (x[:2],), backend=backend, bits=bits)
+    qdrop.calibrate(qm, [x[:32], x[32:]])
+    return qm, x
+
+
+def _run(path, x, level="all"):
+    return ort_session(path, level=level).run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("backend,bits", [("onnxruntime", "w8a8"), ("academic", "w8a8"), ("academic", "w4a4"),
+                                          ("tensorrt", "w8a8"), ("qnn", "w8a8"), ("academic", "w2a4")])
+def test_qdq_graph_matches_the_simulation(tmp_path, backend, bits):
+    qm, x = _quantized(backend, bits)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(qm, path, x[:1])
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    acts = [q for _, q in quantizers(qm) if q.role == "act" and q.state == "quant"]
+    assert report.act_quantizers == len(acts) == ops.count("QuantizeLinear")
+    assert ops.count("DequantizeLinear") >= len(acts) + report.weight_quantizers
+    assert not any(n.domain for n in model.graph.node)  # no placeholder left
+    # weights are stored as integers, activations as Q/DQ pairs with the calibrated parameters
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name, q in quantizers(qm):
+        if q.role == "weight":
+            w = inits[report.weight_tensor_of[name]]
+            assert w.dtype in (np.int8, np.uint8)
+            layer = next(m for m in qm.modules() if getattr(m, "weight_quant", None) is q)
+            assert np.array_equal(w.astype(np.int64), q.int_repr(layer.layer.weight).numpy())
+            # ... and dequantize to exactly the simulation's weights
+            shape = [-1] + [1] * (w.ndim - 1)
+            with torch.no_grad():
+                sim_w = q(layer.layer.weight).numpy()
+            deq = (w.astype(np.float32) - q.zero_point.numpy().reshape(shape)) * q.scale.numpy().reshape(shape)
+            np.testing.assert_allclose(deq, sim_w, rtol=0, atol=1e-6 * np.abs(sim_w).max())
+        else:
+            assert float(inits[f"{name}.scale"]) == pytest.approx(float(q.scale), rel=1e-7)
+            assert int(inits[f"{name}.zero_point"]) == int(q.zero_point)
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    out = _run(path, x)
+    step = max(float(q.scale) for q in acts)
+    # identical math up to float summation order: predictions agree and outputs are close
+    assert (out.argmax(1) == sim.argmax(1)).mean() >= 0.95
+    assert np.abs(out - sim).mean() < 0.05 * np.abs(sim).mean() + step
+
+
+def test_integer_kernels_and_parity_report(tmp_path):
+    qm, x = _quantized("onnxruntime", "w8a8")
+    path = tmp_path / "m.onnx"
+    export_onnx(qm, path, x[:1])
+    counts, integer = optimized_op_counts(path)
+    assert integer.get("QLinearConv", 0) == 3  # stem, c1, c2 all run on integers
+    assert "QLinearAdd" in integer or "QGemm" in integer
+    p = parity(qm, path, x, torch.zeros(len(x), dtype=torch.long))
+    for key in ("agreement", "sim_top1", "ort_top1", "max_abs_diff", "integer_nodes"):
+        assert key in p
+    assert p["integer_node_total"] == sum(integer.values())
+
+
+def test_learned_rounding_is_baked_into_the_integer_weights(tmp_path):
+    qm, x = _quantized("academic", "w4a4")
+    q = qm.c1.weight_quant
+    w = qm.c1.layer.weight.detach()
+    s = q.scale.detach().reshape(-1, 1, 1, 1)
+    nearest = q.int_repr(w)
+    # learned decisions: round every weight *down* (differs from nearest rounding for about half of them)
+    q.round_up = torch.zeros_like(w, dtype=torch.uint8)
+    down = q.int_repr(w)
+    assert (down != nearest).any()
+    assert torch.equal(down, torch.clamp(torch.floor(w / s) + q.zero_point.reshape(-1, 1, 1, 1), q.scheme.qmin, q.scheme.qmax).long())
+    path = tmp_path / "m.onnx"
+    report = export_onnx(qm, path, x[:1])
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    assert np.array_equal(inits[report.weight_tensor_of["c1.weight_quant"]].astype(np.int64), down.numpy())
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    assert (_run(path, x).argmax(1) == sim.argmax(1)).mean() >= 0.95
+
+
+def test_int4_container(tmp_path):
+    qm, x = _quantized("academic", "w4a4")
+    path = tmp_path / "m.onnx"
+    report = export_onnx(qm, path, x[:1], int4=True)
+    model = onnx.load(path)
+    assert report.opset == 21 and max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
+    types = {t.data_type for t in model.graph.initializer}
+    assert onnx.TensorProto.UINT4 in types  # 4-bit asymmetric grids
+    assert "Clip" not in [n.op_type for n in model.graph.node]  # exact grid: no clipping needed
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    out = _run(path, x)
+    assert (out.argmax(1) == sim.argmax(1)).mean() >= 0.95
+
+
+def test_tensorrt_ranges_equal_the_quantizers(tmp_path):
+    qm, x = _quantized("tensorrt", "w8a8")
+    path = tmp_path / "m.onnx"
+    report = export_onnx(qm, path, x[:1])
+    ranges = tensorrt_ranges(qm, report)
+    assert ranges["format"] == "tensorrt-dynamic-range"
+    tensors = {n for node in onnx.load(path).graph.node for n in node.input}
+    qs = dict(quantizers(qm))
+    assert len(ranges["ranges"]) == report.act_quantizers
+    for tensor, r in ranges["ranges"].items():
+        assert tensor in tensors
+        q = qs[r["quantizer"]]
+        assert set(r) == {"min", "max", "amax", "scale", "quantizer"}
+        assert r["amax"] / 127 == pytest.approx(float(q.scale), rel=1e-6)
+        assert r["min"] == -r["max"]
+    # asymmetric activations cannot be described to TensorRT
+    qa, xa = _quantized("onnxruntime", "w8a8")
+    with pytest.raises(ExportError, match="symmetric"):
+        tensorrt_ranges(qa, export_onnx(qa, tmp_path / "a.onnx", xa[:1]))
+
+
+def test_qnn_fp32_model_and_aimet_encodings(tmp_path):
+    qm, x = _quantized("qnn", "w8a8")
+    path = tmp_path / "m.onnx"
+    report = export_onnx(qm, path, x[:1], fp32=True)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in model.graph.node}
+    enc = aimet_encodings(qm, report)
+    assert set(enc) >= {"version", "activation_encodings", "param_encodings"}
+    graph_tensors = {i for n in model.graph.node for i in n.input}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    qs = dict(quantizers(qm))
+    for key, section in (("activation_encodings", report.tensor_of), ("param_encodings", report.fp_weight_of)):
+        assert set(enc[key]) == set(section.values())
+        for qname, tensor in section.items():
+            assert tensor in graph_tensors
+            q = qs[qname]
+            entries = enc[key][tensor]
+            assert len(entries) == q.scale.numel()
+            for e, s, z in zip(entries, q.scale.reshape(-1).tolist(), q.zero_point.reshape(-1).tolist()):
+                assert set(e) == {"bitwidth", "dtype", "is_symmetric", "max", "min", "offset", "scale"}
+                assert e["bitwidth"] == q.bits and e["dtype"] == "int" and e["is_symmetric"] in ("True", "False")
+                assert e["scale"] == pytest.approx(s) and e["min"] == pytest.approx((q.scheme.qmin - z) * s)
+                assert e["max"] == pytest.approx((q.scheme.qmax - z) * s)
+                # AIMET's unsigned grid: min = offset * scale (full grids)
+                assert e["offset"] * e["scale"] == pytest.approx(e["min"], abs=1e-6 * abs(e["scale"]))
+    # the FP32 weights are the dequantized ones: re-quantizing them with the encodings gives the integer codes back
+    for qname, tensor in report.fp_weight_of.items():
+        q = qs[qname]
+        layer = next(m for m in qm.modules() if getattr(m, "weight_quant", None) is q)
+        s = np.array([e["scale"] for e in enc["param_encodings"][tensor]]).reshape(-1, *[1] * (inits[tensor].ndim - 1))
+        codes = np.rint(inits[tensor] / s) + q.zero_point.numpy().reshape(s.shape)
+        assert np.array_equal(codes.astype(np.int64), q.int_repr(layer.layer.weight).numpy())
+    # and the FP32 graph computes the simulation with activation quantization off
+    for _, q in quantizers(qm):
+        if q.role == "act":
+            q.state = "off"
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    np.testing.assert_allclose(_run(path, x), sim, rtol=1e-4, atol=1e-4)
+
+
+class WithBessel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.special.bessel_j0(self.c(x))
+
+
+def test_bad_input_gives_clear_errors_and_no_file(tmp_path):
+    x = torch.randn(4, 3, 16, 16)
+    path = tmp_path / "m.onnx"
+    uncalibrated = qdrop.prepare(_model(), (x,), backend="onnxruntime", bits="w8a8")
+    with pytest.raises(ExportError, match="calibrat"):
+        export_onnx(uncalibrated, path, x[:1])
+    with pytest.raises(ExportError, match="no qdrop quantizers"):
+        export_onnx(_model(), path, x[:1])
+    qm, x = _quantized()
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(qm, tmp_path / "missing" / "m.onnx", x[:1])
+    bessel = qdrop.prepare(WithBessel().eval(), (x,), backend="onnxruntime", bits="w8a8")
+    qdrop.calibrate(bessel, [x])
+    with pytest.raises(ExportError, match="bessel_j0"):
+        export_onnx(bessel, path, x[:1])
+    object.__setattr__(qm.fc.weight_quant.scheme, "bits", 16)  # a grid no ONNX container holds
+    with pytest.raises(ExportError, match="16 bits"):
+        export_onnx(qm, path, x[:1])
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+@needs_cifar
+@pytest.mark.shared_data
+def test_cli_export_with_parity_on_real_data(tmp_path):
+    from qdrop.cli import main
+
+    out = tmp_path / "r20"
+    assert main(["quantize", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--bits", "w8a8", "--backend", "onnxruntime",
+                 "--calib", "256", "--eval-limit", "500", "--out", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(out), "--check", str(CIFAR), "--data", str(CIFAR), "--eval-limit", "500"]) == 0
+    p = json.loads((out / "parity.json").read_text())
+    assert p["samples"] == 500
+    assert p["agreement"] >= 98.5  # the full 10,000-image numbers are in benchmarks/results/onnx_parity.json
+    assert abs(p["sim_top1"] - p["ort_top1"]) <= 1.0
+    assert p["integer_nodes"].get("QLinearConv", 0) == 19  # every conv of ResNet-20 runs on integers
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert p["sim_top1"] == pytest.approx(metrics["quant"], abs=0.01)  # the checkpoint reloads to the same simulation
+    assert main(["export", "--checkpoint", str(out), "--format", "tensorrt", "--data", str(CIFAR)]) == 2  # uint8 acts
+    assert not (out / "model.ranges.json").exists()
