@@ -3,10 +3,12 @@
     qmodel = qdrop.prepare(model, example_inputs, backend="academic", bits="w4a4")
     qdrop.calibrate(qmodel, batches)
     qdrop.reconstruct(qmodel, None, calib_inputs, algo="qdrop", iters=20000)
+    qdrop.export_onnx(qmodel, "model.onnx", example_inputs)
 """
 from .calibrate import calibrate
 from .graph import describe, prepare, set_quant_state
+from .export import export_onnx
 from .recon import reconstruct
 
 __version__ = "0.1.0"
-__all__ = ["calibrate", "describe", "prepare", "reconstruct", "set_quant_state"]
+__all__ = ["calibrate", "describe", "export_onnx", "prepare", "reconstruct", "set_quant_state"]

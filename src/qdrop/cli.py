@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--eval-limit", type=_positive, default=None, help="check on a fixed subset of this many test samples")
     x.add_argument("--threads", type=_positive, default=None)
 
+    # bench / report / analyze have their own parsers (qdrop.bench); listed here for --help
+    for name, text in (("bench", "run a sweep from a YAML config (resumable): qdrop bench CONFIG.yaml [--dry-run] [--only k=v,...]"),
+                       ("report", "render a sweep's results as Markdown tables and plots: qdrop report RESULTS_DIR"),
+                       ("analyze", "per-unit error and loss-flatness view of quantized checkpoints: qdrop analyze RUN_DIR ...")):
+        sub.add_parser(name, help=text, add_help=False)
+
     d = sub.add_parser("demo", help="Fashion-MNIST: train a small ResNet (cached), quantize, print a table")
     d.add_argument("--iters", type=_positive, default=500, help="QDrop iterations per unit")
     d.add_argument("--retrain", action="store_true")
@@ -101,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("bench", "report", "analyze"):
+        from . import bench
+
+        return {"bench": bench.bench_main, "report": bench.report_main, "analyze": bench.analyze_main}[argv[0]](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):

@@ -40,8 +40,11 @@ def save_checkpoint(qmodel, model_name: str, path: Path, example_shape) -> None:
                            state_dict=qmodel.state_dict()), path)
 
 
-def load_checkpoint(path: str | Path, data=None):
-    """Rebuild a quantized model saved by save_checkpoint: returns (qmodel, fp_model, info)."""
+def load_checkpoint(path: str | Path, data=None, pretrained: bool = True):
+    """Rebuild a quantized model saved by save_checkpoint: returns (qmodel, fp_model, info).
+
+    The state dict holds every weight of qmodel; pretrained=False skips loading the published
+    weights (no download), but then fp_model is a random init - use it only when you need qmodel."""
     from .models import load_model
 
     path = Path(path)
@@ -52,7 +55,7 @@ def load_checkpoint(path: str | Path, data=None):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt.get("format") != "qdrop-v1":
         raise ValueError(f"{path} is not a qdrop checkpoint")
-    model, info = load_model(ckpt["model"], data=data)
+    model, info = load_model(ckpt["model"], data=data, pretrained=pretrained)
     cfg = PrepareConfig(**ckpt["prepare"])
     qmodel = prepare(model, (torch.zeros(ckpt["example_shape"]),), backend=cfg.backend, bits=cfg.bits,
                      leaf_modules=cfg.leaf_modules, w_observer=cfg.w_observer, a_observer=cfg.a_observer)
@@ -79,7 +82,8 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
                  seed: int = 0, iters: int = 20000, batch_size: int = 32, lam: float | None = None, device: str | None = None,
                  out: str | Path | None = None, leaf_modules=(), eval_limit: int | None = None, progress: bool = True,
                  compile: bool = False, max_cache_bytes: int | None = None, w_observer: str | None = None,
-                 a_observer: str | None = None, fp_top1: float | None = None) -> dict:
+                 a_observer: str | None = None, fp_top1: float | None = None, pretrained: bool = True,
+                 weights: str | None = None) -> dict:
     """Quantize one model and evaluate FP and quantized top-1 on the test split.
 
     Calibration samples come from the training split, evaluation from the test split.
@@ -100,7 +104,7 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
     torch.manual_seed(seed)
     seconds = {}
     t = time.perf_counter()
-    fp_model, info = load_model(model, data=data)
+    fp_model, info = load_model(model, data=data, pretrained=pretrained, weights=weights)
     if info.dataset == "custom":
         raise ValueError(f"model {model!r} has no known dataset: give it one in its factory's info dict")
     calib_split = load_split(info.dataset, "calib", data=data, preprocess=info.preprocess, limit=calib, seed=seed)
@@ -110,7 +114,8 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(model=model, bits=bits, algo=algo, backend=backend, calib_size=len(calib_split), seed=seed,
+    config = dict(model=model, data=str(data) if data is not None else None, pretrained=pretrained, weights=weights,
+                  bits=bits, algo=algo, backend=backend, calib_size=len(calib_split), seed=seed,
                   iters=iters if algo != "naive" else 0, batch_size=batch_size, lam=lam, device=device,
                   leaf_modules=list(leaf_modules), w_observer=w_observer, a_observer=a_observer,
                   calib_data=calib_split.description, eval_data=test_split.description, act_calib=ACT_CALIB)

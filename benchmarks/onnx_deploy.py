@@ -1,0 +1,159 @@
+"""Deployment benchmark: parity of the exported QDQ model with the simulation, and latency.
+
+  python benchmarks/onnx_deploy.py parity  [--iters 1000]   -> benchmarks/results/onnx_parity.json
+  python benchmarks/onnx_deploy.py latency [--runs 30]      -> benchmarks/results/onnx_latency.json
+
+parity: CIFAR-10 ResNet-20 W8A8 (naive and qdrop) on all 10,000 test images, EfficientNet-Lite0 W8A8
+naive on the 500 evaluation images of the shared ImageNet samples; onnxruntime and academic presets.
+latency: ORT int8 (QDQ, fused by ORT into integer kernels) vs ORT FP32 vs PyTorch eager FP32, batch 1
+and 32, median of --runs timed runs after warm-up, all in this one process with the same thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+
+CASES = {
+    "cifar10_resnet20": dict(data=SHARED / "cifar10", calib=1024, eval_limit=None),
+    "efficientnet_lite0": dict(data=SHARED / "imagenet" / "samples", calib=500, eval_limit=None),
+}
+
+
+def _save(obj, name):
+    from qdrop.export.check import write_json_atomic
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(obj, RESULTS / name)
+    print(f"-> {RESULTS / name}")
+
+
+def run_parity(args):
+    from qdrop.pipeline import environment, run_export, run_quantize
+
+    rows = []
+    runs = [("cifar10_resnet20", "onnxruntime", "naive"), ("cifar10_resnet20", "academic", "naive"),
+            ("cifar10_resnet20", "onnxruntime", "qdrop"), ("efficientnet_lite0", "onnxruntime", "naive")]
+    for model, backend, algo in runs:
+        if args.only and model not in args.only:
+            continue
+        case = CASES[model]
+        out = Path(args.work) / f"{model}_{backend}_{algo}"
+        metrics_file = out / "metrics.json"
+        if not metrics_file.exists():
+            run_quantize(model, "w8a8", algo, backend, data=case["data"], calib=case["calib"], iters=args.iters,
+                         out=out, eval_limit=case["eval_limit"], progress=False)
+        metrics = json.loads(metrics_file.read_text())
+        r = run_export(out, out / "model.onnx", check_data=case["data"], data=case["data"], progress=False)
+        p = r["parity"]
+        row = dict(model=model, backend=backend, algo=algo, iters=metrics["iters"], fp=metrics["fp"],
+                   sim_top1=p["sim_top1"], ort_top1=p["ort_top1"], agreement=p["agreement"], samples=p["samples"],
+                   max_abs_diff=round(p["max_abs_diff"], 4), mean_abs_diff=round(p["mean_abs_diff"], 5),
+                   integer_nodes=p["integer_nodes"], other_nodes={k: v for k, v in p["optimized_ops"].items()
+                                                                 if k not in p["integer_nodes"]})
+        rows.append(row)
+        print(f"{model:20s} {backend:11s} {algo:6s} sim {row['sim_top1']:.2f} ort {row['ort_top1']:.2f} "
+              f"agree {row['agreement']:.2f}% max|d| {row['max_abs_diff']:.3f} int nodes {row['integer_nodes']}")
+    _save(dict(rows=rows, environment=environment()), "onnx_parity.json")
+    print("\n| model | preset | algo | sim top-1 | ORT top-1 | agreement | max abs diff | integer kernels |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ints = ", ".join(f"{k} {v}" for k, v in r["integer_nodes"].items())
+        print(f"| {r['model']} | {r['backend']} | {r['algo']} | {r['sim_top1']:.2f} | {r['ort_top1']:.2f} | "
+              f"{r['agreement']:.2f} % ({r['samples']}) | {r['max_abs_diff']:.3f} | {ints} |")
+
+
+def _median_ms(fn, runs, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def run_latency(args):
+    import qdrop
+    from qdrop.data import load_split
+    from qdrop.export import export_onnx
+    from qdrop.export.check import ort_session
+    from qdrop.models import load_model
+    from qdrop.pipeline import environment
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for model_name, case in CASES.items():
+            if args.only and model_name not in args.only:
+                continue
+            fp_model, info = load_model(model_name, data=case["data"])
+            fp_model.eval()
+            calib = load_split(info.dataset, "calib", data=case["data"], preprocess=info.preprocess, limit=256, seed=0)
+            qm = qdrop.prepare(fp_model, (calib.x[:2],), backend="onnxruntime", bits="w8a8")
+            qdrop.calibrate(qm, [calib.x[i:i + 32] for i in range(0, len(calib.x), 32)])
+            int8_path, fp_path = Path(d) / f"{model_name}_int8.onnx", Path(d) / f"{model_name}_fp32.onnx"
+            export_onnx(qm, int8_path, calib.x[:1])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(fp_model, (calib.x[:1],), str(fp_path), dynamo=False, opset_version=13,
+                                  input_names=["input"], output_names=["output"],
+                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            s_int8 = ort_session(int8_path, threads=args.threads)
+            s_fp = ort_session(fp_path, threads=args.threads)
+            for batch in (1, 32):
+                x = calib.x[:batch].contiguous()
+                xn = x.numpy()
+                with torch.inference_mode():
+                    t_torch = _median_ms(lambda: fp_model(x), args.runs)
+                t_fp = _median_ms(lambda: s_fp.run(None, {"input": xn}), args.runs)
+                t_int8 = _median_ms(lambda: s_int8.run(None, {"input": xn}), args.runs)
+                row = dict(model=model_name, batch=batch, ort_int8_ms=round(t_int8, 3), ort_fp32_ms=round(t_fp, 3),
+                           torch_fp32_ms=round(t_torch, 3), int8_speedup_vs_ort_fp32=round(t_fp / t_int8, 2),
+                           int8_speedup_vs_torch=round(t_torch / t_int8, 2))
+                rows.append(row)
+                print(f"{model_name:20s} batch {batch:2d}: ORT int8 {t_int8:8.2f} ms  ORT fp32 {t_fp:8.2f} ms  "
+                      f"torch fp32 {t_torch:8.2f} ms  -> int8 {t_fp / t_int8:.2f}x vs ORT fp32, {t_torch / t_int8:.2f}x vs torch")
+    env = environment()
+    env["threads"] = args.threads
+    env["cpu_flags"] = _cpu_flags()
+    _save(dict(rows=rows, runs=args.runs, environment=env), "onnx_latency.json")
+
+
+def _cpu_flags():
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith(("avx512_vnni", "avx512vnni", "amx", "avx_vnni")))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["parity", "latency"])
+    p.add_argument("--only", nargs="*", default=None, help="model names to run")
+    p.add_argument("--iters", type=int, default=1000, help="qdrop iterations per unit (parity's qdrop row)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "onnx_deploy"), help="where checkpoints go (reused)")
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    (run_parity if args.what == "parity" else run_latency)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

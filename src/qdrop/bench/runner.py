@@ -1,0 +1,408 @@
+"""`qdrop bench CONFIG.yaml`: run a sweep, one JSON line per run in RESULTS_DIR/results.jsonl.
+
+Layout of a results folder::
+
+    RESULTS_DIR/sweep.json        the sweep's name, config and config hash (a folder holds one sweep)
+    RESULTS_DIR/results.jsonl     one record per finished or failed run, appended with flush + fsync
+    RESULTS_DIR/runs/<run_id>/    the run's own output (model.pt, config.json, recon.json, metrics.json;
+                                  recon_state.pt while it reconstructs, so a killed run resumes mid-way)
+
+A run whose latest record has status "ok" is skipped; failed runs are retried by the next
+invocation. Exit status of bench_main: 0 every selected run is done, 1 some run failed,
+2 the config or the command line is invalid (nothing ran).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import inspect
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .config import ConfigError, Run, Sweep, check_paths, filter_runs, load_sweep, parse_assignments
+from .provenance import PeakMemory, fsync_append, git_info, package_versions
+
+SCHEMA = 1
+RESULTS = "results.jsonl"
+SWEEP = "sweep.json"
+
+
+class SweepRefused(RuntimeError):
+    """The results folder belongs to another sweep (use --force), or another process holds it."""
+
+
+# ---- results folder ----------------------------------------------------------------------
+
+def read_results(results_dir: str | Path) -> list[dict]:
+    """Every record of RESULTS_DIR/results.jsonl, in order. A line cut short by a kill is skipped."""
+    path = Path(results_dir) / RESULTS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a partial line from an interrupted write
+        if isinstance(rec, dict) and "run_id" in rec:
+            records.append(rec)
+    return records
+
+
+def latest_records(records: list[dict]) -> dict[str, dict]:
+    """run_id -> its latest record, except that an ok record is never replaced by a later failure."""
+    out: dict[str, dict] = {}
+    for r in records:
+        prev = out.get(r["run_id"])
+        if prev is not None and prev.get("status") == "ok" and r.get("status") != "ok":
+            continue
+        out[r["run_id"]] = r
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _claim(results_dir: Path, sweep: Sweep, force: bool) -> None:
+    """Write sweep.json, or check that the folder was written by this same config."""
+    path = results_dir / SWEEP
+    info = dict(name=sweep.name, config_hash=sweep.config_hash, config=sweep.config, source=sweep.source)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("config_hash") == sweep.config_hash:
+            return
+        if not force:
+            raise SweepRefused(
+                f"{results_dir} holds results of another sweep config ({old.get('name')!r}, hash {old.get('config_hash')}; "
+                f"this one is {sweep.name!r}, hash {sweep.config_hash}): use another out folder, or --force to add to it")
+        info["history"] = old.get("history", []) + [{k: old.get(k) for k in ("name", "config_hash", "created")}]
+    info["created"] = _now()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _lock(results_dir: Path):
+    """One sweep process per results folder at a time."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    f = open(results_dir / ".lock", "w")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SweepRefused(f"another qdrop bench process is writing to {results_dir}") from None
+        yield
+    finally:
+        f.close()
+
+
+# ---- one run ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fp_key(c: dict) -> str:
+    """What the FP score depends on: runs with the same key share one FP evaluation."""
+    dev = (c.get("device") or "auto").split(":")[0]
+    if c.get("task") is not None or str(c.get("model", "")).startswith("hf:"):
+        return json.dumps(["nlp", c["model"], c.get("task"), c.get("data"), c.get("window"), c.get("max_windows"), dev])
+    return json.dumps([c["model"], c.get("data"), c.get("eval_limit"), c.get("pretrained"), c.get("weights"), dev])
+
+
+def _unit_curves(run_dir: Path) -> list | None:
+    path = run_dir / "recon.json"
+    if not path.exists():
+        return None
+    try:
+        rep = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    keys = ("unit", "kind", "iters", "seconds", "ms_per_iter", "final_loss", "curve")
+    return [{k: u.get(k) for k in keys} for u in rep.get("unit_reports", [])]
+
+
+def _call_vision(c: dict, run_dir: Path, fp_top1, progress: bool) -> dict:
+    from ..pipeline import run_quantize
+
+    kwargs = dict(backend=c["backend"], data=c["data"], calib=c["calib"], seed=c["seed"], iters=max(1, c["iters"]),
+                  batch_size=c["batch_size"], lam=c["lam"], device=c["device"], out=run_dir,
+                  leaf_modules=list(c["leaf_modules"]), eval_limit=c["eval_limit"], progress=progress,
+                  compile=c["compile"], max_cache_bytes=c["max_cache_mb"] * 2**20 if c["max_cache_mb"] else None,
+                  w_observer=c["w_observer"], a_observer=c["a_observer"], fp_top1=fp_top1)
+    return run_quantize(c["model"], c["bits"], c["algo"], pretrained=c["pretrained"], weights=c["weights"], **kwargs)
+
+
+def _call_nlp(c: dict, run_dir: Path, fp, progress: bool) -> dict:
+    from .config import nlp_entry
+
+    fn = nlp_entry()
+    if fn is None:
+        raise NotImplementedError("transformer runs need qdrop.nlp.run_nlp_quantize(model, task, data, bits, algo, out, "
+                                  "calib, seed), which this qdrop does not provide (or which fails to import)")
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in c.items() if k in params and k not in ("out", "progress", "fp")}
+    kwargs["out"] = run_dir
+    if "progress" in params:
+        kwargs["progress"] = progress
+    if fp is not None and "fp" in params:
+        kwargs["fp"] = fp
+    result = fn(**kwargs)
+    result = dict(result) if isinstance(result, dict) else {"result": result}
+    result["_fp_reused"] = "fp" in kwargs
+    return result
+
+
+def execute_run(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | None = None, progress: bool = False) -> dict:
+    """Run one configuration; return its record (status 'ok' or 'failed', never raises on a run error)."""
+    c = run.config
+    run_dir = results_dir / "runs" / run.run_id
+    record = dict(schema=SCHEMA, run_id=run.run_id, sweep=sweep_name, kind=run.kind, config=c,
+                  out_dir=str(Path("runs") / run.run_id), started=_now(), git=git_info(), versions=package_versions())
+    t0 = time.perf_counter()
+    metrics = None
+    with PeakMemory() as mem, _threads(c.get("threads")):
+        try:
+            done = run_dir / "metrics.json"
+            if done.exists():
+                # finished before a kill that came ahead of its results line: take its metrics
+                metrics = json.loads(done.read_text())
+                record["recovered"] = True
+            elif run.kind == "vision":
+                metrics = _call_vision(c, run_dir, fp_top1, progress)
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                metrics = _call_nlp(c, run_dir, fp_top1, progress)
+            status, error = "ok", None
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # recorded, the sweep goes on
+            status = "failed"
+            error = dict(type=type(err).__name__, message=str(err), traceback=traceback.format_exc()[-4000:])
+        record["peak_memory"] = None if record.get("recovered") else mem.result()
+    record["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    record["finished"] = _now()
+    record["status"] = status
+    if error:
+        record["error"] = error
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
+    if metrics is not None:
+        metrics = dict(metrics)
+        env = metrics.pop("environment", None)
+        record["seconds"] = metrics.get("seconds")
+        record["metrics"] = metrics
+        reused = metrics.pop("_fp_reused", None)
+        record["fp_reused"] = None if record.get("recovered") else (fp_top1 is not None) if reused is None else reused
+        if env is not None:
+            record["device"] = dict(env, used=_used_device(run_dir, c))
+    if "device" not in record:
+        from ..pipeline import environment
+
+        record["device"] = dict(environment(), used=_used_device(run_dir, c))
+    if run.kind == "vision":
+        record["units"] = _unit_curves(run_dir)
+        cfg = run_dir / "config.json"
+        if cfg.exists():
+            try:
+                record["data_used"] = {k: v for k, v in json.loads(cfg.read_text()).items() if k in ("calib_data", "eval_data", "lam")}
+            except json.JSONDecodeError:
+                pass
+    if status == "ok" and not c.get("keep_checkpoint", True):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / "model.pt").unlink()
+    return record
+
+
+def _used_device(run_dir: Path, c: dict) -> str:
+    cfg = run_dir / "config.json"
+    if cfg.exists():
+        with contextlib.suppress(Exception):
+            return json.loads(cfg.read_text())["device"]
+    if c.get("device"):
+        return c["device"]
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
+
+
+# ---- the sweep ----------------------------------------------------------------------------
+
+def _varying_keys(runs: list[Run]) -> list[str]:
+    keys = []
+    for k in runs[0].config:
+        if len({json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs}) > 1:
+            keys.append(k)
+    return keys
+
+
+def plan_table(runs: list[Run], status: dict[str, str]) -> str:
+    """The dry-run listing: one line per run with its status and the settings that vary."""
+    keys = [k for k in ("model", "bits", "algo", "seed") if k in runs[0].config]
+    keys += [k for k in _varying_keys(runs) if k not in keys]
+    rows = [["status", "run_id", *keys]]
+    for r in runs:
+        rows.append([status.get(r.run_id, "pending"), r.run_id, *[str(r.config.get(k)) for k in keys]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def resolve_results_dir(sweep: Sweep, out: str | Path | None) -> Path:
+    folder = out or sweep.out
+    if not folder:
+        raise ConfigError(f"{sweep.source or 'config'}: no results folder: set 'out' in the config or pass --out")
+    return Path(folder).expanduser()
+
+
+def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: bool = False, only=None,
+              limit: int | None = None, force: bool = False, set_values=None, progress: bool = True,
+              verbose: bool = False, stream=None) -> dict:
+    """Run (or, with dry_run, list) the sweep in `config_path`.
+
+    only: {'model': 'cifar10_resnet20', 'algo': ['qdrop', 'brecq']} or 'model=a,algo=b|c';
+    limit: run at most this many of the pending runs; force: write into a results folder made by
+    another config; set_values: {'iters': 500} or 'iters=500' replaces defaults (or a grid key).
+    Returns {'results_dir', 'runs' (selected), 'ran', 'skipped', 'failed', 'records', 'plan'}.
+    Raises ConfigError (bad config, nothing ran) or SweepRefused (folder of another sweep).
+    """
+    stream = stream or sys.stdout
+    if isinstance(only, (str, list, tuple)):
+        only = parse_assignments([only] if isinstance(only, str) else only, "--only")
+    if isinstance(set_values, (str, list, tuple)):
+        set_values = parse_assignments([set_values] if isinstance(set_values, str) else set_values, "--set")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ConfigError(f"--limit must be a non-negative integer, got {limit!r}")
+    sweep = load_sweep(config_path, set_values=set_values)
+    results_dir = resolve_results_dir(sweep, out)
+    selected = filter_runs(sweep.runs, only)
+    if not dry_run:
+        check_paths(selected, sweep.source)
+    for w in sweep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+    latest = latest_records(read_results(results_dir))
+    done = {rid for rid, r in latest.items() if r.get("status") == "ok"}
+    status = {r.run_id: ("done" if r.run_id in done else "failed" if r.run_id in latest else "pending") for r in selected}
+    pending = [r for r in selected if r.run_id not in done]
+    if limit is not None:
+        pending = pending[:limit]
+    summary = dict(results_dir=str(results_dir), runs=selected, plan=pending, skipped=sum(1 for r in selected if r.run_id in done),
+                   ran=0, failed=0, records=[], config_hash=sweep.config_hash)
+
+    if dry_run:
+        foreign = ""
+        sweep_json = results_dir / SWEEP
+        if sweep_json.exists():
+            with contextlib.suppress(Exception):
+                old = json.loads(sweep_json.read_text())
+                if old.get("config_hash") != sweep.config_hash:
+                    foreign = f"  (note: {results_dir} holds another config's results; a real run needs --force)"
+        n_done = sum(1 for s in status.values() if s == "done")
+        print(f"sweep {sweep.name}: {len(selected)} runs selected of {len(sweep.runs)} ({n_done} done, "
+              f"{len(pending)} would run{f', limit {limit}' if limit is not None else ''}) -> {results_dir}{foreign}", file=stream)
+        print(plan_table(selected, status), file=stream)
+        return summary
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(results_dir):
+        _claim(results_dir, sweep, force)
+        fp_cache = {}
+        for r in latest.values():
+            if r.get("status") == "ok" and (r.get("metrics") or {}).get("fp") is not None:
+                fp_cache.setdefault(_fp_key(r["config"]), r["metrics"]["fp"])
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pending), desc=f"bench {sweep.name}", unit="run", disable=not progress, dynamic_ncols=True)
+        for run in pending:
+            bar.set_postfix_str(run.run_id)
+            fp = fp_cache.get(_fp_key(run.config))
+            rec = execute_run(run, results_dir, sweep.name, fp_top1=fp, progress=verbose)
+            fsync_append(results_dir / RESULTS, json.dumps(rec, default=str))
+            summary["records"].append(rec)
+            summary["ran"] += 1
+            if rec["status"] == "ok":
+                m = rec.get("metrics") or {}
+                if m.get("fp") is not None:
+                    fp_cache.setdefault(_fp_key(run.config), m["fp"])
+                msg = f"ok     {run.label()}: FP {m.get('fp')} -> {m.get('quant')} ({rec['wall_seconds']:.0f} s)"
+            else:
+                summary["failed"] += 1
+                msg = f"FAILED {run.label()}: {rec['error']['type']}: {rec['error']['message'][:300]}"
+            bar.write(msg, file=stream)
+            bar.update(1)
+        bar.close()
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qdrop bench", description="Run a sweep of quantization runs from a YAML config; "
+                                "one JSON line per run in RESULTS_DIR/results.jsonl (finished runs are skipped).")
+    p.add_argument("config", help="sweep YAML (see docs/benchmark_protocol.md)")
+    p.add_argument("--out", default=None, help="results folder (default: the config's 'out')")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=V[|V..][,KEY=V]",
+                   help="run only the matching runs, e.g. model=cifar10_resnet20,algo=qdrop|brecq (repeatable: all must match)")
+    p.add_argument("--limit", type=int, default=None, help="run at most this many pending runs")
+    p.add_argument("--force", action="store_true", help="write into a results folder made by another config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a default (or a grid key) of the config, e.g. --set iters=500 (changes the config hash)")
+    p.add_argument("--verbose", "-v", action="store_true", help="show each run's own progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over the runs")
+    return p
+
+
+def bench_main(argv=None) -> int:
+    """`qdrop bench`: 0 all selected runs done, 1 some run failed, 2 invalid config or refused folder."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run_sweep(args.config, out=args.out, dry_run=args.dry_run, only=args.only or None, limit=args.limit,
+                            force=args.force, set_values=args.set or None, progress=not args.no_progress,
+                            verbose=args.verbose)
+    except (ConfigError, SweepRefused) as err:
+        print(f"qdrop: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdrop: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    if args.dry_run:
+        return 0
+    print(f"{summary['ran']} ran ({summary['failed']} failed), {summary['skipped']} already done -> "
+          f"{Path(summary['results_dir']) / RESULTS}")
+    return 1 if summary["failed"] else 0
+

@@ -1,0 +1,424 @@
+"""qdrop bench / report / analyze: config validation, resume, failures, report layout, analysis.
+
+Most tests use a tiny CNN (a module: factory) on a generated ImageFolder, so they need no
+download and no shared data; the accuracies they produce are meaningless and never asserted.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from qdrop.bench import ConfigError, SweepRefused, bench_main, read_results, render_report, run_sweep
+from qdrop.bench.config import build_sweep, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CIFAR = SHARED / "cifar10"
+needs_cifar = pytest.mark.skipif(not (CIFAR / "test.npz").exists(), reason="needs ../shared/data/cifar10")
+# plots are optional (matplotlib): the report and analysis tables are written regardless
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+
+TINY_MODEL = '''
+import torch
+from torch import nn
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.conv(x)) + x[:, :, ::2, ::2]
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+def make():
+    torch.manual_seed(0)
+    return Tiny().eval(), {"dataset": "imagefolder", "preprocess": "imagenet", "num_classes": 3}
+'''
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("QDROP_OFFLINE", "1")
+    monkeypatch.setenv("QDROP_CACHE", str(tmp_path_factory.mktemp("cache")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_imagefolder(root: Path, classes=3, per_class=8, size=40, seed=0) -> Path:
+    """root/train/<class>/*.png and root/val/<class>/*.png with random pixels (the ImageNet layout)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size + 6, 3), dtype=np.uint8)
+                pixels[..., c] = np.clip(pixels[..., c].astype(int) + 80, 0, 255)  # a little class signal
+                Image.fromarray(pixels).save(d / f"img{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    data = make_imagefolder(base / "imagenet")
+    model_file = base / "tiny_model.py"
+    model_file.write_text(TINY_MODEL)
+    return dict(data=str(data), model=f"module:{model_file}:make", base=base)
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def tiny_config(tiny, out, **grid):
+    return dict(name="tiny", out=str(out),
+                defaults=dict(model=tiny["model"], data=tiny["data"], calib=8, batch_size=4, iters=2, eval_limit=12),
+                grid=dict(dict(bits=["w4a4"], algo=["naive", "qdrop"], seed=[0]), **grid))
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c.update(colour="red"), "colour"),
+    (lambda c: c["defaults"].update(itres=5), "itres"),
+    (lambda c: c["grid"].update(lamda=[0.1]), "lamda"),
+    (lambda c: c.update(overrides=[{"match": {"modle": "x"}, "set": {"lam": 1}}]), "modle"),
+])
+def test_unknown_key_is_named(tmp_path, tiny, capsys, mutate, key):
+    cfg = tiny_config(tiny, tmp_path / "out")
+    mutate(cfg)
+    path = write_config(tmp_path / "c.yaml", cfg)
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_sweep(path)
+    assert bench_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert key in err and err.startswith("qdrop: error:")
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("model", "resnet_nonsense", ["model='resnet_nonsense'", "unknown model"]),
+    ("model", "torchvision:resnet_nope", ["model='torchvision:resnet_nope'"]),
+    ("algo", "adaroundd", ["algo='adaroundd'", "qdrop"]),
+    ("bits", "w9a4", ["bits='w9a4'"]),
+    ("backend", "tensorrtt", ["backend='tensorrtt'"]),
+    ("iters", 0, ["iters=0"]),
+    ("w_observer", "meansq", ["w_observer='meansq'"]),
+])
+def test_bad_values_are_named(tmp_path, tiny, key, value, words):
+    cfg = tiny_config(tiny, tmp_path / "out")
+    cfg["grid"][key] = [value]
+    with pytest.raises(ConfigError) as e:
+        build_sweep(cfg)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_data_refused_before_running(tmp_path, tiny, capsys):
+    cfg = tiny_config(tiny, tmp_path / "out")
+    cfg["defaults"]["data"] = str(tmp_path / "nowhere")
+    path = write_config(tmp_path / "c.yaml", cfg)
+    assert bench_main([str(path), "--dry-run"]) == 0  # a dry run only lists
+    assert bench_main([str(path)]) == 2
+    assert "data=" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_overrides_exclude_and_env(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("TINY_DATA", tiny["data"])
+    cfg = tiny_config(tiny, tmp_path / "out", bits=["w4a4", "w2a4"], seed=[0, 1])
+    cfg["defaults"]["data"] = "${TINY_DATA}"
+    cfg["overrides"] = [{"match": {"bits": "w2a4"}, "set": {"lam": 0.1}}]
+    cfg["exclude"] = [{"algo": "naive", "seed": 1}]
+    sweep = build_sweep(cfg)
+    assert len(sweep.runs) == 2 * 2 * 2 - 2
+    assert all(r.config["data"] == tiny["data"] for r in sweep.runs)
+    assert {r.config["lam"] for r in sweep.runs if r.config["bits"] == "w2a4" and r.config["algo"] == "qdrop"} == {0.1}
+    assert all(r.config["iters"] == 0 for r in sweep.runs if r.config["algo"] == "naive")
+    assert len({r.run_id for r in sweep.runs}) == len(sweep.runs)
+
+
+def test_shipped_configs_dry_run(capsys, monkeypatch):
+    monkeypatch.setenv("IMAGENET", "/data/imagenet")
+    configs = [("cifar10", 32), ("imagenet_paper", 96), ("nlp", 24)]
+    if importlib.util.find_spec("efficientnet_lite_pytorch"):  # qdrop[vision]: lite0.yaml's model needs it
+        configs.append(("lite0", 8))
+    for name, n in configs:
+        summary = run_sweep(ROOT / "benchmarks" / f"{name}.yaml", dry_run=True, progress=False)
+        assert len(summary["runs"]) == n, name
+    out = capsys.readouterr().out
+    assert "torchvision:mobilenet_v2" in out and "regnet_x_600mf" in out
+    paper = load_sweep(ROOT / "benchmarks" / "imagenet_paper.yaml")
+    lam = {r.config["model"]: r.config["lam"] for r in paper.runs}
+    assert lam["torchvision:resnet18"] == 0.01 and lam["torchvision:mobilenet_v2"] == 0.1 and lam["torchvision:mnasnet1_0"] == 0.2
+    assert {r.config["iters"] for r in paper.runs if r.config["algo"] != "naive"} == {20000}
+    assert {(r.config["calib"], r.config["batch_size"]) for r in paper.runs} == {(1024, 32)}
+
+
+def test_dry_run_only_limit(tmp_path, tiny, capsys):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tiny, tmp_path / "out", bits=["w4a4", "w2a4"]))
+    assert bench_main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs selected of 4" in out and out.count("pending") == 4
+    assert not (tmp_path / "out").exists()
+    s = run_sweep(path, dry_run=True, only="bits=w2a4,algo=qdrop|naive", progress=False)
+    assert [r.config["bits"] for r in s["runs"]] == ["w2a4", "w2a4"]
+    s = run_sweep(path, dry_run=True, limit=3, progress=False)
+    assert len(s["plan"]) == 3
+    with pytest.raises(ConfigError, match="'colour'"):
+        run_sweep(path, dry_run=True, only="colour=red", progress=False)
+    with pytest.raises(ConfigError, match="matches no run"):
+        run_sweep(path, dry_run=True, only="algo=brecq", progress=False)
+
+
+# ---- running -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_results(tiny, tmp_path_factory):
+    """A finished tiny sweep: naive and qdrop (2 iterations) at W4A4."""
+    base = tmp_path_factory.mktemp("sweep")
+    path = write_config(base / "tiny.yaml", tiny_config(tiny, base / "results"))
+    summary = run_sweep(path, progress=False)
+    return dict(path=path, summary=summary, results=base / "results")
+
+
+def test_sweep_records_and_resume(tiny_results, capsys):
+    s = tiny_results["summary"]
+    assert s["ran"] == 2 and s["failed"] == 0
+    recs = read_results(tiny_results["results"])
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    for r in recs:
+        for key in ("run_id", "config", "git", "versions", "device", "seconds", "wall_seconds", "peak_memory", "metrics"):
+            assert key in r, key
+        assert r["git"] is None or set(r["git"]) >= {"commit", "dirty"}
+        assert r["versions"]["torch"] == torch.__version__
+        assert r["peak_memory"]["rss_bytes"] > 0
+        assert {"load", "calibrate", "evaluate"} <= set(r["seconds"])
+        assert (tiny_results["results"] / r["out_dir"] / "model.pt").exists()
+    naive, qd = recs
+    assert naive["units"] is None and naive["metrics"]["iters"] == 0
+    assert qd["units"] and all(u["curve"] and u["iters"] == 2 for u in qd["units"])
+    assert "reconstruct" in qd["seconds"]
+    assert qd["fp_reused"] and qd["metrics"]["fp"] == naive["metrics"]["fp"]  # FP evaluated once per model
+    sweep = json.loads((tiny_results["results"] / "sweep.json").read_text())
+    assert sweep["config_hash"] == s["config_hash"]
+    # resume: a second invocation runs nothing
+    assert bench_main([str(tiny_results["path"]), "--no-progress"]) == 0
+    assert "0 ran (0 failed), 2 already done" in capsys.readouterr().out
+    assert len(read_results(tiny_results["results"])) == 2
+
+
+def test_truncated_line_and_recovered_run(tiny, tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tiny, tmp_path / "out"))
+    s = run_sweep(path, only="algo=naive", progress=False)
+    assert s["ran"] == 1
+    results = tmp_path / "out" / "results.jsonl"
+    rec = json.loads(results.read_text())
+    # a kill after the run's metrics.json but before its results line, mid-write
+    results.write_text(results.read_text()[:-40])
+    assert read_results(tmp_path / "out") == []
+    s = run_sweep(path, only="algo=naive", progress=False)
+    assert s["ran"] == 1 and s["records"][0].get("recovered") and s["records"][0]["metrics"] == rec["metrics"]
+    recs = read_results(tmp_path / "out")
+    assert len(recs) == 1 and recs[0]["run_id"] == rec["run_id"]
+
+
+def test_failed_run_is_recorded_and_sweep_goes_on(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = tiny_config(tiny, tmp_path / "out", algo=["naive"], data=[str(empty), tiny["data"]])
+    path = write_config(tmp_path / "c.yaml", cfg)
+    assert bench_main([str(path), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "1 ran (1 failed)" not in out and "2 ran (1 failed)" in out
+    recs = read_results(tmp_path / "out")
+    failed, ok = recs
+    assert failed["status"] == "failed" and "DataError" in failed["error"]["type"] and "no images" in failed["error"]["message"]
+    assert "Traceback" in failed["error"]["traceback"]
+    assert ok["status"] == "ok"
+    # the next invocation retries only the failed run
+    s = run_sweep(path, progress=False)
+    assert s["ran"] == 1 and s["failed"] == 1 and s["skipped"] == 1
+
+
+def test_other_config_refused_without_force(tiny, tiny_results, tmp_path, capsys):
+    cfg = tiny_config(tiny, tiny_results["results"], bits=["w2a4"])
+    path = write_config(tmp_path / "other.yaml", cfg)
+    with pytest.raises(SweepRefused, match="--force"):
+        run_sweep(path, progress=False, limit=0)
+    assert bench_main([str(path), "--limit", "0"]) == 2
+    assert "another sweep config" in capsys.readouterr().err
+    s = run_sweep(path, progress=False, limit=0, force=True)
+    assert s["ran"] == 0
+    sweep = json.loads((tiny_results["results"] / "sweep.json").read_text())
+    assert sweep["config_hash"] == s["config_hash"] and sweep["history"]
+    # restore the fixture's claim for the other tests
+    run_sweep(tiny_results["path"], progress=False, force=True)
+
+
+def test_random_weight_torchvision_imagefolder_end_to_end(tiny, tmp_path):
+    """The imagenet_paper.yaml kind of run (torchvision model, ImageFolder train/val, per-family lambda),
+    on random weights, a generated image folder and 2 iterations."""
+    paper = yaml.safe_load((ROOT / "benchmarks" / "imagenet_paper.yaml").read_text())
+    cfg = dict(name="paper_small", out=str(tmp_path / "out"),
+               defaults={**paper["defaults"], "data": tiny["data"], "calib": 8, "batch_size": 4, "iters": 2,
+                         "pretrained": False, "eval_limit": 6},
+               grid=dict(model=["torchvision:mnasnet0_5"], bits=["w4a4"], algo=["qdrop"], seed=[0]),
+               overrides=[{"match": {"model": "torchvision:mnasnet0_5"}, "set": {"lam": 0.2}}])
+    path = write_config(tmp_path / "c.yaml", cfg)
+    s = run_sweep(path, progress=False)
+    assert s["failed"] == 0, s["records"][0].get("error")
+    rec = s["records"][0]
+    assert rec["metrics"]["lam"] == 0.2 and rec["metrics"]["eval_size"] == 6
+    assert "train" in rec["data_used"]["calib_data"] and "val" in rec["data_used"]["eval_data"]
+    assert len(rec["units"]) > 5
+
+
+def test_nlp_runs_dispatch_lazily(tmp_path, monkeypatch):
+    cfg = dict(name="nlp", out=str(tmp_path / "out"),
+               grid=dict(model=["hf:tiny"], task=["sts"], bits=["w8a8"], algo=["naive", "osplus"], seed=[0]))
+    path = write_config(tmp_path / "c.yaml", cfg)
+    import qdrop.nlp
+
+    monkeypatch.delattr(qdrop.nlp, "run_nlp_quantize", raising=False)
+    s = run_sweep(path, progress=False, only="algo=naive")
+    assert s["failed"] == 1 and "run_nlp_quantize" in s["records"][0]["error"]["message"]
+    calls = []
+
+    def fake(model, task, data, bits, algo, out, calib, seed):
+        calls.append((model, task, bits, algo, calib, seed, Path(out).is_dir()))
+        return dict(metric="spearman", fp=80.0, quant=79.0, seconds={"calibrate": 0.1})
+
+    monkeypatch.setattr(qdrop.nlp, "run_nlp_quantize", fake, raising=False)
+    s = run_sweep(path, progress=False)
+    assert s["ran"] == 2 and s["failed"] == 0
+    assert calls[0] == ("hf:tiny", "sts", "w8a8", "naive", 256, 0, True)
+    assert s["records"][1]["fp_reused"] is False  # the fake takes no fp= argument
+    bad = dict(cfg, grid=dict(cfg["grid"], algo=["qdrop"]))
+    with pytest.raises(ConfigError, match="algo='qdrop'"):
+        build_sweep(bad)
+
+
+@needs_cifar
+def test_resume_skips_finished_runs_real_cifar(tmp_path):
+    """cifar10_resnet20 naive on the shared data: --limit 1 runs one, the rerun runs only the other."""
+    cfg = dict(name="r20_naive", out=str(tmp_path / "out"),
+               defaults=dict(model="cifar10_resnet20", data=str(CIFAR), algo="naive", calib=64, eval_limit=200),
+               grid=dict(bits=["w4a4", "w8a8"], seed=[0]))
+    path = write_config(tmp_path / "c.yaml", cfg)
+    assert bench_main([str(path), "--limit", "1", "--no-progress"]) == 0
+    first = read_results(tmp_path / "out")
+    assert len(first) == 1 and first[0]["config"]["bits"] == "w4a4"
+    s = run_sweep(path, progress=False)
+    assert s["ran"] == 1 and s["skipped"] == 1
+    recs = read_results(tmp_path / "out")
+    assert [r["config"]["bits"] for r in recs] == ["w4a4", "w8a8"]
+    assert 70 < recs[0]["metrics"]["fp"] < 90 and recs[0]["metrics"]["eval_size"] == 200
+    assert recs[1]["fp_reused"] and recs[1]["metrics"]["fp"] == recs[0]["metrics"]["fp"]
+    assert run_sweep(path, progress=False)["ran"] == 0
+
+
+# ---- report -------------------------------------------------------------------------------
+
+def fake_record(model, bits, algo, seed, quant, fp, iters=100, status="ok"):
+    """A hand-made results line for testing the renderer (these numbers are invented)."""
+    config = dict(model=model, bits=bits, algo=algo, seed=seed, iters=0 if algo == "naive" else iters, calib=1024,
+                  backend="academic", eval_limit=None, lam=None, data="x")
+    rec = dict(schema=1, run_id=f"{model}-{bits}-{algo}-{seed}-{iters}", kind="vision", status=status, config=config,
+               wall_seconds=10.0, seconds=dict(calibrate=1.0, evaluate=2.0), peak_memory=dict(rss_bytes=2**30),
+               metrics=dict(metric="top1", fp=fp, quant=quant, ms_per_iter=None),
+               units=None if algo == "naive" else [dict(unit="u0", kind="block", iters=iters, final_loss=0.5,
+                                                        curve=[[50, 1.0], [100, 0.5]])])
+    if status != "ok":
+        rec["error"] = dict(type="RuntimeError", message="boom")
+    return rec
+
+
+def test_report_mean_std_paper_layout(tmp_path):
+    rows = []
+    for seed, (a, b) in enumerate([(70.0, 60.0), (72.0, 61.0), (74.0, 62.0)]):
+        rows.append(fake_record("m1", "w4a4", "qdrop", seed, a, 80.0))
+        rows.append(fake_record("m1", "w2a4", "qdrop", seed, b, 80.0))
+    rows.append(fake_record("m1", "w4a4", "naive", 0, 65.0, 80.0))
+    rows.append(fake_record("m2", "w4a4", "qdrop", 0, 55.5, 75.0))
+    rows.append(fake_record("m1", "w4a4", "qdrop", 0, 50.0, 80.0, iters=999))  # another setting: its own table
+    rows.append(fake_record("m2", "w2a4", "brecq", 0, 0.0, 75.0, status="failed"))
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = render_report(tmp_path)
+    assert (tmp_path / "report.md").read_text() == md
+    tables = md.split("## top1")
+    assert len(tables) == 3  # iters=100 and iters=999
+    t100 = tables[1]
+    lines = [l for l in t100.splitlines() if l.startswith("|")]
+    assert lines[0] == "| Method | Bits (W/A) | `m1` | `m2` |"
+    assert lines[2].startswith("| Full Prec. | 32/32 | 80.00 | 75.00 |")
+    sd = statistics.stdev([70.0, 72.0, 74.0])
+    assert f"| **QDrop** | 4/4 | **72.00 ± {sd:.2f}** | 55.50 (n=1) |" in lines
+    assert "| Naive (observers only) | 4/4 | 65.00 (n=1) | – |" in lines
+    assert f"| **QDrop** | 2/4 | 61.00 ± {statistics.stdev([60.0, 61.0, 62.0]):.2f} | – |" in lines
+    # row order: FP, then W4A4 block (naive before qdrop), then W2A4
+    order = [l.split("|")[1].strip() + l.split("|")[2].strip() for l in lines[2:]]
+    assert order == ["Full Prec.32/32", "Naive (observers only)4/4", "**QDrop**4/4", "**QDrop**2/4"]
+    assert "iters=100" in tables[1] and "iters=999" in tables[2]
+    assert "Failed runs" in md and "boom" in md
+    if HAVE_MPL:
+        assert (tmp_path / "accuracy_vs_bits_1.png").stat().st_size > 1000
+        assert (tmp_path / "loss_m1_w4a4_1.png").exists() and (tmp_path / "loss_m1_w4a4_2.png").exists()
+    cost = md.split("## Cost per run")[1]
+    assert "iters=100:" in cost and "iters=999:" in cost
+    assert not math.isnan(sd)
+
+
+def test_report_on_real_tiny_sweep(tiny_results, capsys):
+    from qdrop.bench import report_main
+
+    assert report_main([str(tiny_results["results"])]) == 0
+    md = (tiny_results["results"] / "report.md").read_text()
+    assert "| Full Prec. | 32/32 |" in md and "4/4" in md
+    if HAVE_MPL:
+        assert (tiny_results["results"] / "accuracy_vs_bits.png").exists()
+        assert list(tiny_results["results"].glob("loss_*.png"))
+    assert report_main([str(tiny_results["results"] / "nothing")]) == 2
+
+
+# ---- analyze -------------------------------------------------------------------------------
+
+def test_analyze_units_and_flatness(tiny_results, tmp_path):
+    from qdrop.bench import analyze_main
+    from qdrop.bench.analyze import analyze
+
+    out = tmp_path / "an"
+    result = analyze([tiny_results["results"]], out=out, samples=12, batch_size=6, draws=2, scales=(0.5, 2.0))
+    (a,) = result.values()
+    labels = [v["label"] for v in a["variants"]]
+    assert labels == ["FP32 (steps of w4a4)", "naive w4a4", "qdrop w4a4"]
+    fp = a["variants"][0]
+    assert fp["increase"]["0.5"]["mean"] != 0.0 and len(fp["increase"]["2.0"]["values"]) == 2
+    assert a["units"] and all("alone_mse" in e for u in a["units"] for e in u["by"].values())
+    assert any(e.get("recon_final") for u in a["units"] for e in u["by"].values())  # qdrop's recon.json
+    assert all(u["by"]["naive w4a4"]["alone_mse"] >= 0 for u in a["units"])
+    for f in ("analysis.json", "analysis.md"):
+        assert (out / f).exists()
+    if HAVE_MPL:
+        assert list(out.glob("flatness_*.png")) and list(out.glob("units_*.png"))
+    assert analyze_main([str(tmp_path / "missing")]) == 2
