@@ -58,7 +58,13 @@ def _cell(values: list[float], n_max: int) -> str:
 
 def _setting(rec: dict) -> dict:
     c = rec["config"]
-    return {k: v for k, v in c.items() if k not in IGNORED and not (c.get("algo") == "naive" and k in NAIVE_WILDCARDS)}
+    s = {k: v for k, v in c.items() if k not in IGNORED and not (c.get("algo") == "naive" and k in NAIVE_WILDCARDS)}
+    used = rec.get("data_used") or {}
+    if "data" in s and used.get("eval_data"):
+        # the same files under another path (e.g. a copy on a GPU machine) are the same data:
+        # compare what was read, not where it was
+        s["data"] = used["eval_data"]
+    return s
 
 
 def _key(d: dict) -> str:

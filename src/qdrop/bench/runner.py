@@ -146,7 +146,7 @@ def _unit_curves(run_dir: Path) -> list | None:
         rep = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    keys = ("unit", "kind", "iters", "seconds", "ms_per_iter", "final_loss", "curve")
+    keys = ("unit", "kind", "iters", "seconds", "ms_per_iter", "final_loss", "curve", "curve_total")
     return [{k: u.get(k) for k in keys} for u in rep.get("unit_reports", [])]
 
 

@@ -256,8 +256,9 @@ def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg
     run = torch.compile(mod) if cfg.compile else mod
     warm = int(cfg.warmup * iters)
     n = x_q.shape[0]
-    log_losses = torch.zeros(cfg.log_every, device=device)
-    curve = []
+    # row 0: the reconstruction error; row 1: the objective (+ lambda * rounding regulariser)
+    log_losses = torch.zeros(2, cfg.log_every, device=device)
+    curve, curve_total = [], []
     t0 = time.perf_counter()
     try:
         for it in range(iters):
@@ -268,7 +269,8 @@ def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg
                 xb = torch.where(torch.rand_like(xb) < stage.input_mix, xb, xf)
             yb = y_fp[idx].to(device, non_blocking=True).float()
             out = run(xb)
-            loss = (out - yb).pow(2).sum(1).mean()
+            rec = (out - yb).pow(2).sum(1).mean()
+            loss = rec
             if w_params and it >= warm:
                 beta = cfg.b_end + (cfg.b_start - cfg.b_end) * max(0.0, 1.0 - (it - warm) / max(1, iters - warm))
                 loss = loss + lam * sum(layer.weight_quant.round_loss(beta) for layer in layers)
@@ -282,15 +284,17 @@ def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg
             if opt_a:
                 opt_a.step()
                 sched.step()
-            log_losses[it % cfg.log_every] = loss.detach()
+            log_losses[0, it % cfg.log_every] = rec.detach()
+            log_losses[1, it % cfg.log_every] = loss.detach()
             if (it + 1) % cfg.log_every == 0 or it + 1 == iters:
                 m = (it % cfg.log_every) + 1
-                window = log_losses[:m]
+                window = log_losses[:, :m]
                 if not torch.isfinite(window).all():  # one host sync per log window
-                    bad = int(torch.nonzero(~torch.isfinite(window))[0]) + it + 1 - m
+                    bad = int(torch.nonzero(~torch.isfinite(window).all(0))[0]) + it + 1 - m
                     raise ReconstructionError(f"unit {unit.name}: loss became NaN/Inf at iteration {bad}")
-                mean = float(window.mean())
+                mean, mean_total = window.mean(1).tolist()
                 curve.append((it + 1, mean))
+                curve_total.append((it + 1, mean_total))
                 bar.update(m)
                 bar.set_postfix_str(f"unit {label} loss {mean:.4g}")
     finally:
@@ -304,4 +308,4 @@ def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg
         if layer.weight_quant.alpha is not None:
             layer.weight_quant.fix_rounding()
     return dict(unit=unit.name, kind=unit.kind, iters=iters, seconds=seconds, ms_per_iter=1000 * seconds / iters,
-                final_loss=curve[-1][1] if curve else None, curve=curve)
+                final_loss=curve[-1][1] if curve else None, curve=curve, curve_total=curve_total)
