@@ -107,6 +107,7 @@ def test_integer_kernels_and_parity_report(tmp_path):
     export_onnx(qm, path, x[:1])
     counts, integer = optimized_op_counts(path)
     assert integer.get("QLinearConv", 0) == 3  # stem, c1, c2 all run on integers
+    assert not {"Conv", "FusedConv"} & set(counts)  # no conv left in float (the pool input is quantized too)
     assert "QLinearAdd" in integer or "QGemm" in integer
     p = parity(qm, path, x, torch.zeros(len(x), dtype=torch.long))
     for key in ("agreement", "sim_top1", "ort_top1", "max_abs_diff", "integer_nodes"):

@@ -41,21 +41,21 @@ PRESETS = {
     "tensorrt": Preset(
         weight=dict(symmetric=True, narrow_range=True, ch_axis=0, observer="minmax"),
         act=dict(symmetric=True, signed=True, observer="mse"),
-        quantize_inputs_of=("layer", "add"),
+        quantize_inputs_of=("layer", "add", "pool"),
         quantize_network_input=True,
         doc="TensorRT explicit quantization: int8 symmetric per-channel weights, int8 symmetric activations",
     ),
     "onnxruntime": Preset(
         weight=dict(symmetric=True, narrow_range=True, ch_axis=0, observer="minmax"),
         act=dict(symmetric=False, signed=False, observer="mse"),
-        quantize_inputs_of=("layer", "add"),
+        quantize_inputs_of=("layer", "add", "pool"),
         quantize_network_input=True,
         doc="ONNX Runtime QDQ: int8 symmetric per-channel weights, uint8 asymmetric activations",
     ),
     "qnn": Preset(
         weight=dict(symmetric=True, narrow_range=False, ch_axis=0, observer="minmax"),
         act=dict(symmetric=False, signed=False, observer="mse"),
-        quantize_inputs_of=("layer", "add"),
+        quantize_inputs_of=("layer", "add", "pool"),
         quantize_network_input=True,
         doc="Qualcomm QNN/SNPE (AIMET encodings): int8 symmetric per-channel weights on the full "
         "[-128, 127] grid, uint8 asymmetric activations",
@@ -63,6 +63,17 @@ PRESETS = {
 }
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
+_POOL_FUNCTIONS = {torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
+                   torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d}
+
+
+def _is_pool(gm, n: fx.Node) -> bool:
+    """Average pooling: quantizing its input lets a runtime fuse the layer before it into an
+    integer kernel (a QDQ conv needs a QuantizeLinear on its output) and pool on integers."""
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _POOL_MODULES)
+    return n.op == "call_function" and n.target in _POOL_FUNCTIONS
 
 
 @dataclass
@@ -136,6 +147,8 @@ def prepare(
             kinds.add("layer")
         if _is_add(n):
             kinds.add("add")
+        if _is_pool(gm, n):
+            kinds.add("pool")
         if not kinds & set(preset.quantize_inputs_of):
             continue
         for a in n.args[: (1 if "layer" in kinds else 2)]:
