@@ -52,9 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model, evaluate it, save checkpoint and metrics.json")
     _common(q)
     q.add_argument("--bits", type=_bits, required=True, help="e.g. w4a4, w2a4, w8a8 (2..8 bits)")
-    q.add_argument("--algo", choices=ALGOS, default="naive")
+    q.add_argument("--algo", choices=ALGOS + ("os", "smoothquant", "osplus"), default="naive",
+                   help="vision: naive|adaround|brecq|qdrop; transformers (--model hf:...): naive|os|smoothquant|osplus")
+    q.add_argument("--task", choices=("sts", "lm"), default=None,
+                   help="transformers: sts (sentence embeddings, Spearman on STS-B) or lm (perplexity on WikiText-2)")
+    q.add_argument("--act-granularity", choices=("per_tensor", "per_token"), default="per_tensor",
+                   help="transformers: static per-tensor or dynamic per-token activation ranges")
+    q.add_argument("--max-windows", type=_positive, default=None, help="lm: evaluate on the first N 1024-token windows")
     q.add_argument("--backend", choices=sorted(PRESETS), default="academic")
-    q.add_argument("--calib", type=_positive, default=1024, help="calibration samples from the training split")
+    q.add_argument("--calib", type=_positive, default=None,
+                   help="calibration samples from the training split (default: 1024; transformers: 256)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--iters", type=_positive, default=20000, help="reconstruction iterations per unit")
     q.add_argument("--batch-size", type=_positive, default=32)
@@ -142,13 +149,34 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    metrics = run_quantize(args.model, args.bits, args.algo, args.backend, data=args.data, calib=args.calib, seed=args.seed,
+    if args.model.startswith("hf:") or args.task:
+        return _quantize_transformer(args, out)
+    if args.algo in ("os", "smoothquant", "osplus"):
+        raise ValueError(f"--algo {args.algo} is for transformers: give --model hf:PATH_OR_NAME --task sts|lm")
+    metrics = run_quantize(args.model, args.bits, args.algo, args.backend, data=args.data, calib=args.calib or 1024, seed=args.seed,
                            iters=args.iters, batch_size=args.batch_size, lam=args.lam, device=args.device, out=out,
                            leaf_modules=args.leaf, eval_limit=args.eval_limit, compile=args.compile,
                            max_cache_bytes=args.max_cache_mb * 2**20 if args.max_cache_mb else None,
                            w_observer=args.w_observer, a_observer=args.a_observer)
     print(f"{metrics['model']} {metrics['bits']} {metrics['algo']}: FP {metrics['fp']:.2f}  quantized {metrics['quant']:.2f} "
           f"({metrics['metric']}, {metrics['eval_size']} test samples) -> {out / 'metrics.json'}")
+    return 0
+
+
+def _quantize_transformer(args, out: Path) -> int:
+    from .nlp import run_nlp_quantize
+
+    if not args.model.startswith("hf:"):
+        raise ValueError(f"--task {args.task} needs a Hugging Face model: --model hf:PATH_OR_NAME (got {args.model!r})")
+    if not args.task:
+        raise ValueError("a Hugging Face model needs --task sts|lm")
+    if args.algo in ("adaround", "brecq", "qdrop"):
+        raise ValueError(f"--algo {args.algo} is for vision models; transformers take naive|os|smoothquant|osplus")
+    m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
+                         calib=args.calib or 256, seed=args.seed,
+                         act_granularity=args.act_granularity, max_windows=args.max_windows, progress=True)
+    print(f"{m['model']} {m['bits']} {m['algo']}: FP {m['fp']:.2f}  quantized {m['quant']:.2f} ({m['metric']}) "
+          f"-> {out / 'metrics.json'}")
     return 0
 
 
