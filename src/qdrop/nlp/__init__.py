@@ -1,0 +1,24 @@
+"""qdrop.nlp: post-training quantization of Hugging Face transformers (eager module swap).
+
+    qmodel = prepare_transformer(model, bits="w8a8")          # every nn.Linear -> QuantLinear, quantizers off
+    smoothquant(qmodel, batches) | osplus(qmodel, batches) | gamma_migration(qmodel)   # optional, FP-exact
+    calibrate_transformer(qmodel, batches)                    # padding never enters a range
+    token_wise_clipping(qmodel, batches)                      # Outlier Suppression, optional
+
+or all at once: quantize_transformer(...), run_nlp_quantize(...). See docs/nlp.md.
+"""
+from .adapters import Adapter, LinearPair, NormGroup, find_adapter
+from .clipping import coarse_clipping, fine_clipping, token_wise_clipping
+from .equalize import channel_stats, gamma_migration, osplus, smoothquant
+from .errors import DataError, ModelError, TokenizerMissingError, UnsupportedModelError
+from .layers import QuantLinear, per_token_fake_quant
+from .mask import current_mask, token_mask
+from .pipeline import ALGOS, quantize_transformer, run_nlp_quantize
+from .prepare import calibrate_transformer, prepare_transformer, quant_linears
+
+__all__ = [
+    "ALGOS", "Adapter", "DataError", "LinearPair", "ModelError", "NormGroup", "QuantLinear", "TokenizerMissingError",
+    "UnsupportedModelError", "calibrate_transformer", "channel_stats", "coarse_clipping", "fine_clipping", "current_mask", "find_adapter",
+    "gamma_migration", "osplus", "per_token_fake_quant", "prepare_transformer", "quant_linears", "quantize_transformer",
+    "run_nlp_quantize", "smoothquant", "token_mask", "token_wise_clipping",
+]
