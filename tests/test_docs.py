@@ -1,5 +1,6 @@
 """Every ```python block in docs/ runs. The blocks of one page share a namespace and run in
-order, in a temporary working directory. A page containing `<!-- docs-test: slow -->` is marked slow."""
+order, in a temporary working directory. A page containing `<!-- docs-test: slow -->` is marked slow; `<!-- docs-test: requires MODULE -->` skips
+the page where MODULE (an optional extra) is not installed."""
 from __future__ import annotations
 
 import re
@@ -19,8 +20,18 @@ def python_blocks(page: Path) -> list[tuple[int, str]]:
     return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in BLOCK.finditer(text)]
 
 
+REQUIRES = re.compile(r"<!-- docs-test: requires ([\w.]+) -->")
+
+
 def _param(page: Path):
-    marks = [pytest.mark.slow] if "<!-- docs-test: slow -->" in page.read_text() else []
+    text = page.read_text()
+    marks = [pytest.mark.slow] if "<!-- docs-test: slow -->" in text else []
+    # a page whose examples need an optional extra (e.g. transformers for docs/nlp.md) runs where it is installed
+    for module in REQUIRES.findall(text):
+        try:
+            __import__(module)
+        except ImportError:
+            marks.append(pytest.mark.skip(reason=f"{module} is not installed (optional extra)"))
     return pytest.param(page, id=str(page.relative_to(DOCS)), marks=marks)
 
 
