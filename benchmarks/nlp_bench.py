@@ -128,7 +128,8 @@ def run_sts(args, res):
                 continue
             algo, obs = STS_ALGOS[name]
             t = time.perf_counter()
-            q, report = quantize_transformer(model, batches, bits, algo, a_observer=obs, seed=args.seed)
+            q, report = quantize_transformer(model, batches, bits, algo, w_observer=args.w_observer, a_observer=obs,
+                                             seed=args.seed)
             tq = time.perf_counter() - t
             score = sts_spearman(q, tok, ev.sentences1, ev.sentences2, ev.scores)
             add_sts_row(res, bits, name, score, tq, time.perf_counter() - t)
@@ -158,7 +159,8 @@ def run_os(args, res, model, tok, ev, batches, bits):
     (loss on the mean-pooled embedding, the model's output), then the LSQ+ fine stage from
     the same coarse ranges with each learning rate in --os-lr (1e-5 is the paper's)."""
     t = time.perf_counter()
-    q, report = quantize_transformer(model, batches, bits, "os", seed=args.seed, fine_epochs=0, loss_on="mean_pool",
+    q, report = quantize_transformer(model, batches, bits, "os", w_observer=args.w_observer, seed=args.seed,
+                                     fine_epochs=0, loss_on="mean_pool",
                                      patience=args.os_patience)
     coarse = report["token_wise_clipping"]
     t_coarse = time.perf_counter() - t
@@ -205,11 +207,12 @@ def run_lm(args, res):
     for bits in args.bits:
         for algo in args.algos:
             t = time.perf_counter()
-            q, report = quantize_transformer(model, batches, bits, algo, down_proj=args.down_proj, seed=args.seed)
+            q, report = quantize_transformer(model, batches, bits, algo, w_observer=args.w_observer,
+                                             down_proj=args.down_proj, seed=args.seed)
             tq = time.perf_counter() - t
             ppl = perplexity(q, ev, window=args.window)["ppl"]
             key = f"{bits}/{algo}" + ("+down" if args.down_proj else "")
-            rows[key] = dict(bits=bits, algo=algo, down_proj=args.down_proj, ppl=round(ppl, 3), quantize_s=round(tq, 1),
+            rows[key] = dict(bits=bits, algo=algo, down_proj=args.down_proj, w_observer=args.w_observer, ppl=round(ppl, 3), quantize_s=round(tq, 1),
                              total_s=round(time.perf_counter() - t, 1), environment=environment())
             if "osplus" in report:
                 g = report["osplus"]["groups"]
@@ -269,6 +272,8 @@ def main(argv=None):
     p.add_argument("--os-lr", type=float, nargs="+", default=[1e-5, 1e-2], help="LSQ+ learning rates of the OS fine stage")
     p.add_argument("--os-patience", type=int, default=5, help="stop the alpha search after this many alphas without a new best (0: whole span)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--w-observer", help="weight observer (default: mse for sts; minmax for lm, whose weights are "
+                   "dequantized 4-bit values and whose full-row MSE search costs minutes per configuration here)")
     p.add_argument("--recompute-fp", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -279,12 +284,14 @@ def main(argv=None):
         args.bits = args.bits or ["w8a8", "w6a6", "w4a8"]
         args.algos = args.algos or list(STS_ALGOS)
         args.calib = args.calib or 256
+        args.w_observer = args.w_observer or "mse"
         args.os_patience = args.os_patience or None
         run_sts(args, res)
     elif args.part == "lm":
         args.bits = args.bits or ["w8a8", "w6a6"]
         args.algos = args.algos or list(LM_ALGOS)
         args.calib = args.calib or 64
+        args.w_observer = args.w_observer or "minmax"
         args.windows = args.windows or None
         run_lm(args, res)
     print_table(res)

@@ -19,6 +19,15 @@ def current_mask() -> torch.Tensor | None:
     return _STACK[-1] if _STACK else None
 
 
+def push_mask(mask: torch.Tensor | None) -> None:
+    _STACK.append(None if mask is None else mask.bool())
+
+
+def pop_mask() -> None:
+    if _STACK:
+        _STACK.pop()
+
+
 @contextmanager
 def token_mask(mask: torch.Tensor | None):
     """Within the block, observers only see tokens where mask is True (mask: [batch, seq])."""

@@ -66,7 +66,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo: str = "naive", out=None,
-                     calib: int = 256, seed: int = 0, act_granularity: str = "per_tensor", w_observer: str = "mse",
+                     calib: int = 256, seed: int = 0, act_granularity: str = "per_tensor", w_observer: str | None = None,
                      a_observer: str = "minmax", window: int = 1024, max_windows: int | None = None,
                      calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, fine_epochs: int = 3,
                      fine_lr: float = 1e-5, patience: int | None = None, quantize_attention_matmuls: bool = False, fp: float | None = None, progress: bool = False) -> dict:
@@ -80,6 +80,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     task 'lm': perplexity over non-overlapping `window`-token windows (data: a text file;
     calibration: `calib` segments of `calib_len` tokens from its end; max_windows limits
     the evaluation). fp: a known FP score, to skip its evaluation.
+    w_observer: None = 'mse' for sts, 'minmax' for lm (a full-row MSE search over SmolLM2's
+    211 Linears takes minutes on a CPU; its weights are dequantized 4-bit values anyway).
     """
     t0 = time.perf_counter()
     if task not in TASKS:
@@ -87,6 +89,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
     parse_bits(bits)
+    if w_observer is None:
+        w_observer = "mse" if task == "sts" else "minmax"
     if calib < 1:
         raise ValueError(f"calib must be at least 1, got {calib}")
     data = Path(data) if data is not None else data_root() / DEFAULT_DATA[task]
