@@ -435,7 +435,8 @@ def test_run_nlp_quantize_sts_and_lm(tmp_path):
     text = tmp_path / "wiki.txt"
     text.write_text(" ".join(words[j] for j in torch.randint(0, 100, (600,), generator=g)))
     m = run_nlp_quantize(f"hf:{d}", "lm", data=text, bits="w8a8", algo="osplus", calib=4, calib_len=32, window=64,
-                         max_windows=3)
+                         max_windows=3, down_proj=True)
+    assert m["down_proj"] and any(g["norm"].endswith("down_proj") for g in m["report"]["osplus"]["groups"])
     assert m["lm"]["windows"] == 3 and m["lm"]["tokens"] == 192 and m["metric"] == "wikitext2_ppl"
     assert m["quant"] > 1 and m["fp"] > 1
 
@@ -447,6 +448,8 @@ def test_run_nlp_quantize_errors(tmp_path):
         run_nlp_quantize("hf:x", "qa", data=tmp_path)
     with pytest.raises(ValueError, match="w9a8"):
         run_nlp_quantize("hf:x", "sts", data=tmp_path, bits="w9a8")
+    with pytest.raises(ValueError, match="down_proj"):
+        run_nlp_quantize("hf:x", "lm", data=tmp_path, algo="naive", down_proj=True)
     with pytest.raises(DataError, match="does not exist"):
         run_nlp_quantize("hf:x", "sts", data=tmp_path / "missing.tsv")
     # a model folder without tokenizer files, offline

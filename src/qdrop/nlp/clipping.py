@@ -11,7 +11,7 @@ over *tokens* rather than values:
           keeping the alpha with the lowest MSE between the quantized and the FP model's
           final outputs (real tokens only).
   fine    LSQ+: the coarse scales and zero points become learnable (Quantizer.learn_scale)
-          and are trained with Adam (lr 1e-5, cosine decay) for a few epochs on the same loss.
+          and are trained with Adam (lr 1e-2 here, 1e-5 in the paper; cosine decay) for a few epochs on the same loss.
 
 Differences from the official code: the quantile is taken over all calibration tokens at
 once (the official observer averages per-batch quantiles); the step is fixed (0.01) rather
@@ -117,7 +117,7 @@ def output_loss(model, batches, targets, loss_on: str = "tokens") -> float:
 
 
 def token_wise_clipping(qmodel: nn.Module, batches, step: float = 0.01, span: float | None = None,
-                        fine_epochs: int = 3, lr: float = 1e-5, loss_on: str = "tokens", patience: int | None = None,
+                        fine_epochs: int = 3, lr: float = 1e-2, loss_on: str = "tokens", patience: int | None = None,
                         progress: bool = False) -> dict:
     """Coarse + fine token-wise clipping of every static QuantLinear input quantizer of a
     calibrated model (weights quantized as calibrated). Returns a report with the chosen
@@ -169,7 +169,7 @@ def coarse_clipping(qmodel: nn.Module, batches, step: float = 0.01, span: float 
                 loss_alpha_1=trials[0][0], trials=[dict(alpha=a, loss=l) for l, a in trials])
 
 
-def fine_clipping(qmodel: nn.Module, batches, epochs: int = 3, lr: float = 1e-5, loss_on: str = "tokens",
+def fine_clipping(qmodel: nn.Module, batches, epochs: int = 3, lr: float = 1e-2, loss_on: str = "tokens",
                   progress: bool = False) -> dict:
     """The fine stage alone (LSQ+ from the current ranges). If the trained ranges end with
     a higher loss than they started (it happens with tiny learning rates, by the zero-point
