@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--leaf", action="append", default=[], help="module to keep in FP as a traced leaf (repeatable)")
     q.add_argument("--w-observer", default=None, help="override the preset's weight observer (minmax|ema_minmax|percentile|mse)")
     q.add_argument("--a-observer", default=None, help="override the preset's activation observer")
+    q.add_argument("--int32-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="simulate the integer runtime's int32 bias in 8-bit layers (default: the preset's choice; "
+                   "on for onnxruntime and qnn)")
     q.add_argument("--compile", action="store_true", help="torch.compile each unit during reconstruction")
     q.add_argument("--max-cache-mb", type=_positive, default=None, help="cap on cached unit inputs/outputs")
     q.add_argument("--out", required=True, help="output directory")
@@ -163,7 +166,7 @@ def cmd_quantize(args) -> int:
                            iters=args.iters, batch_size=args.batch_size, lam=args.lam, device=args.device, out=out,
                            leaf_modules=args.leaf, eval_limit=args.eval_limit, compile=args.compile,
                            max_cache_bytes=args.max_cache_mb * 2**20 if args.max_cache_mb else None,
-                           w_observer=args.w_observer, a_observer=args.a_observer)
+                           w_observer=args.w_observer, a_observer=args.a_observer, int32_bias=args.int32_bias)
     print(f"{metrics['model']} {metrics['bits']} {metrics['algo']}: FP {metrics['fp']:.2f}  quantized {metrics['quant']:.2f} "
           f"({metrics['metric']}, {metrics['eval_size']} test samples) -> {out / 'metrics.json'}")
     return 0

@@ -58,7 +58,8 @@ def load_checkpoint(path: str | Path, data=None, pretrained: bool = True):
     model, info = load_model(ckpt["model"], data=data, pretrained=pretrained)
     cfg = PrepareConfig(**ckpt["prepare"])
     qmodel = prepare(model, (torch.zeros(ckpt["example_shape"]),), backend=cfg.backend, bits=cfg.bits,
-                     leaf_modules=cfg.leaf_modules, w_observer=cfg.w_observer, a_observer=cfg.a_observer)
+                     leaf_modules=cfg.leaf_modules, w_observer=cfg.w_observer, a_observer=cfg.a_observer,
+                     int32_bias=cfg.int32_bias)
     calibrated = set(ckpt["calibrated"])
     for name, q in quantizers(qmodel):
         q.calibrated = name in calibrated
@@ -83,7 +84,7 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
                  out: str | Path | None = None, leaf_modules=(), eval_limit: int | None = None, progress: bool = True,
                  compile: bool = False, max_cache_bytes: int | None = None, w_observer: str | None = None,
                  a_observer: str | None = None, fp_top1: float | None = None, pretrained: bool = True,
-                 weights: str | None = None) -> dict:
+                 weights: str | None = None, int32_bias: bool | None = None) -> dict:
     """Quantize one model and evaluate FP and quantized top-1 on the test split.
 
     Calibration samples come from the training split, evaluation from the test split.
@@ -118,13 +119,13 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
                   bits=bits, algo=algo, backend=backend, calib_size=len(calib_split), seed=seed,
                   iters=iters if algo != "naive" else 0, batch_size=batch_size, lam=lam, device=device,
                   leaf_modules=list(leaf_modules), w_observer=w_observer, a_observer=a_observer,
-                  calib_data=calib_split.description, eval_data=test_split.description, act_calib=ACT_CALIB)
+                  int32_bias=int32_bias, calib_data=calib_split.description, eval_data=test_split.description, act_calib=ACT_CALIB)
     if out_dir:
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
 
     t = time.perf_counter()
     qmodel = prepare(fp_model, (calib_split.x[:2],), backend=backend, bits=bits, leaf_modules=leaf_modules,
-                     w_observer=w_observer, a_observer=a_observer)
+                     w_observer=w_observer, a_observer=a_observer, int32_bias=int32_bias)
     qmodel.to(device)
     calibrate(qmodel, batched(calib_split.x[:ACT_CALIB], 64), device=device)
     seconds["calibrate"] = time.perf_counter() - t

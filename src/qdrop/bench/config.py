@@ -41,7 +41,7 @@ VISION_KEYS = {
     "model": None, "bits": "w4a4", "algo": "naive", "backend": "academic", "data": None, "calib": 1024,
     "seed": 0, "iters": 20000, "batch_size": 32, "lam": None, "device": None, "leaf_modules": [],
     "eval_limit": None, "compile": False, "max_cache_mb": None, "w_observer": None, "a_observer": None,
-    "pretrained": True, "weights": None, "threads": None, "keep_checkpoint": True,
+    "int32_bias": None, "pretrained": True, "weights": None, "threads": None, "keep_checkpoint": True,
 }
 # Keys of one transformer run, for qdrop.nlp.run_nlp_quantize(model, task, data, bits, algo, out, calib, seed, ...):
 # these, plus every other argument of that function once it exists (its defaults win), see nlp_keys().
@@ -323,9 +323,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", str(text)).strip("_")[:40] or "x"
 
 
+# Keys added after results were recorded: they enter the id only when set, so that finished
+# runs keep their ids (None = the preset's default, which is what those runs used).
+ID_IF_SET = {"int32_bias"}
+
+
 def run_id(config: dict) -> str:
     """A stable, readable id: model-bits-algo-seed-<hash of every result-relevant setting>."""
-    body = {k: v for k, v in config.items() if k not in NOT_IN_ID}
+    body = {k: v for k, v in config.items() if k not in NOT_IN_ID and not (k in ID_IF_SET and v is None)}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:8]
     task = f"-{config['task']}" if config.get("task") else ""
     return f"{_slug(config['model'])}{task}-{str(config['bits']).lower()}-{config['algo']}-s{config['seed']}-{digest}"
@@ -398,6 +403,8 @@ def _validate_run(c: dict, kind: str, where: str) -> None:
     for key in ("compile", "pretrained"):
         if not isinstance(c[key], bool):
             bad(key, "expected true or false")
+    if c["int32_bias"] is not None and not isinstance(c["int32_bias"], bool):
+        bad("int32_bias", "expected true, false or null (the preset's choice)")
     if isinstance(c["leaf_modules"], str):
         c["leaf_modules"] = [c["leaf_modules"]]
     if not isinstance(c["leaf_modules"], list) or not all(isinstance(x, str) for x in c["leaf_modules"]):

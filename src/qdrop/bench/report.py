@@ -16,7 +16,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from .config import CORE_KEYS, NOT_IN_ID
+from .config import CORE_KEYS, ID_IF_SET, NOT_IN_ID
 from .runner import RESULTS, SWEEP, latest_records, read_results
 from ..quant.scheme import parse_bits
 
@@ -58,7 +58,8 @@ def _cell(values: list[float], n_max: int) -> str:
 
 def _setting(rec: dict) -> dict:
     c = rec["config"]
-    s = {k: v for k, v in c.items() if k not in IGNORED and not (c.get("algo") == "naive" and k in NAIVE_WILDCARDS)}
+    s = {k: v for k, v in c.items() if k not in IGNORED and not (c.get("algo") == "naive" and k in NAIVE_WILDCARDS)
+         and not (k in ID_IF_SET and v is None)}
     used = rec.get("data_used") or {}
     if "data" in s and used.get("eval_data"):
         # the same files under another path (e.g. a copy on a GPU machine) are the same data:

@@ -157,7 +157,8 @@ def _call_vision(c: dict, run_dir: Path, fp_top1, progress: bool) -> dict:
                   batch_size=c["batch_size"], lam=c["lam"], device=c["device"], out=run_dir,
                   leaf_modules=list(c["leaf_modules"]), eval_limit=c["eval_limit"], progress=progress,
                   compile=c["compile"], max_cache_bytes=c["max_cache_mb"] * 2**20 if c["max_cache_mb"] else None,
-                  w_observer=c["w_observer"], a_observer=c["a_observer"], fp_top1=fp_top1)
+                  w_observer=c["w_observer"], a_observer=c["a_observer"], int32_bias=c["int32_bias"],
+                  fp_top1=fp_top1)
     return run_quantize(c["model"], c["bits"], c["algo"], pretrained=c["pretrained"], weights=c["weights"], **kwargs)
 
 

@@ -158,7 +158,7 @@ def _placeholders(qmodel: nn.Module, enabled):
 
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, int4: bool = False,
-                opset: int | None = None, quantize_bias: bool = True, fp32: bool = False, input_names=("input",),
+                opset: int | None = None, quantize_bias: bool | None = None, fp32: bool = False, input_names=("input",),
                 output_names=("output",), dynamic_batch: bool = True) -> ExportReport:
     """Write `qmodel` (prepared, calibrated, optionally reconstructed) as a QDQ ONNX model.
 
@@ -166,6 +166,10 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
     quantization as a side file, e.g. QNN/SNPE encodings): activation tensors keep the names the
     report lists, and each weight holds its dequantized values s*(q - z), so that re-quantizing it
     with the encodings gives back exactly the integer codes (AdaRound's rounding included).
+    quantize_bias (default: yes, except for models prepared with the tensorrt preset - TensorRT adds
+    a float bias after its int32 accumulation and takes no int32 DequantizeLinear) stores 8-bit
+    layers' biases as int32 codes at s_x * s_w, which ONNX Runtime needs to fuse QGemm; the
+    onnxruntime and qnn presets simulate exactly this bias (prepare(int32_bias=...)).
     Bias quantization applies to 8-bit layers only (where ONNX Runtime builds integer kernels):
     below 8 bits an int32 bias at s_x*s_w shifts whole channels by up to half a step, enough to
     flip many low-bit codes against the simulation's float bias.
@@ -177,6 +181,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
     if not path.parent.exists():
         raise ExportError(f"output directory {str(path.parent)!r} does not exist")
     enabled = _check_exportable(qmodel, int4)
+    if quantize_bias is None:
+        quantize_bias = getattr(getattr(qmodel, "qdrop_config", None), "backend", None) != "tensorrt"
     opset = opset or (21 if int4 else 13)
     if int4 and opset < 21:
         raise ExportError(f"int4 QDQ needs opset >= 21, got {opset}")

@@ -25,6 +25,7 @@ class Preset:
     quantize_inputs_of: tuple = ("layer",)  # op kinds whose tensor inputs are quantized
     quantize_network_input: bool = False
     first_last_8bit: bool = False  # first layer's weights, last layer's weights and input
+    int32_bias: bool = False  # simulate the runtime's int32 bias (codes at s_x * s_w) in 8-bit layers
     doc: str = ""
 
 
@@ -43,22 +44,25 @@ PRESETS = {
         act=dict(symmetric=True, signed=True, observer="mse"),
         quantize_inputs_of=("layer", "add", "pool"),
         quantize_network_input=True,
-        doc="TensorRT explicit quantization: int8 symmetric per-channel weights, int8 symmetric activations",
+        doc="TensorRT explicit quantization: int8 symmetric per-channel weights, int8 symmetric activations "
+        "(TensorRT adds the bias in float after the int32 accumulation)",
     ),
     "onnxruntime": Preset(
         weight=dict(symmetric=True, narrow_range=True, ch_axis=0, observer="minmax"),
         act=dict(symmetric=False, signed=False, observer="mse"),
         quantize_inputs_of=("layer", "add", "pool"),
         quantize_network_input=True,
-        doc="ONNX Runtime QDQ: int8 symmetric per-channel weights, uint8 asymmetric activations",
+        int32_bias=True,
+        doc="ONNX Runtime QDQ: int8 symmetric per-channel weights, uint8 asymmetric activations, int32 bias",
     ),
     "qnn": Preset(
         weight=dict(symmetric=True, narrow_range=False, ch_axis=0, observer="minmax"),
         act=dict(symmetric=False, signed=False, observer="mse"),
         quantize_inputs_of=("layer", "add", "pool"),
         quantize_network_input=True,
+        int32_bias=True,
         doc="Qualcomm QNN/SNPE (AIMET encodings): int8 symmetric per-channel weights on the full "
-        "[-128, 127] grid, uint8 asymmetric activations",
+        "[-128, 127] grid, uint8 asymmetric activations, int32 bias",
     ),
 }
 
@@ -83,6 +87,7 @@ class PrepareConfig:
     leaf_modules: list = field(default_factory=list)
     w_observer: str | None = None
     a_observer: str | None = None
+    int32_bias: bool | None = None  # None: the preset's choice
 
 
 def _is_add(n: fx.Node) -> bool:
@@ -103,6 +108,7 @@ def prepare(
     leaf_modules: Iterable = (),
     w_observer: str | None = None,
     a_observer: str | None = None,
+    int32_bias: bool | None = None,
 ) -> fx.GraphModule:
     """Return a quantization-ready copy of `model` (the original is not modified).
 
@@ -110,6 +116,12 @@ def prepare(
     is inserted after every value that feeds an op kind in the preset's
     `quantize_inputs_of`. One quantizer per value: all users of the value see its
     quantized version. Quantizers start 'off': call qdrop.calibrate next.
+
+    int32_bias (default: the preset's choice - on for onnxruntime and qnn, off for academic, as
+    in the papers' code, and tensorrt, which adds a float bias): 8-bit layers fed directly by an
+    8-bit activation quantizer add their bias rounded to int32 codes at s_x * s_w, exactly as
+    the integer kernels do. Without it ~0.6 % of CIFAR ResNet-20 predictions differ between the
+    simulation and ONNX Runtime; with it ~0.2 %.
     """
     if backend not in PRESETS:
         raise ValueError(f"unknown backend preset {backend!r}; choose from {sorted(PRESETS)}")
@@ -169,8 +181,28 @@ def prepare(
 
     gm.graph.lint()
     gm.recompile()
-    gm.qdrop_config = PrepareConfig(backend, bits, [m for m in leaf_modules if isinstance(m, str)], w_observer, a_observer)
+    if preset.int32_bias if int32_bias is None else int32_bias:
+        link_input_quantizers(gm)
+    gm.qdrop_config = PrepareConfig(backend, bits, [m for m in leaf_modules if isinstance(m, str)], w_observer,
+                                    a_observer, int32_bias)
     return gm
+
+
+def link_input_quantizers(gm: fx.GraphModule) -> int:
+    """Give each QuantLayer the activation quantizer that directly feeds it (the scale of its
+    int32 bias). A layer called on differently quantized inputs keeps its float bias."""
+    inputs: dict[str, set] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantLayer):
+            a = n.args[0] if n.args else None
+            q = gm.get_submodule(a.target) if isinstance(a, fx.Node) and a.op == "call_module" else None
+            inputs.setdefault(n.target, set()).add(q if isinstance(q, Quantizer) else None)
+    linked = 0
+    for name, qs in inputs.items():
+        q = next(iter(qs)) if len(qs) == 1 else None
+        gm.get_submodule(name).link_input_quant(q)
+        linked += q is not None
+    return linked
 
 
 def _set_module(gm: nn.Module, name: str, module: nn.Module) -> None:

@@ -22,6 +22,25 @@ class QuantLayer(nn.Module):
             raise TypeError(f"cannot quantize {type(layer).__name__}")
         self.layer = layer
         self.weight_quant = Quantizer(w_scheme, layer.weight.shape[0], role="weight")
+        # Integer runtimes add the bias as int32 codes on the grid s_x * s_w (ONNX Runtime's
+        # QLinearConv/QGemm, QNN). prepare() links the activation quantizer that feeds this
+        # layer (kept out of the module tree: it belongs to the graph) when the preset says so.
+        self.__dict__["input_quant"] = None
+
+    def link_input_quant(self, q: Quantizer | None) -> None:
+        self.__dict__["input_quant"] = q
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias the runtime adds: rounded to int32 codes at s_x * s_w when both the input and
+        the weights are quantized to 8 bits (the layers the exporter gives an int32 bias), the
+        float bias otherwise. Rounding is straight-through for the bias and constant for the
+        scales. Not applied while tracing for export: the exporter rounds the float bias itself."""
+        b, iq, wq = self.layer.bias, self.input_quant, self.weight_quant
+        if (b is None or iq is None or torch.jit.is_tracing() or iq.state != "quant" or wq.state != "quant"
+                or iq.bits != 8 or wq.bits != 8 or iq.scale.numel() != 1):
+            return b
+        s = iq.scale.detach().reshape(()) * wq.scale.detach().reshape(-1)
+        return b + (torch.round(b / s) * s - b).detach()
 
     @property
     def weight(self):
@@ -29,15 +48,17 @@ class QuantLayer(nn.Module):
 
     def forward(self, x):
         w = self.weight_quant(self.layer.weight)
+        b = self.effective_bias()
         if self._plain:
             if isinstance(self.layer, nn.Linear):
-                return F.linear(x, w, self.layer.bias)
-            return self.layer._conv_forward(x, w, self.layer.bias)
+                return F.linear(x, w, b)
+            return self.layer._conv_forward(x, w, b)
         # a subclass with its own forward (e.g. 'same' padding before the conv): run that
         # forward with the quantized weight in place of the parameter
         if torch.jit.is_tracing():  # ONNX export: the stateless API refuses jit tracing
             return self._swapped_weight_forward(x, w)
-        return torch.func.functional_call(self.layer, {"weight": w}, (x,))
+        params = {"weight": w} if b is None or b is self.layer.bias else {"weight": w, "bias": b}
+        return torch.func.functional_call(self.layer, params, (x,))
 
     def _swapped_weight_forward(self, x, w):
         params = self.layer._parameters
