@@ -348,6 +348,32 @@ def test_imagefolder_train_val_layout(tmp_path):
     assert load_split("imagefolder", "test", data=tmp_path).y.tolist() == [0, 1]
 
 
+def test_large_imagefolder_test_split_is_decoded_per_batch(tmp_path, monkeypatch):
+    """Above EAGER_TEST_IMAGES the test split is a LazyImages: slices decode to exactly the
+    eager tensor, and evaluation gives the same accuracy."""
+    import qdrop.data as data_mod
+    from qdrop.data import LazyImages
+    from qdrop.eval.metrics import top1
+
+    write_imagefolder(tmp_path, classes=3, per_class=4)
+    eager = load_split("imagefolder", "test", data=tmp_path)
+    monkeypatch.setattr(data_mod, "EAGER_TEST_IMAGES", 2)
+    lazy = load_split("imagefolder", "test", data=tmp_path)
+    assert isinstance(lazy.x, LazyImages) and not isinstance(eager.x, LazyImages)
+    assert len(lazy) == len(eager) == 6 and lazy.x.shape == eager.x.shape
+    assert torch.equal(lazy.y, eager.y)
+    assert torch.equal(lazy.x[1:4], eager.x[1:4]) and torch.equal(lazy.x[5], eager.x[5])
+    assert "decoded per batch" in lazy.description
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3))
+    assert top1(model, lazy.x, lazy.y, batch_size=4) == top1(model, eager.x, eager.y, batch_size=4)
+    assert len(load_split("imagefolder", "calib", data=tmp_path).x) == 6  # calibration stays in memory
+    with pytest.raises(TypeError, match="slice"):
+        lazy.x[[0, 1]]
+    (tmp_path / "class1" / "img2.png").write_bytes(b"not a png")  # a broken file names itself
+    with pytest.raises(DataError, match="cannot decode image .*img2.png"):
+        lazy.x[0:6]
+
+
 def test_missing_or_empty_data_raise_data_error(tmp_path):
     for dataset in ["cifar10", "fashion_mnist", "imagefolder"]:
         with pytest.raises(DataError, match="nowhere"):

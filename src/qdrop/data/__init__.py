@@ -12,11 +12,11 @@ import torch
 from .cifar10 import load_cifar10, load_cifar10_with_source
 from .errors import DataError
 from .fashion_mnist import load_fashion_mnist, load_fashion_mnist_with_source
-from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, list_imagefolder, load_images
+from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, LazyImages, list_imagefolder, load_images
 from .paths import cache_dir, data_root
 
 __all__ = [
-    "DataError", "Split", "load_split", "data_root", "cache_dir",
+    "DataError", "Split", "LazyImages", "load_split", "data_root", "cache_dir",
     "load_cifar10", "load_fashion_mnist", "list_imagefolder", "load_images",
     "DATASETS", "SPLITS", "PREPROCESSINGS",
 ]
@@ -30,15 +30,19 @@ PREPROCESSINGS = {
     "imagefolder": ("imagenet", "tf_inception"),
 }
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+# Test splits of image folders larger than this are decoded batch by batch while evaluating
+# (LazyImages) instead of held in memory (0.6 MB per 224x224 image).
+EAGER_TEST_IMAGES = 5000
 # Sub-folders of a data root (see ../shared/data/README.md) that hold each dataset.
 _ROOT_SUBDIR = {"cifar10": Path("cifar10"), "imagefolder": Path("imagenet") / "samples"}
 
 
 @dataclass
 class Split:
-    """One split of a dataset, preprocessed and in memory."""
+    """One split of a dataset, preprocessed: in memory, or (large image-folder test splits)
+    decoded per slice."""
 
-    x: torch.Tensor  # float32, preprocessed, NCHW
+    x: torch.Tensor | LazyImages  # float32, preprocessed, NCHW
     y: torch.Tensor  # int64 class indices
     description: str  # where it came from, e.g. "CIFAR-10 test.npz (10000 images)"
 
@@ -131,9 +135,11 @@ def _load_imagefolder(root: Path, split: str, preprocess: str, limit: int | None
             f"image folder {root}: calibrate on {n_calib}, evaluate on the other {len(paths) - n_calib} "
             f"(fixed split); {split}: {note}"
         )
-    x = load_images([paths[i] for i in keep], preprocess)
+    files = [paths[i] for i in keep]
     y = torch.tensor([labels[i] for i in keep], dtype=torch.int64)
-    return Split(x, y, f"{description}, {preprocess} preprocessing")
+    if split == "test" and len(files) > EAGER_TEST_IMAGES:
+        return Split(LazyImages(files, preprocess), y, f"{description}, {preprocess} preprocessing, decoded per batch")
+    return Split(load_images(files, preprocess), y, f"{description}, {preprocess} preprocessing")
 
 
 def _check_same_classes(train: Path, val: Path) -> None:

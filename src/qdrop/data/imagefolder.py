@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,31 +36,63 @@ def list_imagefolder(root: str | Path) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
-def load_images(paths: list[Path], preprocess: str) -> torch.Tensor:
+def load_images(paths: list[Path], preprocess: str, progress: bool = True) -> torch.Tensor:
     """Decode and preprocess images into a float32 tensor [N,3,224,224].
 
     "tf_inception": short side 256 (bicubic), center crop 224, (x - 127) / 128 with x in 0..255
     (the TensorFlow EfficientNet-Lite convention). "imagenet": short side 256 (bilinear), center
     crop 224, x / 255 normalised with the ImageNet mean/std (the torchvision convention).
+    Images are decoded on a few threads (PIL releases the GIL while decoding and resizing).
     """
     if preprocess not in IMAGE_PREPROCESSINGS:
         raise ValueError(f"unknown image preprocessing {preprocess!r}; expected one of {IMAGE_PREPROCESSINGS}")
     from PIL import Image  # optional dependency (qdrop[vision]); only image folders need it
 
     resample = Image.Resampling.BICUBIC if preprocess == "tf_inception" else Image.Resampling.BILINEAR
-    out = torch.empty(len(paths), 3, CROP, CROP)
-    for i, path in enumerate(tqdm(paths, desc="decoding images", unit="img", leave=False)):
+
+    def decode(path):
         try:
             with Image.open(path) as image:
-                pixels = _resize_crop(image.convert("RGB"), resample)
+                return _resize_crop(image.convert("RGB"), resample)
         except OSError as err:
             raise DataError(f"cannot decode image {path}: {err}") from err
-        out[i] = torch.from_numpy(pixels).permute(2, 0, 1)
+
+    out = torch.empty(len(paths), 3, CROP, CROP)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        decoded = pool.map(decode, paths)
+        for i, pixels in enumerate(tqdm(decoded, total=len(paths), desc="decoding images", unit="img", leave=False,
+                                        disable=not progress)):
+            out[i] = torch.from_numpy(pixels).permute(2, 0, 1)
     if preprocess == "tf_inception":
         return out.sub_(127.0).div_(128.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return out.div_(255.0).sub_(mean).div_(std)
+
+
+class LazyImages:
+    """Images decoded when sliced, for evaluation sets too large to hold preprocessed: ImageNet's
+    50,000 validation images are 30 GB as float32 [3,224,224] tensors. Evaluation code slices
+    it batch by batch (x[i:i+b]) exactly as it slices an in-memory tensor."""
+
+    def __init__(self, paths: list[Path], preprocess: str):
+        if preprocess not in IMAGE_PREPROCESSINGS:
+            raise ValueError(f"unknown image preprocessing {preprocess!r}; expected one of {IMAGE_PREPROCESSINGS}")
+        self.paths, self.preprocess = list(paths), preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.paths), 3, CROP, CROP)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            return load_images(self.paths[index], self.preprocess, progress=False)
+        if isinstance(index, (int, np.integer)):
+            return load_images([self.paths[index]], self.preprocess, progress=False)[0]
+        raise TypeError(f"LazyImages takes an int or a slice, not {type(index).__name__}")
 
 
 def _resize_crop(image, resample) -> np.ndarray:
