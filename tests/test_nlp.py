@@ -131,6 +131,25 @@ def test_prepare_off_is_exact(make, batch, granularity):
     assert 0 < masked_diff(out, ref, b["attention_mask"]) < 10 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("make,batch", [(tiny_bert, bert_batch), (tiny_llama, llama_batch)])
+def test_public_prepare_and_calibrate_take_hugging_face_models(make, batch):
+    """qdrop.prepare / qdrop.calibrate route transformers models to the module-swap path."""
+    import qdrop
+
+    model, b = make(), batch()
+    ref = hidden(model, b)
+    q = qdrop.prepare(model, None, bits="w8a8", leaf_modules=["*lm_head"])
+    assert len([m for m in q.modules() if isinstance(m, QuantLinear)]) == \
+        sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - (make is tiny_llama)
+    assert masked_diff(hidden(q, b), ref, b["attention_mask"]) < 1e-4  # quantizers start off
+    qdrop.calibrate(q, [b, batch(1)])
+    assert all(qz.calibrated and qz.state == "quant" for _, qz in quantizers(q))
+    out = hidden(q, b)
+    assert 0 < masked_diff(out, ref, b["attention_mask"]) < 0.1 * ref.abs().max().item()
+    with pytest.raises(ValueError, match="module swap"):
+        qdrop.prepare(model, None, backend="onnxruntime")
+
+
 def test_prepare_does_not_touch_the_original():
     model = tiny_bert()
     prepare_transformer(model)

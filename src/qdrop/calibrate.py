@@ -34,8 +34,23 @@ def calibrate(qmodel: nn.Module, batches: Iterable, device: str | torch.device |
     every quantizer's scale and zero point. Weights are observed directly.
 
     Observers see floating-point values everywhere (all quantizers pass through while
-    observing), as in the official BRECQ/QDrop calibration.
+    observing), as in the official BRECQ/QDrop calibration. A Hugging Face model prepared by
+    qdrop.prepare takes dicts of model inputs with attention_mask (padding never enters a range)
+    and is calibrated by qdrop.nlp.calibrate_transformer.
     """
+    if getattr(qmodel, "qdrop_nlp", None) is not None:
+        from .nlp.prepare import calibrate_transformer
+
+        batches = list(batches)
+        if device is not None:
+            batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        return calibrate_transformer(qmodel, batches)
+    return calibrate_observers(qmodel, batches, device)
+
+
+@torch.no_grad()
+def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torch.device | None = None) -> nn.Module:
+    """The observer pass itself, for any module holding qdrop quantizers (see calibrate)."""
     for _, m in qmodel.named_modules():
         if isinstance(m, QuantLayer) and not m.weight_quant.calibrated:
             m.weight_quant.calibrate_on(m.layer.weight)

@@ -117,6 +117,11 @@ def prepare(
     `quantize_inputs_of`. One quantizer per value: all users of the value see its
     quantized version. Quantizers start 'off': call qdrop.calibrate next.
 
+    Hugging Face transformers (a transformers.PreTrainedModel) go to qdrop.nlp.prepare_transformer
+    instead (module swap; fx cannot trace them reliably): every nn.Linear quantized, per-channel
+    weights, per-tensor static inputs; `leaf_modules` are Linear-name patterns kept in FP and
+    example_inputs is not needed. Calibrate the result with qdrop.calibrate as usual.
+
     int32_bias (default: the preset's choice - on for onnxruntime and qnn, off for academic, as
     in the papers' code, and tensorrt, which adds a float bias): 8-bit layers fed directly by an
     8-bit activation quantizer add their bias rounded to int32 codes at s_x * s_w, exactly as
@@ -125,6 +130,8 @@ def prepare(
     """
     if backend not in PRESETS:
         raise ValueError(f"unknown backend preset {backend!r}; choose from {sorted(PRESETS)}")
+    if is_hf_model(model):
+        return _prepare_hf(model, backend, bits, leaf_modules, w_observer, a_observer, int32_bias)
     preset = PRESETS[backend]
     w_bits, a_bits = parse_bits(bits)
     if not isinstance(example_inputs, tuple):
@@ -186,6 +193,23 @@ def prepare(
     gm.qdrop_config = PrepareConfig(backend, bits, [m for m in leaf_modules if isinstance(m, str)], w_observer,
                                     a_observer, int32_bias)
     return gm
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A Hugging Face transformers model (checked by class, without importing transformers)."""
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def _prepare_hf(model, backend, bits, leaf_modules, w_observer, a_observer, int32_bias):
+    from ..nlp.prepare import prepare_transformer
+
+    if backend != "academic":
+        raise ValueError(f"backend {backend!r} places quantizers in an fx graph; Hugging Face models are prepared by "
+                         "module swap with the academic scheme (per-channel weights, per-tensor activations)")
+    if int32_bias:
+        raise ValueError("int32_bias applies to fx-prepared models with a runtime preset, not to Hugging Face models")
+    return prepare_transformer(model, bits=bits, w_observer=w_observer or "mse", a_observer=a_observer or "minmax",
+                               skip=tuple(m for m in leaf_modules if isinstance(m, str)))
 
 
 def link_input_quantizers(gm: fx.GraphModule) -> int:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import calibrate
+from ..calibrate import calibrate_observers
 from ..graph.prepare import quantizers, set_quant_state
 from ..quant.observers import mse_search, rows
 from ..quant.scheme import QScheme, parse_bits, qparams_from_range
@@ -116,7 +116,7 @@ def calibrate_transformer(qmodel: nn.Module, batches) -> nn.Module:
     activation quantizers on `batches` (dicts of model inputs with attention_mask), then
     switch every quantizer on. Padding tokens are excluded by the mask hooks."""
     calibrate_weights(qmodel)
-    calibrate(qmodel, batches)
+    calibrate_observers(qmodel, batches)
     for _, q in quantizers(qmodel):
         if q.role == DYNAMIC:
             q.state = "quant"
