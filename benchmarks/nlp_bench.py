@@ -222,7 +222,7 @@ def run_lm(args, res):
             del q
     for bits in args.bits:
         sq, op = rows.get(f"{bits}/smoothquant"), rows.get(f"{bits}/osplus")
-        if sq and op and op["ppl"] > sq["ppl"] and f"range_stats" not in sec:
+        if sq and op and op["ppl"] > sq["ppl"] and "range_stats" not in sec:
             print(f"{bits}: OS+ ppl above SmoothQuant; per-channel activation ranges (calibration data):")
             sec["range_stats"] = range_stats(model, batches)
             print_range_stats(sec["range_stats"])

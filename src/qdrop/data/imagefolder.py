@@ -44,8 +44,7 @@ def load_images(paths: list[Path], preprocess: str, progress: bool = True) -> to
     crop 224, x / 255 normalised with the ImageNet mean/std (the torchvision convention).
     Images are decoded on a few threads (PIL releases the GIL while decoding and resizing).
     """
-    if preprocess not in IMAGE_PREPROCESSINGS:
-        raise ValueError(f"unknown image preprocessing {preprocess!r}; expected one of {IMAGE_PREPROCESSINGS}")
+    _check_preprocess(preprocess)
     from PIL import Image  # optional dependency (qdrop[vision]); only image folders need it
 
     resample = Image.Resampling.BICUBIC if preprocess == "tf_inception" else Image.Resampling.BILINEAR
@@ -76,8 +75,7 @@ class LazyImages:
     it batch by batch (x[i:i+b]) exactly as it slices an in-memory tensor."""
 
     def __init__(self, paths: list[Path], preprocess: str):
-        if preprocess not in IMAGE_PREPROCESSINGS:
-            raise ValueError(f"unknown image preprocessing {preprocess!r}; expected one of {IMAGE_PREPROCESSINGS}")
+        _check_preprocess(preprocess)
         self.paths, self.preprocess = list(paths), preprocess
 
     def __len__(self) -> int:
@@ -93,6 +91,11 @@ class LazyImages:
         if isinstance(index, (int, np.integer)):
             return load_images([self.paths[index]], self.preprocess, progress=False)[0]
         raise TypeError(f"LazyImages takes an int or a slice, not {type(index).__name__}")
+
+
+def _check_preprocess(preprocess: str) -> None:
+    if preprocess not in IMAGE_PREPROCESSINGS:
+        raise ValueError(f"unknown image preprocessing {preprocess!r}; expected one of {IMAGE_PREPROCESSINGS}")
 
 
 def _resize_crop(image, resample) -> np.ndarray:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..graph.prepare import quantizers
+from ..graph.prepare import PRESETS, quantizers
 from ..quant.layers import QuantLayer
 from ..quant.quantizer import Quantizer
 
@@ -166,7 +166,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
     quantization as a side file, e.g. QNN/SNPE encodings): activation tensors keep the names the
     report lists, and each weight holds its dequantized values s*(q - z), so that re-quantizing it
     with the encodings gives back exactly the integer codes (AdaRound's rounding included).
-    quantize_bias (default: yes, except for models prepared with the tensorrt preset - TensorRT adds
+    quantize_bias (default: yes, except for presets with float_bias_export, i.e. tensorrt - TensorRT adds
     a float bias after its int32 accumulation and takes no int32 DequantizeLinear) stores 8-bit
     layers' biases as int32 codes at s_x * s_w, which ONNX Runtime needs to fuse QGemm; the
     onnxruntime and qnn presets simulate exactly this bias (prepare(int32_bias=...)).
@@ -182,7 +182,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
         raise ExportError(f"output directory {str(path.parent)!r} does not exist")
     enabled = _check_exportable(qmodel, int4)
     if quantize_bias is None:
-        quantize_bias = getattr(getattr(qmodel, "qdrop_config", None), "backend", None) != "tensorrt"
+        backend = getattr(getattr(qmodel, "qdrop_config", None), "backend", None)
+        quantize_bias = not (backend in PRESETS and PRESETS[backend].float_bias_export)
     opset = opset or (21 if int4 else 13)
     if int4 and opset < 21:
         raise ExportError(f"int4 QDQ needs opset >= 21, got {opset}")

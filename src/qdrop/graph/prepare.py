@@ -1,6 +1,7 @@
 """qdrop.prepare: trace any model, fold BN, and insert quantizers as a backend preset says."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class Preset:
     quantize_network_input: bool = False
     first_last_8bit: bool = False  # first layer's weights, last layer's weights and input
     int32_bias: bool = False  # simulate the runtime's int32 bias (codes at s_x * s_w) in 8-bit layers
+    float_bias_export: bool = False  # the runtime adds biases in float: export them unquantized
     doc: str = ""
 
 
@@ -44,6 +46,7 @@ PRESETS = {
         act=dict(symmetric=True, signed=True, observer="mse"),
         quantize_inputs_of=("layer", "add", "pool"),
         quantize_network_input=True,
+        float_bias_export=True,
         doc="TensorRT explicit quantization: int8 symmetric per-channel weights, int8 symmetric activations "
         "(TensorRT adds the bias in float after the int32 accumulation)",
     ),
@@ -212,7 +215,7 @@ def _prepare_hf(model, backend, bits, leaf_modules, w_observer, a_observer, int3
                                skip=tuple(m for m in leaf_modules if isinstance(m, str)))
 
 
-def link_input_quantizers(gm: fx.GraphModule) -> int:
+def link_input_quantizers(gm: fx.GraphModule) -> None:
     """Give each QuantLayer the activation quantizer that directly feeds it (the scale of its
     int32 bias). A layer called on differently quantized inputs keeps its float bias."""
     inputs: dict[str, set] = {}
@@ -221,12 +224,8 @@ def link_input_quantizers(gm: fx.GraphModule) -> int:
             a = n.args[0] if n.args else None
             q = gm.get_submodule(a.target) if isinstance(a, fx.Node) and a.op == "call_module" else None
             inputs.setdefault(n.target, set()).add(q if isinstance(q, Quantizer) else None)
-    linked = 0
     for name, qs in inputs.items():
-        q = next(iter(qs)) if len(qs) == 1 else None
-        gm.get_submodule(name).link_input_quant(q)
-        linked += q is not None
-    return linked
+        gm.get_submodule(name).link_input_quant(next(iter(qs)) if len(qs) == 1 else None)
 
 
 def _set_module(gm: nn.Module, name: str, module: nn.Module) -> None:
@@ -247,6 +246,21 @@ def set_quant_state(gm: nn.Module, state: str, role: str | None = None) -> None:
             if state == "quant" and not q.calibrated:
                 raise RuntimeError("model is not calibrated: run qdrop.calibrate first")
             q.state = state
+
+
+@contextlib.contextmanager
+def quant_mode(gm: nn.Module, weights: bool, acts: bool):
+    """Temporarily set calibrated quantizers on/off by role; restores the previous states."""
+    saved = [(q, q.state) for _, q in quantizers(gm)]
+    for q, _ in saved:
+        if q.calibrated:
+            on = weights if q.role == "weight" else acts
+            q.state = "quant" if on else "off"
+    try:
+        yield
+    finally:
+        for q, s in saved:
+            q.state = s
 
 
 def describe(gm: fx.GraphModule) -> dict:

@@ -19,14 +19,12 @@ than derived from batch size and sequence length.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..eval.nlp_metrics import mean_pool, model_output
-from ..graph.prepare import quantizers
+from ..graph.prepare import quant_mode
 from ..quant.scheme import qparams_from_range
 from .layers import QuantLinear
 from .mask import real_tokens, token_mask
@@ -36,21 +34,6 @@ SPAN = {8: 0.1, 7: 0.2, 6: 0.3, 5: 0.6, 4: 0.9, 3: 0.9, 2: 0.9}
 
 def _static_inputs(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and not m.per_token]
-
-
-class _FP:
-    """Within the block every quantizer passes through (the model is the FP model)."""
-
-    def __init__(self, model):
-        self.saved = [(q, q.state) for _, q in quantizers(model)]
-
-    def __enter__(self):
-        for q, _ in self.saved:
-            q.state = "off"
-
-    def __exit__(self, *exc):
-        for q, st in self.saved:
-            q.state = st
 
 
 def _run(model, batch):
@@ -86,7 +69,7 @@ def token_ranges(model: nn.Module, batches) -> dict[str, tuple[torch.Tensor, tor
     for n, m in layers:
         handles.append(m.register_forward_pre_hook(hook(n)))
     try:
-        with _FP(model):
+        with quant_mode(model, weights=False, acts=False):
             for b in batches:
                 _run(model, b)
     finally:
@@ -135,7 +118,7 @@ def token_wise_clipping(qmodel: nn.Module, batches, step: float = 0.01, span: fl
 
 
 def _targets(qmodel, batches, loss_on):
-    with torch.no_grad(), _FP(qmodel):
+    with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
         return [_masked(_run(qmodel, b), b, loss_on) for b in batches]
 
 

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from ..graph.prepare import quantizers
+from ..graph.prepare import quant_mode
 from ..quant.layers import QuantLayer
 from ..quant.scheme import qparams_from_range
 from .adapters import Adapter, LinearPair, NormGroup, find_adapter
@@ -168,20 +168,16 @@ def channel_stats(model: nn.Module, batches, adapter: Adapter, sample_tokens: in
     for p in adapter.pairs if pairs else []:
         stats[p.next] = _Stats(keep, gen)
         handles.append(model.get_submodule(p.next).register_forward_pre_hook(in_hook(p.next)))
-    saved = [(q, q.state) for _, q in quantizers(model)]
-    for q, _ in saved:
-        q.state = "off"
     was_training = model.training
     model.eval()
     try:
-        for b in batches:
-            with token_mask(b.get("attention_mask")):
-                model(**b)
+        with quant_mode(model, weights=False, acts=False):
+            for b in batches:
+                with token_mask(b.get("attention_mask")):
+                    model(**b)
     finally:
         for h in handles:
             h.remove()
-        for q, st in saved:
-            q.state = st
         model.train(was_training)
     empty = [k for k, s in stats.items() if s.min is None]
     if empty:

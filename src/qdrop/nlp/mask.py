@@ -31,11 +31,11 @@ def pop_mask() -> None:
 @contextmanager
 def token_mask(mask: torch.Tensor | None):
     """Within the block, observers only see tokens where mask is True (mask: [batch, seq])."""
-    _STACK.append(None if mask is None else mask.bool())
+    push_mask(mask)
     try:
         yield
     finally:
-        _STACK.pop()
+        pop_mask()
 
 
 def real_tokens(x: torch.Tensor, token_dim: int = 1) -> torch.Tensor:

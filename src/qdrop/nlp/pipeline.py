@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.paths import data_root
 from ..eval.nlp_metrics import perplexity, sts_spearman
+from ..pipeline import atomic_write_text, environment
 from ..quant.scheme import parse_bits
 from .clipping import token_wise_clipping
 from .data import lm_splits, read_tokens, segment_batches, sentence_calib_batches, sts_splits
@@ -64,12 +65,6 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
         report["token_wise_clipping"] = token_wise_clipping(target, calib_batches, fine_epochs=fine_epochs, lr=fine_lr,
                                                             loss_on=loss_on, patience=patience, progress=progress)
     return qmodel, report
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    from ..pipeline import atomic_write_text  # the vision pipeline's temp-file + os.replace writer
-
-    atomic_write_text(path, text)
 
 
 def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo: str = "naive", out=None,
@@ -145,8 +140,6 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     seconds["eval_quant"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
 
-    from ..pipeline import environment
-
     metrics = dict(model=model, task=task, bits=bits, algo=algo,
                    backend="academic" if act_granularity == "per_tensor" else "academic-per-token",
                    act_granularity=act_granularity, w_observer=w_observer, a_observer=a_observer,
@@ -159,7 +152,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -12,7 +12,6 @@ function; tested), so the FP and quantized passes share modules and code.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -21,7 +20,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..graph.prepare import quantizers
+from ..graph.prepare import quant_mode, quantizers  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
 from ..graph.units import Unit, block_units, layer_units, subgraph
 from ..quant.layers import QuantLayer
 from .configs import Algorithm, ReconConfig, Stage, get_algorithm
@@ -44,21 +43,6 @@ def default_lambda(qmodel: nn.Module) -> float:
     if not dw_kernels:
         return 0.01
     return 0.2 if max(dw_kernels) > 3 else 0.1
-
-
-@contextlib.contextmanager
-def quant_mode(qmodel: nn.Module, weights: bool, acts: bool):
-    """Temporarily set calibrated quantizers on/off by role; restores the previous states."""
-    saved = [(q, q.state) for _, q in quantizers(qmodel)]
-    for q, _ in saved:
-        if q.calibrated:
-            on = weights if q.role == "weight" else acts
-            q.state = "quant" if on else "off"
-    try:
-        yield
-    finally:
-        for q, s in saved:
-            q.state = s
 
 
 @torch.no_grad()
