@@ -4,7 +4,9 @@
   python benchmarks/onnx_deploy.py latency [--runs 30]      -> benchmarks/results/onnx_latency.json
 
 parity: CIFAR-10 ResNet-20 W8A8 (naive and qdrop) on all 10,000 test images, EfficientNet-Lite0 W8A8
-naive on the 500 evaluation images of the shared ImageNet samples; onnxruntime and academic presets.
+naive on the 500 evaluation images of the shared ImageNet samples; onnxruntime preset for both x86 targets
+(avx2: 7-bit weights, vnni: full int8) and the academic preset; each scored by this machine's ONNX Runtime
+and, where qemu-x86_64 is installed, by ONNX Runtime under an emulated AVX2 CPU without VNNI.
 latency: ORT int8 (QDQ, fused by ORT into integer kernels) vs ORT FP32 vs PyTorch eager FP32, batch 1
 and 32, median of --runs timed runs after warm-up, all in this one process with the same thread count.
 """
@@ -40,45 +42,56 @@ def _save(obj, name):
 
 
 def run_parity(args):
+    from qdrop.export.x86 import emulator
     from qdrop.pipeline import environment, run_export, run_quantize
 
     rows = []
-    # (model, preset, algorithm, int32_bias): None = the preset's choice (on for onnxruntime, off for
-    # academic); the float-bias onnxruntime row is the ablation that shows what the simulated bias buys
-    runs = [("cifar10_resnet20", "onnxruntime", "naive", None), ("cifar10_resnet20", "onnxruntime", "naive", False),
-            ("cifar10_resnet20", "academic", "naive", None), ("cifar10_resnet20", "onnxruntime", "qdrop", None),
-            ("efficientnet_lite0", "onnxruntime", "naive", None)]
-    for model, backend, algo, int32_bias in runs:
+    # (model, preset, algorithm, int32_bias, target_cpu): int32_bias None = the preset's choice (on for
+    # onnxruntime, off for academic); the float-bias row is the ablation that shows what the simulated bias
+    # buys. Each model is scored by this machine's ONNX Runtime and, where QEMU is installed, by the same
+    # ONNX Runtime under an emulated AVX2 CPU without VNNI (its integer kernels, bit for bit).
+    runs = [("cifar10_resnet20", "onnxruntime", "naive", None, "avx2"), ("cifar10_resnet20", "onnxruntime", "naive", None, "vnni"),
+            ("cifar10_resnet20", "onnxruntime", "qdrop", None, "avx2"), ("cifar10_resnet20", "onnxruntime", "qdrop", None, "vnni"),
+            ("efficientnet_lite0", "onnxruntime", "naive", None, "avx2"), ("efficientnet_lite0", "onnxruntime", "naive", None, "vnni"),
+            ("cifar10_resnet20", "onnxruntime", "naive", False, "avx2"), ("cifar10_resnet20", "academic", "naive", None, None)]
+    emulations = [None] + (["avx2"] if emulator() and not args.native_only else [])
+    for model, backend, algo, int32_bias, target in runs:
         if args.only and model not in args.only:
             continue
         case = CASES[model]
-        out = Path(args.work) / (f"{model}_{backend}_{algo}" + ("" if int32_bias is None else f"_int32bias{int32_bias}"))
+        out = Path(args.work) / (f"{model}_{backend}_{algo}" + ("" if int32_bias is None else f"_int32bias{int32_bias}")
+                                 + ("" if target is None else f"_{target}"))
         metrics_file = out / "metrics.json"
         if not metrics_file.exists():
             run_quantize(model, "w8a8", algo, backend, data=case["data"], calib=case["calib"], iters=args.iters,
-                         out=out, eval_limit=case["eval_limit"], progress=False, int32_bias=int32_bias)
+                         out=out, eval_limit=case["eval_limit"], progress=False, int32_bias=int32_bias, target_cpu=target)
         metrics = json.loads(metrics_file.read_text())
-        r = run_export(out, out / "model.onnx", check_data=case["data"], data=case["data"], progress=False)
-        p = r["parity"]
         from qdrop.graph.prepare import PRESETS
 
         sim_bias = PRESETS[backend].int32_bias if int32_bias is None else int32_bias
-        row = dict(model=model, backend=backend, algo=algo, sim_bias="int32" if sim_bias else "float",
-                   iters=metrics["iters"], fp=metrics["fp"],
-                   sim_top1=p["sim_top1"], ort_top1=p["ort_top1"], agreement=p["agreement"], samples=p["samples"],
-                   max_abs_diff=round(p["max_abs_diff"], 4), mean_abs_diff=round(p["mean_abs_diff"], 5),
-                   integer_nodes=p["integer_nodes"], other_nodes={k: v for k, v in p["optimized_ops"].items()
-                                                                 if k not in p["integer_nodes"]})
-        rows.append(row)
-        print(f"{model:20s} {backend:11s} {algo:6s} {row['sim_bias']:5s} sim {row['sim_top1']:.2f} ort {row['ort_top1']:.2f} "
-              f"agree {row['agreement']:.2f}% max|d| {row['max_abs_diff']:.3f} int nodes {row['integer_nodes']}")
-    _save(dict(rows=rows, environment=environment()), "onnx_parity.json")
-    print("\n| model | preset | algo | simulated bias | sim top-1 | ORT top-1 | agreement | max abs diff | integer kernels |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        for emulate in emulations:
+            r = run_export(out, out / "model.onnx", check_data=case["data"], data=case["data"], progress=False,
+                           emulate_cpu=emulate)
+            p = r["parity"]
+            row = dict(model=model, backend=backend, algo=algo, target_cpu=target, sim_bias="int32" if sim_bias else "float",
+                       iters=metrics["iters"], fp=metrics["fp"], sim_top1=p["sim_top1"], ort_top1=p["ort_top1"],
+                       agreement=p["agreement"], samples=p["samples"], max_abs_diff=round(p["max_abs_diff"], 4),
+                       mean_abs_diff=round(p["mean_abs_diff"], 5), cpu=p["cpu"], ort_version=p["ort_version"],
+                       u8s8_saturating_layers=p["u8s8_saturating_layers"], integer_nodes=p["integer_nodes"],
+                       other_nodes={k: v for k, v in p["optimized_ops"].items() if k not in p["integer_nodes"]})
+            rows.append(row)
+            print(f"{model:20s} {backend:11s} {algo:6s} {str(target):5s} {row['sim_bias']:5s} on {p['cpu']['kind']:4s}"
+                  f"{' (emulated)' if emulate else ''}: sim {row['sim_top1']:.2f} ort {row['ort_top1']:.2f} "
+                  f"agree {row['agreement']:.2f}% max|d| {row['max_abs_diff']:.3f}", flush=True)
+            _save(dict(rows=rows, environment=environment()), "onnx_parity.json")  # after each row: resumable view
+    print("\n| model | preset | target CPU | algo | simulated bias | ORT ran on | sim top-1 | ORT top-1 | agreement | max abs diff | integer kernels |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ints = ", ".join(f"{k} {v}" for k, v in r["integer_nodes"].items())
-        print(f"| {r['model']} | {r['backend']} | {r['algo']} | {r['sim_bias']} | {r['sim_top1']:.2f} | {r['ort_top1']:.2f} | "
-              f"{r['agreement']:.2f} % ({r['samples']}) | {r['max_abs_diff']:.3f} | {ints} |")
+        cpu = r["cpu"]
+        where = ("AVX2, emulated" if cpu.get("emulated") else cpu["kind"].upper()) + (" (saturates)" if cpu["u8s8_saturates"] else "")
+        print(f"| {r['model']} | {r['backend']} | {r['target_cpu'] or '-'} | {r['algo']} | {r['sim_bias']} | {where} | "
+              f"{r['sim_top1']:.2f} | {r['ort_top1']:.2f} | {r['agreement']:.2f} % ({r['samples']}) | {r['max_abs_diff']:.3f} | {ints} |")
 
 
 def _median_ms(fn, runs, warmup=5):
@@ -152,6 +165,7 @@ def main(argv=None):
     p.add_argument("what", choices=["parity", "latency"])
     p.add_argument("--only", nargs="*", default=None, help="model names to run")
     p.add_argument("--iters", type=int, default=1000, help="qdrop iterations per unit (parity's qdrop row)")
+    p.add_argument("--native-only", action="store_true", help="parity: skip the emulated-AVX2 rows even where QEMU exists")
     p.add_argument("--work", default=str(ROOT / "runs" / "onnx_deploy"), help="where checkpoints go (reused)")
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)

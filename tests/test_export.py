@@ -158,9 +158,25 @@ def test_int32_bias_follows_the_preset_and_can_be_switched():
     assert qm.qdrop_config.int32_bias is False
     qm = qdrop.prepare(_model(), (x[:2],), backend="academic", bits="w4a4", int32_bias=True)
     qdrop.calibrate(qm, [x])
-    # only 8-bit layers with an 8-bit input (the academic fc: 8-bit weights and input) round their bias
+    # every layer fed by a per-tensor activation quantizer rounds its bias, at any bit-width; the
+    # academic stem reads the unquantized image and keeps its float bias
     assert [not torch.equal(m.effective_bias(), m.layer.bias) for m in qm.modules() if hasattr(m, "weight_quant")] \
-        == [False, False, False, True]
+        == [False, True, True, True]
+
+
+@pytest.mark.parametrize("bits", ["w4a4", "w4a8", "w2a4", "w8a8"])
+@pytest.mark.parametrize("level", ["none", "all"])
+def test_runtime_preset_exports_match_onnxruntime_at_every_bit_width(tmp_path, bits, level):
+    """ONNX Runtime's optimiser rounds every Conv/Gemm bias between dequantized tensors to int32
+    codes at s_x * s_w, also below 8 bits where the layer then runs in float; the simulation does the
+    same, so the outputs agree to float precision at every optimisation level."""
+    qm, x = _quantized("onnxruntime", bits, n=128)
+    path = tmp_path / "m.onnx"
+    export_onnx(qm, path, x[:1])
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    out = _run(path, x, level)
+    assert np.abs(out - sim).max() < 1e-4
 
 
 def test_learned_rounding_is_baked_into_the_integer_weights(tmp_path):

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--int32-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="simulate the integer runtime's int32 bias in 8-bit layers (default: the preset's choice; "
                    "on for onnxruntime and qnn)")
+    q.add_argument("--target-cpu", choices=("avx2", "vnni"), default=None,
+                   help="onnxruntime preset: x86 CPUs the integer model must be exact on. avx2 (default): 7-bit weights, "
+                   "exact on every x86-64 CPU; vnni: full int8 weights, exact only with AVX-512 VNNI / AVX-VNNI / AMX "
+                   "(saturates on AVX2)")
     q.add_argument("--compile", action="store_true", help="torch.compile each unit during reconstruction")
     q.add_argument("--max-cache-mb", type=_positive, default=None, help="cap on cached unit inputs/outputs")
     q.add_argument("--out", required=True, help="output directory")
@@ -105,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--check", nargs="?", const=True, default=None, metavar="DATA",
                    help="run ONNX Runtime next to the simulation on the test split (DATA: dataset folder; "
                         "default: the model's data) and write parity.json beside the model")
+    x.add_argument("--target-cpu", choices=("avx2", "vnni"), default=None,
+                   help="refuse the export unless the model is exact on these x86 CPUs (avx2: every x86-64 CPU); "
+                   "default: the checkpoint's own target, with a warning when it can saturate without VNNI")
+    x.add_argument("--emulate-cpu", choices=("avx2",), default=None,
+                   help="with --check: run ONNX Runtime as an AVX2 CPU without VNNI would (QEMU qemu-x86_64 -cpu Haswell)")
     x.add_argument("--data", default=None, help="data root for loading the model (default: $QDROP_DATA or ../shared/data)")
     x.add_argument("--eval-limit", type=_positive, default=None, help="check on a fixed subset of this many test samples")
     x.add_argument("--threads", type=_positive, default=None)
@@ -166,7 +175,8 @@ def cmd_quantize(args) -> int:
                            iters=args.iters, batch_size=args.batch_size, lam=args.lam, device=args.device, out=out,
                            leaf_modules=args.leaf, eval_limit=args.eval_limit, compile=args.compile,
                            max_cache_bytes=args.max_cache_mb * 2**20 if args.max_cache_mb else None,
-                           w_observer=args.w_observer, a_observer=args.a_observer, int32_bias=args.int32_bias)
+                           w_observer=args.w_observer, a_observer=args.a_observer, int32_bias=args.int32_bias,
+                           target_cpu=args.target_cpu)
     print(f"{metrics['model']} {metrics['bits']} {metrics['algo']}: FP {metrics['fp']:.2f}  quantized {metrics['quant']:.2f} "
           f"({metrics['metric']}, {metrics['eval_size']} test samples) -> {out / 'metrics.json'}")
     return 0
@@ -247,7 +257,9 @@ def cmd_export(args) -> int:
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "model.onnx"
     r = run_export(ckpt, out, fmt=args.fmt, check_data=args.check, data=args.data, int4=args.int4,
-                   eval_limit=args.eval_limit)
+                   eval_limit=args.eval_limit, target_cpu=args.target_cpu, emulate_cpu=args.emulate_cpu)
+    if "warning" in r:
+        print(f"qdrop: warning: {r['warning']}", file=sys.stderr)
     print(f"wrote {r['path']} ({r['format']}, opset {r['opset']}, {r['act_quantizers']} activation and "
           f"{r['weight_quantizers']} weight quantizers)" + (f" + {r['side_file']}" if "side_file" in r else ""))
     if "parity" in r:
@@ -256,6 +268,9 @@ def cmd_export(args) -> int:
               f"ONNX Runtime {p['ort_top1']:.2f} %, max |diff| {p['max_abs_diff']:.4g}, mean |diff| {p['mean_abs_diff']:.4g}")
         print(f"integer kernels in ONNX Runtime's optimised graph: {p['integer_node_total']} {p['integer_nodes']} "
               f"-> {Path(r['path']).parent / 'parity.json'}")
+        c = p["cpu"]
+        print(f"ran on: {c['model']} ({c['kind']}; u8s8 kernels {'saturate' if c['u8s8_saturates'] else 'exact'}), "
+              f"ONNX Runtime {p['ort_version']}")
     return 0
 
 

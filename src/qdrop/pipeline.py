@@ -13,7 +13,7 @@ import torch
 
 from .calibrate import batched, calibrate
 from .eval.metrics import top1
-from .graph.prepare import PrepareConfig, prepare, quantizers
+from .graph.prepare import PRESETS, PrepareConfig, prepare, quantizers, resolve_target_cpu
 from .quant.scheme import parse_bits
 from .recon import reconstruct
 
@@ -56,10 +56,13 @@ def load_checkpoint(path: str | Path, data=None, pretrained: bool = True):
     if ckpt.get("format") != "qdrop-v1":
         raise ValueError(f"{path} is not a qdrop checkpoint")
     model, info = load_model(ckpt["model"], data=data, pretrained=pretrained)
-    cfg = PrepareConfig(**ckpt["prepare"])
+    prep = dict(ckpt["prepare"])
+    if "target_cpu" not in prep and PRESETS.get(prep.get("backend"), PRESETS["academic"]).target_cpus:
+        prep["target_cpu"] = "vnni"  # saved before target CPUs existed: its weights are full int8
+    cfg = PrepareConfig(**prep)
     qmodel = prepare(model, (torch.zeros(ckpt["example_shape"]),), backend=cfg.backend, bits=cfg.bits,
                      leaf_modules=cfg.leaf_modules, w_observer=cfg.w_observer, a_observer=cfg.a_observer,
-                     int32_bias=cfg.int32_bias)
+                     int32_bias=cfg.int32_bias, target_cpu=cfg.target_cpu)
     calibrated = set(ckpt["calibrated"])
     for name, q in quantizers(qmodel):
         q.calibrated = name in calibrated
@@ -84,7 +87,7 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
                  out: str | Path | None = None, leaf_modules=(), eval_limit: int | None = None, progress: bool = True,
                  compile: bool = False, max_cache_bytes: int | None = None, w_observer: str | None = None,
                  a_observer: str | None = None, fp_top1: float | None = None, pretrained: bool = True,
-                 weights: str | None = None, int32_bias: bool | None = None) -> dict:
+                 weights: str | None = None, int32_bias: bool | None = None, target_cpu: str | None = None) -> dict:
     """Quantize one model and evaluate FP and quantized top-1 on the test split.
 
     Calibration samples come from the training split, evaluation from the test split.
@@ -99,6 +102,9 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
     if algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
     parse_bits(bits)
+    if backend not in PRESETS:
+        raise ValueError(f"unknown backend preset {backend!r}; choose from {sorted(PRESETS)}")
+    target_cpu = resolve_target_cpu(backend, target_cpu)
     if data is not None and not Path(data).expanduser().exists():
         raise DataError(f"data path {str(data)!r} does not exist")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,13 +125,13 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
                   bits=bits, algo=algo, backend=backend, calib_size=len(calib_split), seed=seed,
                   iters=iters if algo != "naive" else 0, batch_size=batch_size, lam=lam, device=device,
                   leaf_modules=list(leaf_modules), w_observer=w_observer, a_observer=a_observer,
-                  int32_bias=int32_bias, calib_data=calib_split.description, eval_data=test_split.description, act_calib=ACT_CALIB)
+                  int32_bias=int32_bias, target_cpu=target_cpu, calib_data=calib_split.description, eval_data=test_split.description, act_calib=ACT_CALIB)
     if out_dir:
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
 
     t = time.perf_counter()
     qmodel = prepare(fp_model, (calib_split.x[:2],), backend=backend, bits=bits, leaf_modules=leaf_modules,
-                     w_observer=w_observer, a_observer=a_observer, int32_bias=int32_bias)
+                     w_observer=w_observer, a_observer=a_observer, int32_bias=int32_bias, target_cpu=target_cpu)
     qmodel.to(device)
     calibrate(qmodel, batched(calib_split.x[:ACT_CALIB], 64), device=device)
     seconds["calibrate"] = time.perf_counter() - t
@@ -146,7 +152,7 @@ def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "aca
     quant = top1(qmodel, test_split.x, test_split.y, device=device, progress=progress, desc="eval quant")
     seconds["evaluate"] = time.perf_counter() - t
 
-    metrics = dict(model=model, bits=bits, algo=algo, backend=backend, calib_size=len(calib_split), seed=seed,
+    metrics = dict(model=model, bits=bits, algo=algo, backend=backend, target_cpu=target_cpu, calib_size=len(calib_split), seed=seed,
                    iters=config["iters"], metric=info.metric, fp=round(fp, 2), quant=round(quant, 2),
                    eval_size=len(test_split), seconds={k: round(v, 2) for k, v in seconds.items()},
                    ms_per_iter=round(1000 * recon_report["seconds"] / max(1, sum(r["iters"] for r in recon_report["unit_reports"])), 2)
@@ -165,13 +171,20 @@ EXPORT_FORMATS = ("onnx", "tensorrt", "qnn")
 
 
 def run_export(checkpoint, out: str | Path, fmt: str = "onnx", check_data=None, data=None, int4: bool = False,
-               eval_limit: int | None = None, progress: bool = True) -> dict:
+               eval_limit: int | None = None, progress: bool = True, target_cpu: str | None = None,
+               emulate_cpu: str | None = None) -> dict:
     """Export a `qdrop quantize` checkpoint. Formats:
       onnx      QDQ ONNX (int8/uint8 containers; int4/uint4 at opset 21 with int4=True)
       tensorrt  QDQ ONNX (symmetric int8) + OUT.ranges.json (tensor -> clip range)
       qnn       FP32 ONNX + OUT.encodings.json (AIMET layout)
     With check_data (a dataset folder or True for the model's default data), runs ONNX Runtime
-    next to the simulation on the test split and writes parity.json beside the model."""
+    next to the simulation on the test split and writes parity.json beside the model; emulate_cpu
+    ("avx2") runs ONNX Runtime there as that CPU would (QEMU), from any x86 machine.
+
+    Every export checks the integer weights against the int16 pair-sum limit of x86 CPUs without
+    VNNI (qdrop.export.x86): result["u8s8_check"] lists the layers, result["warning"] says when
+    the model can saturate there. target_cpu="avx2" makes that a refusal instead: the export is
+    for CPUs where such a model would be silently wrong."""
     from .data import load_split
     from .export import export_onnx, parity
     from .export.check import write_json_atomic
@@ -180,13 +193,29 @@ def run_export(checkpoint, out: str | Path, fmt: str = "onnx", check_data=None, 
 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")
+    if emulate_cpu and (check_data is None or check_data is False):
+        raise ValueError("--emulate-cpu runs ONNX Runtime for the parity check: give --check too")
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"output path {str(out)!r} must end in .onnx")
     if not out.parent.exists():
         raise ExportError(f"output directory {str(out.parent)!r} does not exist")
+    from .export.x86 import saturation_warning, worst_pair_sums
+
     qmodel, fp_model, info = load_checkpoint(checkpoint, data=data)
     qmodel.eval()
+    cfg = qmodel.qdrop_config
+    if target_cpu is not None:
+        if not PRESETS[cfg.backend].target_cpus:
+            raise ExportError(f"--target-cpu applies to checkpoints of the onnxruntime preset; this one is {cfg.backend!r}")
+        resolve_target_cpu(cfg.backend, target_cpu)  # validates the name
+    u8s8 = worst_pair_sums(qmodel)
+    warning = saturation_warning(u8s8)
+    if target_cpu == "avx2" and warning:
+        worst = max(u8s8, key=lambda r: r["worst_pair_sum"])
+        raise ExportError(f"checkpoint {checkpoint} was quantized for target CPU {cfg.target_cpu or 'vnni'} (full int8 "
+                          f"weights, pair sum up to {worst['worst_pair_sum']} > 32767 in {worst['layer']}): it would "
+                          "saturate on AVX2; re-quantize with `qdrop quantize ... --target-cpu avx2`")
     example = torch.zeros((1, *info.input_shape))
     if fmt == "tensorrt":
         bad = [n for n, q in quantizers(qmodel) if q.state == "quant" and not (q.bits == 8 and q.scheme.symmetric)]
@@ -197,7 +226,10 @@ def run_export(checkpoint, out: str | Path, fmt: str = "onnx", check_data=None, 
     report = export_onnx(qmodel, out, example, int4=int4, fp32=(fmt == "qnn"))
     result = dict(path=str(out), format=fmt, opset=report.opset, low_bit_container=report.low_bit_container,
                   act_quantizers=report.act_quantizers, weight_quantizers=report.weight_quantizers,
-                  export_seconds=round(time.perf_counter() - t, 2))
+                  int32_biases=report.int32_biases, export_seconds=round(time.perf_counter() - t, 2),
+                  target_cpu=cfg.target_cpu, u8s8_check=u8s8)
+    if warning and fmt == "onnx":  # tensorrt and qnn files run on GPUs / Hexagon, not on x86 kernels
+        result["warning"] = warning
     side = None
     if fmt == "tensorrt":
         side = out.with_suffix(".ranges.json")
@@ -213,8 +245,9 @@ def run_export(checkpoint, out: str | Path, fmt: str = "onnx", check_data=None, 
                              "the qnn format is an FP32 graph (check the onnx format instead)")
         cdata = data if check_data is True else check_data
         test = load_split(info.dataset, "test", data=cdata, preprocess=info.preprocess, limit=eval_limit)
-        p = parity(qmodel, out, test.x, test.y, progress=progress)
-        p.update(checkpoint=str(checkpoint), onnx=str(out), eval_data=test.description)
+        p = parity(qmodel, out, test.x, test.y, progress=progress, emulate_cpu=emulate_cpu)
+        p.update(checkpoint=str(checkpoint), onnx=str(out), eval_data=test.description, target_cpu=cfg.target_cpu,
+                 u8s8_saturating_layers=sum(r["saturates_without_vnni"] for r in u8s8))
         write_json_atomic(p, out.parent / "parity.json")
         result["parity"] = p
     return result

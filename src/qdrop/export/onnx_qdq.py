@@ -8,8 +8,9 @@ from the quantizer itself:
   activation  x -> [Clip] -> QuantizeLinear -> DequantizeLinear      (per-tensor scale, zero point)
   weight      integer initializer -> DequantizeLinear(axis)          (codes from Quantizer.int_repr,
                                                                       i.e. the learned AdaRound rounding)
-  bias        int32 initializer -> DequantizeLinear(scale_x * scale_w) when the layer's input is
-              quantized per-tensor (what ONNX Runtime's QDQ fusion needs to build QLinearConv)
+  bias        int32 initializer -> DequantizeLinear(scale_x * scale_w) for the layers qdrop.prepare
+              gave an int32 bias (QuantLayer.bias_input_quant: the rule is decided there, once);
+              float otherwise (TensorRT's preset, the papers' academic preset)
 
 Why placeholders rather than torch.fake_quantize_*: the exporter only maps the 8-bit
 (0, 255) / (-128, 127) grids, rounds scales through float64 Python numbers, and gives no
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..graph.prepare import PRESETS, quantizers
+from ..graph.prepare import quantizers
 from ..quant.layers import QuantLayer
 from ..quant.quantizer import Quantizer
 
@@ -98,9 +99,10 @@ class ExportReport:
     tensor_of: dict  # quantizer name -> name of the ONNX tensor it quantizes (its input)
     weight_tensor_of: dict  # weight quantizer name -> name of the integer weight initializer
     fp_weight_of: dict  # weight quantizer name -> name of the float weight tensor in the graph
+    int32_biases: int = 0  # layers whose bias was written as int32 codes
 
 
-def _check_exportable(qmodel: nn.Module, int4: bool) -> list[tuple[str, Quantizer]]:
+def _check_exportable(qmodel: nn.Module) -> list[tuple[str, Quantizer]]:
     qs = quantizers(qmodel)
     if not qs:
         raise ExportError("the model has no qdrop quantizers: prepare it with qdrop.prepare first")
@@ -158,7 +160,7 @@ def _placeholders(qmodel: nn.Module, enabled):
 
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, int4: bool = False,
-                opset: int | None = None, quantize_bias: bool | None = None, fp32: bool = False, input_names=("input",),
+                opset: int | None = None, fp32: bool = False, input_names=("input",),
                 output_names=("output",), dynamic_batch: bool = True) -> ExportReport:
     """Write `qmodel` (prepared, calibrated, optionally reconstructed) as a QDQ ONNX model.
 
@@ -166,13 +168,9 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
     quantization as a side file, e.g. QNN/SNPE encodings): activation tensors keep the names the
     report lists, and each weight holds its dequantized values s*(q - z), so that re-quantizing it
     with the encodings gives back exactly the integer codes (AdaRound's rounding included).
-    quantize_bias (default: yes, except for presets with float_bias_export, i.e. tensorrt - TensorRT adds
-    a float bias after its int32 accumulation and takes no int32 DequantizeLinear) stores 8-bit
-    layers' biases as int32 codes at s_x * s_w, which ONNX Runtime needs to fuse QGemm; the
-    onnxruntime and qnn presets simulate exactly this bias (prepare(int32_bias=...)).
-    Bias quantization applies to 8-bit layers only (where ONNX Runtime builds integer kernels):
-    below 8 bits an int32 bias at s_x*s_w shifts whole channels by up to half a step, enough to
-    flip many low-bit codes against the simulation's float bias.
+    Biases: a layer that qdrop.prepare gave an int32 bias (runtime presets onnxruntime and qnn,
+    or prepare(int32_bias=True)) gets int32 codes at s_x * s_w - what the simulation adds and what
+    ONNX Runtime needs to fuse QGemm; every other layer keeps its float bias, as simulated.
     The file appears only when complete (temp file + rename); onnx.checker must pass.
     """
     import onnx
@@ -180,10 +178,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
     path = Path(path)
     if not path.parent.exists():
         raise ExportError(f"output directory {str(path.parent)!r} does not exist")
-    enabled = _check_exportable(qmodel, int4)
-    if quantize_bias is None:
-        backend = getattr(getattr(qmodel, "qdrop_config", None), "backend", None)
-        quantize_bias = not (backend in PRESETS and PRESETS[backend].float_bias_export)
+    enabled = _check_exportable(qmodel)
     opset = opset or (21 if int4 else 13)
     if int4 and opset < 21:
         raise ExportError(f"int4 QDQ needs opset >= 21, got {opset}")
@@ -211,7 +206,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
         qmodel.train(was_training)
 
     model = onnx.load_from_string(buf.getvalue())
-    report = _materialise(model, dict(enabled), qmodel, int4, quantize_bias and not fp32, fp32)
+    report = _materialise(model, dict(enabled), qmodel, int4, fp32)
     for imp in list(model.opset_import):
         if imp.domain == DOMAIN:
             model.opset_import.remove(imp)
@@ -238,21 +233,13 @@ def _atomic_save_onnx(model, path: Path) -> None:
         raise
 
 
-def _materialise(model, enabled: dict, qmodel, int4: bool, quantize_bias: bool, fp32: bool = False) -> ExportReport:
+def _materialise(model, enabled: dict, qmodel, int4: bool, fp32: bool = False) -> ExportReport:
     """Replace the placeholder nodes by standard QuantizeLinear/DequantizeLinear (or, with
     fp32, remove them: activations pass through, weights become their dequantized values)."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-
-    def const_value(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in consts:
-            return numpy_helper.to_array(consts[name].attribute[0].t)
-        return None
 
     def add_init(name, array, dtype=None):
         if dtype in (TensorProto.INT4, TensorProto.UINT4):
@@ -263,11 +250,10 @@ def _materialise(model, enabled: dict, qmodel, int4: bool, quantize_bias: bool, 
         return name
 
     new_nodes, tensor_of, weight_tensor_of, fp_weight_of = [], {}, {}, {}
-    dq_scale_of = {}  # output tensor of an activation DQ -> its scale (for bias quantization)
+    bias_scale_of = {}  # dequantized weight tensor -> its layer's int32 bias scale s_x * s_w
     n_act = n_w = 0
     used_names = set()
     rename = {}  # fp32: placeholder output -> the tensor it stands for
-    eight_bit_weights = set()  # names of the DQ nodes of 8-bit weights
 
     def unique(base):
         name, i = base, 1
@@ -319,7 +305,6 @@ def _materialise(model, enabled: dict, qmodel, int4: bool, quantize_bias: bool, 
             new_nodes.append(helper.make_node("QuantizeLinear", [src, s_name, z_name], [q_out], name=f"{qname}/QuantizeLinear"))
             new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [y_out], name=f"{qname}/DequantizeLinear"))
             tensor_of[qname] = x_in
-            dq_scale_of[y_out] = (scale.item(), q.bits)
         elif node.op_type == "WeightQDQ":
             n_w += 1
             layer = _layer_of(qmodel, q)
@@ -335,8 +320,9 @@ def _materialise(model, enabled: dict, qmodel, int4: bool, quantize_bias: bool, 
                                               name=f"{qname}/DequantizeLinear", **attrs))
             weight_tensor_of[qname] = w_name
             fp_weight_of[qname] = x_in
-            if q.bits == 8:
-                eight_bit_weights.add(f"{qname}/DequantizeLinear")
+            s_b = layer.bias_scale()
+            if s_b is not None:
+                bias_scale_of[y_out] = s_b.cpu().float().numpy().astype(np.float32)
         else:
             raise ExportError(f"unknown placeholder {node.op_type}")
 
@@ -350,10 +336,9 @@ def _materialise(model, enabled: dict, qmodel, int4: bool, quantize_bias: bool, 
                 new_nodes.append(helper.make_node("Identity", [rename[o.name]], [o.name], name=f"{o.name}/Identity"))
     del g.node[:]
     g.node.extend(new_nodes)
-    if quantize_bias:
-        _quantize_biases(model, dq_scale_of, eight_bit_weights)
+    n_bias = _quantize_biases(model, bias_scale_of)
     _drop_unused_initializers(model)
-    return ExportReport("", 0, n_act, n_w, "", tensor_of, weight_tensor_of, fp_weight_of)
+    return ExportReport("", 0, n_act, n_w, "", tensor_of, weight_tensor_of, fp_weight_of, n_bias)
 
 
 def _layer_of(qmodel, q: Quantizer) -> QuantLayer:
@@ -363,45 +348,37 @@ def _layer_of(qmodel, q: Quantizer) -> QuantLayer:
     raise ExportError("a weight quantizer is not attached to a QuantLayer")
 
 
-def _quantize_biases(model, dq_scale_of, eight_bit_weights) -> None:
-    """Conv/Gemm bias -> int32 codes at scale s_x * s_w (per output channel), as ONNX Runtime's
-    QDQ fusion expects for QGemm (QLinearConv fuses with a float bias too). 8-bit layers only;
-    there the bias rounding (<= s_x*s_w/2) is far below the output grid."""
+def _quantize_biases(model, bias_scale_of: dict) -> int:
+    """Conv/Gemm biases of the layers with an int32 bias -> int32 codes at s_x * s_w (per output
+    channel), exactly the rounding QuantLayer.effective_bias simulates."""
     from onnx import helper, numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    new_nodes = []
+    new_nodes, n = [], 0
     for node in g.node:
-        if node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in inits:
-            x_dq, w_dq = producers.get(node.input[0]), producers.get(node.input[1])
-            if (x_dq is not None and x_dq.op_type == "DequantizeLinear" and node.input[0] in dq_scale_of
-                    and w_dq is not None and w_dq.op_type == "DequantizeLinear"
-                    and dq_scale_of[node.input[0]][1] == 8 and w_dq.name in eight_bit_weights):
-                if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in node.attribute):
-                    new_nodes.append(node)
-                    continue
-                s_x = np.float32(dq_scale_of[node.input[0]][0])
-                s_w = numpy_helper.to_array(inits[w_dq.input[1]]).astype(np.float32)
-                bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-                if bias.ndim != 1 or s_w.size not in (1, bias.shape[0]):
-                    raise ExportError(f"{node.name}: bias of shape {list(bias.shape)} does not match its weight's "
-                                      f"{s_w.size} scales")
-                s_b = (s_x * s_w * np.ones_like(bias)).astype(np.float32)
-                codes = np.clip(np.rint(bias / s_b), -(2**31), 2**31 - 1).astype(np.int32)
-                base = node.input[2]
-                b_int = numpy_helper.from_array(codes, f"{base}.int32")
-                b_s = numpy_helper.from_array(s_b, f"{base}.scale")
-                b_z = numpy_helper.from_array(np.zeros_like(codes), f"{base}.zero_point")
-                g.initializer.extend([b_int, b_s, b_z])
-                out = f"{base}.dequantized"
-                new_nodes.append(helper.make_node("DequantizeLinear", [b_int.name, b_s.name, b_z.name], [out],
-                                                  name=f"{base}/DequantizeLinear", axis=0))
-                node.input[2] = out
+        if (node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in inits
+                and node.input[1] in bias_scale_of):
+            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+            s_b = (bias_scale_of[node.input[1]] * np.ones_like(bias)).astype(np.float32)
+            if bias.shape != s_b.shape:
+                raise ExportError(f"{node.name}: bias of shape {list(bias.shape)} does not match its "
+                                  f"{s_b.size} int32-bias scales")
+            codes = np.clip(np.rint(bias / s_b), -(2**31), 2**31 - 1).astype(np.int32)
+            base = node.input[2]
+            b_int = numpy_helper.from_array(codes, f"{base}.int32")
+            b_s = numpy_helper.from_array(s_b, f"{base}.scale")
+            b_z = numpy_helper.from_array(np.zeros_like(codes), f"{base}.zero_point")
+            g.initializer.extend([b_int, b_s, b_z])
+            out = f"{base}.dequantized"
+            new_nodes.append(helper.make_node("DequantizeLinear", [b_int.name, b_s.name, b_z.name], [out],
+                                              name=f"{base}/DequantizeLinear", axis=0))
+            node.input[2] = out
+            n += 1
         new_nodes.append(node)
     del g.node[:]
     g.node.extend(new_nodes)
+    return n
 
 
 def _drop_unused_initializers(model) -> None:

@@ -22,24 +22,33 @@ class QuantLayer(nn.Module):
             raise TypeError(f"cannot quantize {type(layer).__name__}")
         self.layer = layer
         self.weight_quant = Quantizer(w_scheme, layer.weight.shape[0], role="weight")
-        # Integer runtimes add the bias as int32 codes on the grid s_x * s_w (ONNX Runtime's
-        # QLinearConv/QGemm, QNN). prepare() links the activation quantizer that feeds this
-        # layer (kept out of the module tree: it belongs to the graph) when the preset says so.
-        self.__dict__["input_quant"] = None
+        # The int32-bias rule's result for this layer, decided once by qdrop.prepare from the preset:
+        # None = the bias is added in float; a Quantizer = integer runtimes add the bias as int32 codes
+        # on the grid s_x * s_w, s_x being that quantizer's scale (ONNX Runtime's QLinearConv/QGemm,
+        # QNN). The simulation (effective_bias) and the exporter both read it. Stored outside the
+        # module tree: the quantizer belongs to the graph, and registering it here too would put it
+        # in the state dict twice.
+        self.__dict__["bias_input_quant"] = None
 
-    def link_input_quant(self, q: Quantizer | None) -> None:
-        self.__dict__["input_quant"] = q
+    def set_bias_input_quant(self, q: Quantizer | None) -> None:
+        self.__dict__["bias_input_quant"] = q
+
+    def bias_scale(self) -> torch.Tensor | None:
+        """Per-output-channel scale of the int32 bias codes, s_x * s_w (None: float bias)."""
+        iq = self.bias_input_quant
+        if iq is None or self.layer.bias is None:
+            return None
+        return iq.scale.detach().reshape(()) * self.weight_quant.scale.detach().reshape(-1)
 
     def effective_bias(self) -> torch.Tensor | None:
-        """The bias the runtime adds: rounded to int32 codes at s_x * s_w when both the input and
-        the weights are quantized to 8 bits (the layers the exporter gives an int32 bias), the
-        float bias otherwise. Rounding is straight-through for the bias and constant for the
-        scales. Not applied while tracing for export: the exporter rounds the float bias itself."""
-        b, iq, wq = self.layer.bias, self.input_quant, self.weight_quant
-        if (b is None or iq is None or torch.jit.is_tracing() or iq.state != "quant" or wq.state != "quant"
-                or iq.bits != 8 or wq.bits != 8 or iq.scale.numel() != 1):
+        """The bias the runtime adds: rounded to int32 codes at s_x * s_w for layers prepare gave an
+        int32 bias (while both quantizers are on), the float bias otherwise. Rounding is
+        straight-through for the bias and constant for the scales. Not applied while tracing for
+        export: the exporter writes the codes from bias_scale() itself."""
+        b, iq = self.layer.bias, self.bias_input_quant
+        if b is None or iq is None or torch.jit.is_tracing() or iq.state != "quant" or self.weight_quant.state != "quant":
             return b
-        s = iq.scale.detach().reshape(()) * wq.scale.detach().reshape(-1)
+        s = self.bias_scale()
         return b + (torch.round(b / s) * s - b).detach()
 
     @property
