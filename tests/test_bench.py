@@ -134,6 +134,37 @@ def test_bad_values_are_named(tmp_path, tiny, key, value, words):
         assert w in str(e.value)
 
 
+@pytest.mark.parametrize("settings, words", [
+    (dict(deploy="tensorrt"), ["deploy='tensorrt'", "onnxruntime or null"]),
+    (dict(deploy=True), ["deploy=True"]),
+    (dict(backend="onnxruntime", target_cpu="avx512"), ["target_cpu='avx512'", "avx2, vnni"]),
+    (dict(backend="academic", target_cpu="avx2"), ["target_cpu='avx2'", "'academic' has no CPU targets"]),
+])
+def test_bad_deploy_and_target_cpu_are_named(tmp_path, tiny, settings, words):
+    cfg = tiny_config(tiny, tmp_path / "out")
+    cfg["defaults"].update(settings)
+    with pytest.raises(ConfigError) as e:
+        build_sweep(cfg)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_deploy_and_target_cpu_in_run_ids(tmp_path, tiny):
+    """deploy adds a measurement, not another model: same id; target_cpu enters the id only when set,
+    so that runs recorded before the key existed keep theirs."""
+    def ids(**defaults):
+        cfg = tiny_config(tiny, tmp_path / "out", algo=["naive"])
+        cfg["defaults"].update(backend="onnxruntime", **defaults)
+        return [r.run_id for r in build_sweep(cfg).runs]
+
+    plain = ids()
+    assert ids(deploy="onnxruntime") == plain and ids(target_cpu=None) == plain
+    assert len({*plain, *ids(target_cpu="avx2"), *ids(target_cpu="vnni")}) == 3
+    nlp = dict(name="nlp", grid=dict(model=["hf:tiny"], task=["sts"], deploy=["onnxruntime"]))
+    with pytest.raises(ConfigError, match="'deploy' does not apply to nlp runs"):
+        build_sweep(nlp)
+
+
 def test_missing_data_refused_before_running(tmp_path, tiny, capsys):
     cfg = tiny_config(tiny, tmp_path / "out")
     cfg["defaults"]["data"] = str(tmp_path / "nowhere")
@@ -160,7 +191,7 @@ def test_overrides_exclude_and_env(tmp_path, tiny, monkeypatch):
 
 def test_shipped_configs_dry_run(capsys, monkeypatch):
     monkeypatch.setenv("IMAGENET", "/data/imagenet")
-    configs = [("cifar10", 32), ("imagenet_paper", 96), ("nlp", 24)]
+    configs = [("cifar10", 32), ("imagenet_paper", 96), ("nlp", 24), ("deploy", 24)]
     if importlib.util.find_spec("efficientnet_lite_pytorch"):  # qdrop[vision]: lite0.yaml's model needs it
         configs.append(("lite0", 8))
     for name, n in configs:
@@ -173,6 +204,11 @@ def test_shipped_configs_dry_run(capsys, monkeypatch):
     assert lam["torchvision:resnet18"] == 0.01 and lam["torchvision:mobilenet_v2"] == 0.1 and lam["torchvision:mnasnet1_0"] == 0.2
     assert {r.config["iters"] for r in paper.runs if r.config["algo"] != "naive"} == {20000}
     assert {(r.config["calib"], r.config["batch_size"]) for r in paper.runs} == {(1024, 32)}
+    deploy = load_sweep(ROOT / "benchmarks" / "deploy.yaml")
+    assert {(r.config["algo"], r.config["bits"], r.config["backend"]) for r in deploy.runs} == {
+        (a, b, p) for a in ("naive", "adaround", "brecq", "qdrop") for b in ("w8a8", "w4a8", "w4a4") for p in ("onnxruntime", "qnn")}
+    assert {(r.config["model"], r.config["deploy"], r.config["target_cpu"]) for r in deploy.runs} == {
+        ("cifar10_resnet20", "onnxruntime", None)}
 
 
 def test_dry_run_only_limit(tmp_path, tiny, capsys):
@@ -338,6 +374,99 @@ def test_resume_skips_finished_runs_real_cifar(tmp_path):
     assert run_sweep(path, progress=False)["ran"] == 0
 
 
+def test_deploy_failure_keeps_the_simulated_result(tiny, tmp_path, monkeypatch, capsys):
+    """An export or ONNX Runtime error becomes deploy.error in an ok record; the checkpoint stays
+    (keep_checkpoint: false notwithstanding) and the next invocation deploys again, without quantizing."""
+    import qdrop.pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ONNX Runtime here\nsecond line")
+
+    monkeypatch.setattr(qdrop.pipeline, "run_export", broken)
+    cfg = tiny_config(tiny, tmp_path / "out", algo=["naive"])
+    cfg["defaults"].update(deploy="onnxruntime", keep_checkpoint=False)
+    path = write_config(tmp_path / "c.yaml", cfg)
+    assert bench_main([str(path), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "deploy FAILED: RuntimeError: no ONNX Runtime here" in out and "1 deployments failed" in out
+    (rec,) = read_results(tmp_path / "out")
+    assert rec["status"] == "ok" and rec["metrics"]["quant"] is not None
+    assert rec["deploy"]["error"] == "RuntimeError: no ONNX Runtime here" and rec["deploy"]["runtime"] == "onnxruntime"
+    run_dir = tmp_path / "out" / rec["out_dir"]
+    assert (run_dir / "model.pt").exists()
+    run_sweep(path, dry_run=True, progress=False)
+    assert "only to deploy" in capsys.readouterr().out
+
+    calls = []
+
+    def fake(checkpoint, out, **kwargs):
+        calls.append(kwargs)
+        Path(out).write_bytes(b"onnx")
+        return dict(target_cpu=None, low_bit_container="int8",
+                    parity=dict(samples=12, agreement=100.0, sim_top1=50.0, ort_top1=50.0, max_abs_diff=0.0,
+                                integer_nodes={"QLinearConv": 2, "QGemm": 1}, integer_node_total=3,
+                                optimized_ops={"QLinearConv": 2, "QGemm": 1, "QuantizeLinear": 1}, cpu={"vnni": True}))
+
+    monkeypatch.setattr(qdrop.pipeline, "run_export", fake)
+    monkeypatch.setattr("qdrop.bench.runner.ort_latency", lambda path, c: dict(b1_ms=1.0, b32_ms=2.0))
+    s = run_sweep(path, progress=False)
+    assert s["ran"] == 0 and s["deployed"] == 1 and s["deploy_failed"] == 0
+    assert calls[0]["eval_limit"] == 12 and calls[0]["check_data"] == tiny["data"]
+    new = read_results(tmp_path / "out")[-1]
+    assert new["metrics"] == rec["metrics"] and new["started"] == rec["started"]  # the same run, deployed
+    assert new["deploy"]["kernels"] == "integer" and new["deploy"]["deployed_top1"] == 50.0
+    assert not (run_dir / "model.pt").exists() and not (run_dir / "model.onnx").exists()  # keep_checkpoint: false
+    assert run_sweep(path, progress=False)["deployed"] == 0
+    # a run recorded without deployment whose checkpoint is gone stays as recorded (it is not quantized again)
+    with open(tmp_path / "out" / "results.jsonl", "a") as f:
+        f.write(json.dumps({k: v for k, v in new.items() if k != "deploy"}) + "\n")
+    capsys.readouterr()
+    run_sweep(path, dry_run=True, progress=False)
+    assert "done, no model.pt to deploy" in capsys.readouterr().out
+    s = run_sweep(path, progress=False)
+    assert s["ran"] == s["deployed"] == 0 and s["skipped"] == 1
+    assert "cannot be deployed: their model.pt was deleted" in capsys.readouterr().err
+
+
+def test_kernel_kind():
+    from qdrop.bench.runner import kernel_kind
+
+    integer = {"QLinearConv": 19, "QGemm": 1, "QLinearAdd": 9}
+    assert kernel_kind({**integer, "QuantizeLinear": 1}, integer) == (0, "integer")
+    assert kernel_kind({**integer, "Conv": 2, "FusedConv": 1}, integer) == (3, "mixed")
+    # integer adds and pooling, but every layer dequantized to float
+    assert kernel_kind({"QLinearAdd": 9, "FusedConv": 19, "Gemm": 1}, {"QLinearAdd": 9}) == (20, "float")
+
+
+@needs_cifar
+def test_deploy_onnxruntime_real_cifar(tmp_path, capsys):
+    """cifar10_resnet20 W8A8 (onnxruntime preset, naive) on the shared data, deployed in ONNX Runtime."""
+    from qdrop.bench import report_main
+
+    cfg = dict(name="r20_deploy", out=str(tmp_path / "out"),
+               defaults=dict(model="cifar10_resnet20", data=str(CIFAR), backend="onnxruntime", deploy="onnxruntime",
+                             calib=64, eval_limit=200, threads=2, device="cpu"),  # CPU: the simulation parity uses
+               grid=dict(bits=["w8a8"], algo=["naive"]))
+    path = write_config(tmp_path / "c.yaml", cfg)
+    s = run_sweep(path, progress=False)
+    assert s["failed"] == 0 and s["deploy_failed"] == 0, s["records"][0].get("error") or s["records"][0].get("deploy")
+    rec = read_results(tmp_path / "out")[0]
+    dep = rec["deploy"]
+    assert dep["runtime"] == "onnxruntime" and dep["samples"] == 200 and dep["target_cpu"] == "avx2"
+    assert dep["agreement"] >= 99 and dep["integer_node_total"] > 0 and dep["integer_nodes"]["QLinearConv"] == 19
+    assert dep["kernels"] == "integer" and dep["float_compute_nodes"] == 0
+    assert dep["sim_top1"] == rec["metrics"]["quant"] and abs(dep["deployed_top1"] - dep["sim_top1"]) <= 1
+    assert 0 < dep["latency_ms"]["b1_ms"] < dep["latency_ms"]["b32_ms"] and dep["latency_ms"]["threads"] == 2
+    assert isinstance(dep["cpu"]["vnni"], bool) and dep["ort_version"]
+    run_dir = tmp_path / "out" / rec["out_dir"]
+    assert (run_dir / "model.onnx").exists() and (run_dir / "parity.json").exists()
+    assert report_main([str(tmp_path / "out"), "--no-plots", "--print"]) == 0
+    md = capsys.readouterr().out
+    assert "deployed top-1 (ORT)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| `cifar10_resnet20` | 8/8 | naive | onnxruntime / avx2"))
+    assert f"| {rec['metrics']['quant']:.2f} | {dep['deployed_top1']:.2f} | {dep['agreement']:.2f} | integer |" in row
+
+
 # ---- report -------------------------------------------------------------------------------
 
 def fake_record(model, bits, algo, seed, quant, fp, iters=100, status="ok"):
@@ -386,7 +515,37 @@ def test_report_mean_std_paper_layout(tmp_path):
         assert (tmp_path / "loss_m1_w4a4_1.png").exists() and (tmp_path / "loss_m1_w4a4_2.png").exists()
     cost = md.split("## Cost per run")[1]
     assert "iters=100:" in cost and "iters=999:" in cost
+    assert "Deployed accuracy" not in md  # no run asked for deployment
     assert not math.isnan(sd)
+
+
+def test_report_deploy_table(tmp_path):
+    rows = []
+    for bits, target, sim, dep in [
+        ("w8a8", "avx2", 81.0, dict(deployed_top1=80.9, agreement=99.7, kernels="integer", float_compute_nodes=0)),
+        ("w8a8", "vnni", 81.2, dict(deployed_top1=70.1, agreement=80.0, kernels="integer", float_compute_nodes=0,
+                                    u8s8_saturating_layers=4)),
+        ("w4a4", "avx2", 60.0, dict(deployed_top1=59.5, agreement=97.0, kernels="mixed", float_compute_nodes=3)),
+        ("w4a4", "vnni", 60.0, dict(error="ExportError: no container for 3 bits")),
+    ]:
+        rec = fake_record("m1", bits, "naive", 0, sim, 80.0)
+        rec["config"].update(backend="onnxruntime", target_cpu=target, deploy="onnxruntime")
+        rec["run_id"] += target
+        rec["deploy"] = dict(runtime="onnxruntime", **dep)
+        if "error" not in dep:
+            rec["deploy"].update(ort_version="1.0", latency_ms=dict(b1_ms=0.25, b32_ms=5.5, threads=2),
+                                 cpu=dict(vnni=False, flags=["avx2"], u8s8_saturates=True))
+        rows.append(rec)
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = render_report(tmp_path, plots=False)
+    table = md.split("## Deployed accuracy")[1].split("\n## ")[0]
+    assert "onnxruntime 1.0" in table and "2 threads" in table
+    assert "| `m1` | 8/8 | naive | onnxruntime / avx2 | 81.00 | 80.90 | 99.70 | integer | 0.25 / 5.50 | avx2-only |" in table
+    assert "| onnxruntime / vnni | 81.20 | 70.10 | 80.00 | integer | 0.25 / 5.50 | avx2-only ⚠ saturates |" in table
+    assert "| `m1` | 4/4 | naive | onnxruntime / avx2 | 60.00 | 59.50 | 97.00 | mixed (3 float layers) |" in table
+    assert "| onnxruntime / vnni | 60.00 | failed |" in table and "ExportError: no container for 3 bits" in table
+    # the accuracy tables are unchanged: one per target, as target_cpu is a result setting
+    assert md.count("| Full Prec. | 32/32 |") == 2
 
 
 def test_report_on_real_tiny_sweep(tiny_results, capsys):

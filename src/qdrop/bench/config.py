@@ -36,13 +36,17 @@ from pathlib import Path
 TOP_KEYS = ("name", "description", "out", "defaults", "grid", "overrides", "exclude")
 
 # Keys of one vision run: run_quantize's arguments (out/progress/fp_top1 are the runner's), plus
-# pretrained/weights (which model weights), threads and keep_checkpoint.
+# pretrained/weights (which model weights), threads, keep_checkpoint and deploy (score the finished
+# run in a runtime as well).
 VISION_KEYS = {
     "model": None, "bits": "w4a4", "algo": "naive", "backend": "academic", "data": None, "calib": 1024,
     "seed": 0, "iters": 20000, "batch_size": 32, "lam": None, "device": None, "leaf_modules": [],
     "eval_limit": None, "compile": False, "max_cache_mb": None, "w_observer": None, "a_observer": None,
-    "int32_bias": None, "pretrained": True, "weights": None, "threads": None, "keep_checkpoint": True,
+    "int32_bias": None, "target_cpu": None, "pretrained": True, "weights": None, "threads": None,
+    "keep_checkpoint": True, "deploy": None,
 }
+# deploy: the runtimes a finished vision run can be exported to and scored in.
+DEPLOY_RUNTIMES = ("onnxruntime",)
 # Keys of one transformer run, for qdrop.nlp.run_nlp_quantize(model, task, data, bits, algo, out, calib, seed, ...):
 # these, plus every other argument of that function once it exists (its defaults win), see nlp_keys().
 NLP_KEYS = {
@@ -94,8 +98,9 @@ def run_keys() -> list[str]:
 
 
 RUN_KEYS = sorted(set(VISION_KEYS) | set(NLP_KEYS))  # without run_nlp_quantize's extra arguments
-# Keys that change how a run is executed but not its result: not part of the run id.
-NOT_IN_ID = ("threads", "keep_checkpoint")
+# Keys that change how a run is executed but not its result: not part of the run id. (deploy adds
+# a measurement to the record; the quantized model is the same.)
+NOT_IN_ID = ("threads", "keep_checkpoint", "deploy")
 # The keys every table groups by; the report splits tables on any other key that varies.
 CORE_KEYS = ("model", "bits", "algo", "seed")
 
@@ -325,7 +330,7 @@ def _slug(text: str) -> str:
 
 # Keys added after results were recorded: they enter the id only when set, so that finished
 # runs keep their ids (None = the preset's default, which is what those runs used).
-ID_IF_SET = {"int32_bias"}
+ID_IF_SET = {"int32_bias", "target_cpu"}
 
 
 def run_id(config: dict) -> str:
@@ -405,6 +410,15 @@ def _validate_run(c: dict, kind: str, where: str) -> None:
             bad(key, "expected true or false")
     if c["int32_bias"] is not None and not isinstance(c["int32_bias"], bool):
         bad("int32_bias", "expected true, false or null (the preset's choice)")
+    if c["target_cpu"] is not None:
+        targets = PRESETS[c["backend"]].target_cpus
+        if not targets:
+            with_targets = [name for name, p in sorted(PRESETS.items()) if p.target_cpus]
+            bad("target_cpu", f"backend {c['backend']!r} has no CPU targets (only {', '.join(with_targets)})")
+        if c["target_cpu"] not in targets:
+            bad("target_cpu", f"expected {', '.join(targets)} or null (the preset's default, {targets[0]})")
+    if c["deploy"] is not None and c["deploy"] not in DEPLOY_RUNTIMES:
+        bad("deploy", f"expected {' or '.join(DEPLOY_RUNTIMES)} or null (no deployment)")
     if isinstance(c["leaf_modules"], str):
         c["leaf_modules"] = [c["leaf_modules"]]
     if not isinstance(c["leaf_modules"], list) or not all(isinstance(x, str) for x in c["leaf_modules"]):

@@ -4,7 +4,8 @@ Table layout (as Table 2 of Wei et al. 2022): one column per model, a full-preci
 top, then one block of rows per bit-width (W/A), one row per method; a cell is the mean ± sample
 standard deviation over seeds (a single seed: the value alone), the best method of each block in
 bold. Runs whose settings differ in anything but model, bits, algorithm and seed (e.g. iters,
-calib, backend, eval_limit) go to separate tables.
+calib, backend, eval_limit) go to separate tables. Runs of a sweep with `deploy: onnxruntime` also
+get one table of simulated next to deployed accuracy, with the kernels ONNX Runtime ran.
 """
 from __future__ import annotations
 
@@ -170,6 +171,62 @@ def cost_markdown(records: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _kernels_cell(dep: dict) -> str:
+    kind = dep.get("kernels")
+    if kind == "mixed":
+        return f"mixed ({dep.get('float_compute_nodes')} float layers)"
+    if kind == "float":
+        return "float (dequantized)"
+    return str(kind)
+
+
+def _cpu_cell(dep: dict) -> str:
+    cpu = dep.get("cpu") or {}
+    if "vnni" not in cpu:
+        return "?"
+    text = "vnni" if cpu["vnni"] else "avx2-only" if "avx2" in cpu.get("flags", ()) else "no avx2"
+    # weights whose int16 pair sums overflow, run on a CPU whose u8s8 kernels saturate: wrong outputs
+    if dep.get("u8s8_saturating_layers") and cpu.get("u8s8_saturates"):
+        text += " ⚠ saturates"
+    return text
+
+
+def deploy_markdown(records: list[dict]) -> str:
+    """Simulated vs deployed top-1, one row per run with a `deploy` record (failed deployments last)."""
+    bits_order = _order(r["config"]["bits"] for r in records)
+    models = _order(r["config"]["model"] for r in records)
+    algos = _order((r["config"]["algo"] for r in records), ALGO_ORDER)
+    rows = sorted(records, key=lambda r: (models.index(r["config"]["model"]), bits_order.index(r["config"]["bits"]),
+                                          algos.index(r["config"]["algo"]), r["config"]["backend"],
+                                          str(r["config"].get("target_cpu")), r["config"]["seed"]))
+    seeds = len({r["config"]["seed"] for r in rows}) > 1
+    lines = ["| model | bits | method | " + ("seed | " if seeds else "") + "backend / target | simulated top-1 | "
+             "deployed top-1 (ORT) | agreement % | kernels | ORT ms (b1 / b32) | CPU |",
+             "|---|---|---|" + ("---|" if seeds else "") + "---|---|---|---|---|---|---|"]
+    errors = []
+    for r in rows:
+        c, dep, m = r["config"], r["deploy"], r["metrics"]
+        # the target the run resolved (the preset's default where the config left it null)
+        target_cpu = dep.get("target_cpu") or c.get("target_cpu")
+        target = c["backend"] + (f" / {target_cpu}" if target_cpu else "")
+        head = f"| `{c['model']}` | {_fmt_bits(c['bits'])} | {c['algo']} | " + (f"{c['seed']} | " if seeds else "")
+        sim = _value(m)
+        sim = "–" if sim is None else f"{sim:.2f}"
+        if "error" in dep:
+            errors.append(f"- `{r['run_id']}`: {dep['error']}")
+            lines.append(f"{head}{target} | {sim} | failed | | | | |")
+            continue
+        lat = dep.get("latency_ms") or {}
+        ms = " / ".join("–" if lat.get(k) is None else f"{lat[k]:.2f}" for k in ("b1_ms", "b32_ms"))
+        num = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"{head}{target} | {sim} | {num(dep.get('deployed_top1'))} | {num(dep.get('agreement'))} | "
+                     f"{_kernels_cell(dep)} | {ms} | {_cpu_cell(dep)} |")
+    if errors:
+        lines += ["", "Deployments that failed (the simulated result is kept; the next `qdrop bench` retries them):", ""]
+        lines += errors
+    return "\n".join(lines)
+
+
 def _describe_setting(setting: dict, all_settings: list[dict]) -> tuple[str, str]:
     """(title: the settings that differ between tables, protocol: the ones they share)."""
     varying = {k for k in setting if len({_key(s.get(k)) for s in all_settings}) > 1}
@@ -322,6 +379,24 @@ def render_report(results_dir: str | Path, out: str | Path | None = None, plots:
             md.append(f"Evaluated on: {'; '.join(evals)}.")
         md.append("")
         md.append(table_markdown(records))
+        md.append("")
+    deployed = [r for r in ok if isinstance(r.get("deploy"), dict)]
+    if deployed:
+        runtimes = sorted({f"{d['runtime']} {d['ort_version']}" if d.get("ort_version") else d["runtime"]
+                           for d in (r["deploy"] for r in deployed)})
+        threads = sorted({str((r["deploy"].get("latency_ms") or {}).get("threads")) for r in deployed
+                          if r["deploy"].get("latency_ms")})
+        md.append("## Deployed accuracy")
+        md.append("")
+        md.append(f"Each run exported to QDQ ONNX and run by {', '.join(runtimes)} (CPU, all graph optimisations) on "
+                  "the same test images as the simulation. Simulated: the PyTorch simulation's top-1 (the tables "
+                  "above); agreement: images on which both predict the same class. Kernels, from ONNX Runtime's "
+                  "optimised graph: integer = every convolution and linear layer ran as an integer kernel "
+                  "(QLinearConv, QGemm, ...); float = none did (dequantized to float); mixed = some layers stayed "
+                  f"float. ORT ms: median latency per batch of 1 and 32 images ({', '.join(threads) or '?'} threads). "
+                  "CPU: whether it has VNNI (full int8 weights exact) or only AVX2-class integer kernels.")
+        md.append("")
+        md.append(deploy_markdown(deployed))
         md.append("")
     if plots and ok and not have_matplotlib():
         md += ["## Plots", "", "(not drawn: matplotlib is not installed — `pip install matplotlib`)", ""]

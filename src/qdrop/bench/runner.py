@@ -5,11 +5,14 @@ Layout of a results folder::
     RESULTS_DIR/sweep.json        the sweep's name, config and config hash (a folder holds one sweep)
     RESULTS_DIR/results.jsonl     one record per finished or failed run, appended with flush + fsync
     RESULTS_DIR/runs/<run_id>/    the run's own output (model.pt, config.json, recon.json, metrics.json;
-                                  recon_state.pt while it reconstructs, so a killed run resumes mid-way)
+                                  recon_state.pt while it reconstructs, so a killed run resumes mid-way;
+                                  model.onnx and parity.json with `deploy: onnxruntime`)
 
 A run whose latest record has status "ok" is skipped; failed runs are retried by the next
-invocation. Exit status of bench_main: 0 every selected run is done, 1 some run failed,
-2 the config or the command line is invalid (nothing ran).
+invocation. With `deploy: onnxruntime`, a finished run whose record has no deployment (or a failed
+one) is exported and scored again from its model.pt, without quantizing it again. Exit status of
+bench_main: 0 every selected run is done, 1 some run or deployment failed, 2 the config or the
+command line is invalid (nothing ran).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import datetime as _dt
 import inspect
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -30,6 +34,19 @@ from .provenance import PeakMemory, fsync_append, git_info, package_versions
 SCHEMA = 1
 RESULTS = "results.jsonl"
 SWEEP = "sweep.json"
+CHECKPOINT = "model.pt"
+ONNX = "model.onnx"
+
+# Layer ops of ONNX Runtime's optimised graph that compute in float: a layer still one of these
+# after ORT's QDQ fusion was dequantized and run in float, not on an integer kernel.
+FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+# Integer kernels that do a layer's multiply-accumulate (QLinearAdd, QLinearGlobalAveragePool, ...
+# are integer too but are no layers: a graph with only those still ran its layers in float).
+INTEGER_LAYER_OPS = ("QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                     "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+LATENCY_BATCHES = (1, 32)
+LATENCY_WARMUP = 3
+LATENCY_RUNS = 20
 
 
 class SweepRefused(RuntimeError):
@@ -158,7 +175,7 @@ def _call_vision(c: dict, run_dir: Path, fp_top1, progress: bool) -> dict:
                   leaf_modules=list(c["leaf_modules"]), eval_limit=c["eval_limit"], progress=progress,
                   compile=c["compile"], max_cache_bytes=c["max_cache_mb"] * 2**20 if c["max_cache_mb"] else None,
                   w_observer=c["w_observer"], a_observer=c["a_observer"], int32_bias=c["int32_bias"],
-                  fp_top1=fp_top1)
+                  target_cpu=c["target_cpu"], fp_top1=fp_top1)
     return run_quantize(c["model"], c["bits"], c["algo"], pretrained=c["pretrained"], weights=c["weights"], **kwargs)
 
 
@@ -180,6 +197,129 @@ def _call_nlp(c: dict, run_dir: Path, fp, progress: bool) -> dict:
     result = dict(result) if isinstance(result, dict) else {"result": result}
     result["_fp_reused"] = "fp" in kwargs
     return result
+
+
+# ---- deployment ---------------------------------------------------------------------------
+
+def kernel_kind(optimized_ops: dict, integer_nodes: dict) -> tuple[int, str]:
+    """(layers ORT ran in float, 'integer' | 'mixed' | 'float') from op counts of its optimised graph."""
+    float_layers = sum(optimized_ops.get(op, 0) for op in FLOAT_COMPUTE_OPS)
+    integer_layers = sum(integer_nodes.get(op, 0) for op in INTEGER_LAYER_OPS)
+    if not integer_layers:
+        return float_layers, "float"
+    return float_layers, "integer" if float_layers == 0 else "mixed"
+
+
+def _test_images(c: dict, n: int):
+    """n images of the run's test split (repeated when the split is smaller), as float32 numpy."""
+    import numpy as np
+
+    from ..data import load_split
+    from ..models import load_model
+
+    _, info = load_model(c["model"], data=c["data"], pretrained=False)  # only the dataset and preprocessing
+    split = load_split(info.dataset, "test", data=c["data"], preprocess=info.preprocess, limit=min(n, c["eval_limit"] or n))
+    x = split.x[:n]  # a tensor also where the split is decoded lazily
+    reps = -(-n // len(x))
+    return np.ascontiguousarray(x.repeat(reps, *([1] * (x.dim() - 1)))[:n].numpy(), dtype=np.float32)
+
+
+def ort_latency(onnx_path: Path, c: dict) -> dict:
+    """Median ms per batch of ONNX Runtime (CPU) on the run's test images, after warm-up runs."""
+    from ..export.check import ort_session
+
+    threads = c.get("threads") or 2
+    sess = ort_session(onnx_path, threads=threads)
+    name = sess.get_inputs()[0].name
+    x = _test_images(c, max(LATENCY_BATCHES))
+    out = dict(threads=threads, warmup=LATENCY_WARMUP, runs=LATENCY_RUNS)
+    for batch in LATENCY_BATCHES:
+        feed = {name: x[:batch]}
+        for _ in range(LATENCY_WARMUP):
+            sess.run(None, feed)
+        times = []
+        for _ in range(LATENCY_RUNS):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t)
+        out[f"b{batch}_ms"] = round(1000 * statistics.median(times), 3)
+    return out
+
+
+def _deploy_onnxruntime(c: dict, run_dir: Path) -> dict:
+    from ..pipeline import run_export
+
+    onnx_path = run_dir / ONNX
+    # check_data=True: the model's default data, where the run itself had no data path;
+    # target_cpu: the export refuses weights that would saturate on the CPUs the run was made for
+    res = run_export(run_dir, onnx_path, check_data=c["data"] if c["data"] is not None else True, data=c["data"],
+                     eval_limit=c["eval_limit"], progress=False, target_cpu=c["target_cpu"])
+    p = res["parity"]
+    integer = p.get("integer_nodes") or {}
+    float_layers, kernels = kernel_kind(p.get("optimized_ops") or {}, integer)
+    return dict(ort_version=p.get("ort_version"), graph_optimization_level=p.get("graph_optimization_level"),
+                target_cpu=res.get("target_cpu"), low_bit_container=res.get("low_bit_container"),
+                samples=p.get("samples"), deployed_top1=p.get("ort_top1"), sim_top1=p.get("sim_top1"),
+                agreement=p.get("agreement"), max_abs_diff=p.get("max_abs_diff"), mean_abs_diff=p.get("mean_abs_diff"),
+                integer_node_total=p.get("integer_node_total"), integer_nodes=integer,
+                float_compute_nodes=float_layers, kernels=kernels, cpu=p.get("cpu"),
+                u8s8_saturating_layers=p.get("u8s8_saturating_layers"), warning=res.get("warning"),
+                latency_ms=ort_latency(onnx_path, c))
+
+
+def deploy_run(c: dict, run_dir: Path) -> dict:
+    """Export a finished vision run from its model.pt and score it in the runtime `c['deploy']` on
+    the run's test images. Never raises: a failure is recorded as `error` (one line), so the
+    simulated result is kept."""
+    out = dict(runtime=c["deploy"])
+    t = time.perf_counter()
+    try:
+        with _threads(c.get("threads")):
+            out.update(_deploy_onnxruntime(c, run_dir))
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # recorded like a failed run: the message, and the traceback for a bug
+        lines = str(err).strip().splitlines()
+        out["error"] = f"{type(err).__name__}: {lines[0] if lines else ''}"
+        out["traceback"] = traceback.format_exc()[-4000:]
+    out["seconds"] = round(time.perf_counter() - t, 2)
+    out["finished"] = _now()
+    return out
+
+
+def _drop_checkpoint(run_dir: Path) -> None:
+    """keep_checkpoint: false: the model goes in both its forms (parity.json and the record stay)."""
+    for name in (CHECKPOINT, ONNX):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / name).unlink()
+
+
+def _deploy_pending(run: Run, record: dict | None) -> bool:
+    """A finished run whose record lacks the deployment its config asks for, or whose deployment failed."""
+    want = run.config.get("deploy")
+    if not want or run.kind != "vision" or record is None or record.get("status") != "ok":
+        return False
+    got = record.get("deploy") or {}
+    return got.get("runtime") != want or "error" in got
+
+
+def deploy_record(run: Run, record: dict, results_dir: Path) -> dict:
+    """The record of a finished run with its deployment added (the run is not quantized again)."""
+    c = run.config
+    run_dir = results_dir / "runs" / run.run_id
+    new = dict(record, config={**record["config"], "deploy": c["deploy"]}, deploy=deploy_run(c, run_dir))
+    if not c.get("keep_checkpoint", True) and "error" not in new["deploy"]:
+        _drop_checkpoint(run_dir)
+    return new
+
+
+def _deploy_note(dep: dict | None) -> str:
+    if not dep:
+        return ""
+    if "error" in dep:
+        return f"; deploy FAILED: {dep['error'][:300]}"
+    return (f"; {dep['runtime']} {dep.get('deployed_top1')} (agreement {dep.get('agreement')} %, "
+            f"{dep.get('kernels')} kernels)")
 
 
 def execute_run(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | None = None, progress: bool = False) -> dict:
@@ -242,9 +382,11 @@ def execute_run(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | N
                 record["data_used"] = {k: v for k, v in json.loads(cfg.read_text()).items() if k in ("calib_data", "eval_data", "lam")}
             except json.JSONDecodeError:
                 pass
-    if status == "ok" and not c.get("keep_checkpoint", True):
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / "model.pt").unlink()
+    if status == "ok" and run.kind == "vision" and c.get("deploy"):
+        record["deploy"] = deploy_run(c, run_dir)
+    # a failed deployment keeps the checkpoint, so that the next invocation can deploy it again
+    if status == "ok" and not c.get("keep_checkpoint", True) and "error" not in record.get("deploy", {}):
+        _drop_checkpoint(run_dir)
     return record
 
 
@@ -299,7 +441,8 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
     only: {'model': 'cifar10_resnet20', 'algo': ['qdrop', 'brecq']} or 'model=a,algo=b|c';
     limit: run at most this many of the pending runs; force: write into a results folder made by
     another config; set_values: {'iters': 500} or 'iters=500' replaces defaults (or a grid key).
-    Returns {'results_dir', 'runs' (selected), 'ran', 'skipped', 'failed', 'records', 'plan'}.
+    Returns {'results_dir', 'runs' (selected), 'ran', 'skipped', 'failed', 'deployed' (finished runs only
+    deployed now), 'deploy_failed', 'records', 'plan'}.
     Raises ConfigError (bad config, nothing ran) or SweepRefused (folder of another sweep).
     """
     stream = stream or sys.stdout
@@ -319,12 +462,20 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
 
     latest = latest_records(read_results(results_dir))
     done = {rid for rid, r in latest.items() if r.get("status") == "ok"}
-    status = {r.run_id: ("done" if r.run_id in done else "failed" if r.run_id in latest else "pending") for r in selected}
-    pending = [r for r in selected if r.run_id not in done]
+    # finished runs that still need their deployment: they are exported from their checkpoint, not
+    # quantized again; a run whose checkpoint was deleted (keep_checkpoint: false) stays as recorded
+    to_deploy = {r.run_id for r in selected if _deploy_pending(r, latest.get(r.run_id))}
+    no_checkpoint = {rid for rid in to_deploy if not (results_dir / "runs" / rid / CHECKPOINT).exists()}
+    to_deploy -= no_checkpoint
+    status = {r.run_id: ("deploy" if r.run_id in to_deploy else "done, no model.pt to deploy" if r.run_id in no_checkpoint
+                         else "done" if r.run_id in done else "failed" if r.run_id in latest else "pending")
+              for r in selected}
+    pending = [r for r in selected if r.run_id not in done or r.run_id in to_deploy]
     if limit is not None:
         pending = pending[:limit]
-    summary = dict(results_dir=str(results_dir), runs=selected, plan=pending, skipped=sum(1 for r in selected if r.run_id in done),
-                   ran=0, failed=0, records=[], config_hash=sweep.config_hash)
+    summary = dict(results_dir=str(results_dir), runs=selected, plan=pending,
+                   skipped=sum(1 for r in selected if r.run_id in done and r.run_id not in to_deploy),
+                   ran=0, failed=0, deployed=0, deploy_failed=0, records=[], config_hash=sweep.config_hash)
 
     if dry_run:
         foreign = ""
@@ -334,12 +485,17 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
                 old = json.loads(sweep_json.read_text())
                 if old.get("config_hash") != sweep.config_hash:
                     foreign = f"  (note: {results_dir} holds another config's results; a real run needs --force)"
-        n_done = sum(1 for s in status.values() if s == "done")
+        n_done = sum(1 for s in status.values() if s.startswith("done"))
+        deploys = f", {len(to_deploy)} of them only to deploy" if to_deploy else ""
         print(f"sweep {sweep.name}: {len(selected)} runs selected of {len(sweep.runs)} ({n_done} done, "
-              f"{len(pending)} would run{f', limit {limit}' if limit is not None else ''}) -> {results_dir}{foreign}", file=stream)
+              f"{len(pending)} would run{deploys}{f', limit {limit}' if limit is not None else ''}) -> {results_dir}{foreign}",
+              file=stream)
         print(plan_table(selected, status), file=stream)
         return summary
 
+    if no_checkpoint:
+        print(f"note: {len(no_checkpoint)} finished runs cannot be deployed: their model.pt was deleted "
+              f"(keep_checkpoint: false); run them again in another results folder to deploy them", file=sys.stderr)
     results_dir.mkdir(parents=True, exist_ok=True)
     with _lock(results_dir):
         _claim(results_dir, sweep, force)
@@ -352,16 +508,27 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
         bar = tqdm(total=len(pending), desc=f"bench {sweep.name}", unit="run", disable=not progress, dynamic_ncols=True)
         for run in pending:
             bar.set_postfix_str(run.run_id)
-            fp = fp_cache.get(_fp_key(run.config))
-            rec = execute_run(run, results_dir, sweep.name, fp_top1=fp, progress=verbose)
+            if run.run_id in to_deploy:
+                rec = deploy_record(run, latest[run.run_id], results_dir)
+                summary["deployed"] += 1
+            else:
+                fp = fp_cache.get(_fp_key(run.config))
+                rec = execute_run(run, results_dir, sweep.name, fp_top1=fp, progress=verbose)
+                summary["ran"] += 1
             fsync_append(results_dir / RESULTS, json.dumps(rec, default=str))
             summary["records"].append(rec)
-            summary["ran"] += 1
+            if "error" in rec.get("deploy", {}):
+                summary["deploy_failed"] += 1
             if rec["status"] == "ok":
                 m = rec.get("metrics") or {}
                 if m.get("fp") is not None:
                     fp_cache.setdefault(_fp_key(run.config), m["fp"])
-                msg = f"ok     {run.label()}: FP {m.get('fp')} -> {m.get('quant')} ({rec['wall_seconds']:.0f} s)"
+                if run.run_id in to_deploy:
+                    msg = (f"deploy {run.label()}: simulated {m.get('quant')}{_deploy_note(rec['deploy'])} "
+                           f"({rec['deploy']['seconds']:.0f} s)")
+                else:
+                    msg = (f"ok     {run.label()}: FP {m.get('fp')} -> {m.get('quant')} ({rec['wall_seconds']:.0f} s)"
+                           f"{_deploy_note(rec.get('deploy'))}")
             else:
                 summary["failed"] += 1
                 msg = f"FAILED {run.label()}: {rec['error']['type']}: {rec['error']['message'][:300]}"
@@ -389,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def bench_main(argv=None) -> int:
-    """`qdrop bench`: 0 all selected runs done, 1 some run failed, 2 invalid config or refused folder."""
+    """`qdrop bench`: 0 all selected runs done, 1 some run or deployment failed, 2 invalid config or refused folder."""
     args = build_parser().parse_args(argv)
     try:
         summary = run_sweep(args.config, out=args.out, dry_run=args.dry_run, only=args.only or None, limit=args.limit,
@@ -403,7 +570,9 @@ def bench_main(argv=None) -> int:
         return 130
     if args.dry_run:
         return 0
-    print(f"{summary['ran']} ran ({summary['failed']} failed), {summary['skipped']} already done -> "
+    deployed = f", {summary['deployed']} finished runs deployed" if summary["deployed"] else ""
+    deploy_failed = f", {summary['deploy_failed']} deployments failed" if summary["deploy_failed"] else ""
+    print(f"{summary['ran']} ran ({summary['failed']} failed), {summary['skipped']} already done{deployed}{deploy_failed} -> "
           f"{Path(summary['results_dir']) / RESULTS}")
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or summary["deploy_failed"] else 0
 
