@@ -16,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from qdrop.pipeline import run_quantize
+from qdrop.io import atomic_write_json
+from qdrop.pipeline import QuantizeJob, run_quantize
 
 ORDER_BITS = ["w4a4", "w2a4", "w3a3", "w2a2"]
 ORDER_ALGOS = ["naive", "adaround", "brecq", "qdrop"]
@@ -72,15 +73,14 @@ def main():
                     m = json.loads(metrics_path.read_text())
                 else:
                     print(f"== {model} {bits} {algo} iters={args.iters}", flush=True)
-                    m = run_quantize(model, bits, algo, data=args.data, calib=1024, seed=args.seed, iters=args.iters,
-                                     device=args.device, out=run_dir, fp_top1=fp_cache.get(model))
+                    job = QuantizeJob(model, bits, algo, data=args.data, calib=1024, seed=args.seed, iters=args.iters,
+                                      device=args.device)
+                    m = run_quantize(job, out=run_dir, fp_top1=fp_cache.get(model))
                     print(f"   FP {m['fp']:.2f} -> {m['quant']:.2f}  {m['seconds']}", flush=True)
                 fp_cache[model] = m["fp"]
                 results = [r for r in results if not (r["model"] == model and r["bits"] == bits and r["algo"] == algo)]
                 results.append(m)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(results, indent=1))
-                tmp.replace(out)
+                atomic_write_json(out, results, indent=1)
     print(table(results))
 
 

@@ -10,6 +10,7 @@ import json
 
 import torch
 
+from qdrop.io import atomic_write_json
 from qdrop.quant import QScheme, Quantizer
 
 
@@ -82,4 +83,4 @@ if __name__ == "__main__":
     args = ap.parse_args()
     res = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, parity=parity(), no_sync=no_sync_in_loop())
     print(json.dumps(res))
-    open(args.out, "w").write(json.dumps(res, indent=1))
+    atomic_write_json(args.out, res, indent=1)

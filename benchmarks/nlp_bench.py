@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from qdrop.data.paths import data_root  # noqa: E402
+from qdrop.io import atomic_write_json, environment  # noqa: E402
 from qdrop.eval.nlp_metrics import perplexity, sts_spearman  # noqa: E402
 from qdrop.nlp import channel_stats, find_adapter, fine_clipping, quantize_transformer  # noqa: E402
 from qdrop.nlp.data import lm_splits, read_tokens, segment_batches, sentence_calib_batches, sts_splits  # noqa: E402
@@ -46,14 +46,7 @@ def load_results() -> dict:
 
 def save_results(res: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_name(f".{RESULTS.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, RESULTS)
-
-
-def environment() -> dict:
-    return dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
-                cpu_count=os.cpu_count(), machine=platform.machine())
+    atomic_write_json(RESULTS, res, indent=1)
 
 
 def range_stats(model, batches, top: int = 4) -> list[dict]:

@@ -1,7 +1,7 @@
 """Deployment benchmark: parity of the exported QDQ model with the simulation, and latency.
 
   python benchmarks/onnx_deploy.py parity  [--iters 1000]   -> benchmarks/results/onnx_parity.json
-  python benchmarks/onnx_deploy.py latency [--runs 30]      -> benchmarks/results/onnx_latency.json
+  python benchmarks/onnx_deploy.py latency [--runs 30]      -> benchmarks/results/onnx_latency_<vnni|avx2>.json
 
 parity: CIFAR-10 ResNet-20 W8A8 (naive and qdrop) on all 10,000 test images, EfficientNet-Lite0 W8A8
 naive on the 500 evaluation images of the shared ImageNet samples; onnxruntime preset for both x86 targets
@@ -34,17 +34,23 @@ CASES = {
 
 
 def _save(obj, name):
-    from qdrop.export.check import write_json_atomic
+    from qdrop.io import atomic_write_json
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(obj, RESULTS / name)
+    atomic_write_json(RESULTS / name, obj)
     print(f"-> {RESULTS / name}")
 
 
 def run_parity(args):
     from qdrop.export.x86 import emulator
-    from qdrop.pipeline import environment, run_export, run_quantize
+    from qdrop.io import environment
+    from qdrop.pipeline import QuantizeJob, run_export, run_quantize
 
+    # rows already measured (same model, preset, algorithm, bias, target and CPU) are kept: a killed
+    # run resumes at the row it was on; --fresh measures every row again
+    old = [] if args.fresh or not (RESULTS / "onnx_parity.json").exists() else \
+        json.loads((RESULTS / "onnx_parity.json").read_text()).get("rows", [])
+    done = {_row_key(r): r for r in old if "cpu" in r}
     rows = []
     # (model, preset, algorithm, int32_bias, target_cpu): int32_bias None = the preset's choice (on for
     # onnxruntime, off for academic); the float-bias row is the ablation that shows what the simulated bias
@@ -63,13 +69,18 @@ def run_parity(args):
                                  + ("" if target is None else f"_{target}"))
         metrics_file = out / "metrics.json"
         if not metrics_file.exists():
-            run_quantize(model, "w8a8", algo, backend, data=case["data"], calib=case["calib"], iters=args.iters,
-                         out=out, eval_limit=case["eval_limit"], progress=False, int32_bias=int32_bias, target_cpu=target)
+            job = QuantizeJob(model, "w8a8", algo, backend, data=str(case["data"]), calib=case["calib"], iters=args.iters,
+                              eval_limit=case["eval_limit"], int32_bias=int32_bias, target_cpu=target)
+            run_quantize(job, out=out, progress=False)
         metrics = json.loads(metrics_file.read_text())
         from qdrop.graph.prepare import PRESETS
 
         sim_bias = PRESETS[backend].int32_bias if int32_bias is None else int32_bias
         for emulate in emulations:
+            key = (model, backend, algo, "int32" if sim_bias else "float", target, bool(emulate))
+            if key in done:
+                rows.append(done[key])
+                continue
             r = run_export(out, out / "model.onnx", check_data=case["data"], data=case["data"], progress=False,
                            emulate_cpu=emulate)
             p = r["parity"]
@@ -94,6 +105,10 @@ def run_parity(args):
               f"{r['sim_top1']:.2f} | {r['ort_top1']:.2f} | {r['agreement']:.2f} % ({r['samples']}) | {r['max_abs_diff']:.3f} | {ints} |")
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["model"], r["backend"], r["algo"], r["sim_bias"], r.get("target_cpu"), bool(r["cpu"].get("emulated")))
+
+
 def _median_ms(fn, runs, warmup=5):
     for _ in range(warmup):
         fn()
@@ -111,9 +126,12 @@ def run_latency(args):
     from qdrop.export import export_onnx
     from qdrop.export.check import ort_session
     from qdrop.models import load_model
-    from qdrop.pipeline import environment
+    from qdrop.io import environment
+
+    from qdrop.export.x86 import describe_cpu
 
     torch.set_num_threads(args.threads)
+    cpu = describe_cpu()  # timings belong to the CPU kind that made them: they differ between VNNI and AVX2
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for model_name, case in CASES.items():
@@ -122,7 +140,7 @@ def run_latency(args):
             fp_model, info = load_model(model_name, data=case["data"])
             fp_model.eval()
             calib = load_split(info.dataset, "calib", data=case["data"], preprocess=info.preprocess, limit=256, seed=0)
-            qm = qdrop.prepare(fp_model, (calib.x[:2],), backend="onnxruntime", bits="w8a8")
+            qm = qdrop.prepare(fp_model, (calib.x[:2],), backend="onnxruntime", bits="w8a8", target_cpu=args.target_cpu)
             qdrop.calibrate(qm, [calib.x[i:i + 32] for i in range(0, len(calib.x), 32)])
             int8_path, fp_path = Path(d) / f"{model_name}_int8.onnx", Path(d) / f"{model_name}_fp32.onnx"
             export_onnx(qm, int8_path, calib.x[:1])
@@ -140,7 +158,8 @@ def run_latency(args):
                     t_torch = _median_ms(lambda: fp_model(x), args.runs)
                 t_fp = _median_ms(lambda: s_fp.run(None, {"input": xn}), args.runs)
                 t_int8 = _median_ms(lambda: s_int8.run(None, {"input": xn}), args.runs)
-                row = dict(model=model_name, batch=batch, ort_int8_ms=round(t_int8, 3), ort_fp32_ms=round(t_fp, 3),
+                row = dict(model=model_name, batch=batch, target_cpu=args.target_cpu, cpu=cpu["kind"], cpu_model=cpu["model"],
+                           ort_int8_ms=round(t_int8, 3), ort_fp32_ms=round(t_fp, 3),
                            torch_fp32_ms=round(t_torch, 3), int8_speedup_vs_ort_fp32=round(t_fp / t_int8, 2),
                            int8_speedup_vs_torch=round(t_torch / t_int8, 2))
                 rows.append(row)
@@ -148,16 +167,9 @@ def run_latency(args):
                       f"torch fp32 {t_torch:8.2f} ms  -> int8 {t_fp / t_int8:.2f}x vs ORT fp32, {t_torch / t_int8:.2f}x vs torch")
     env = environment()
     env["threads"] = args.threads
-    env["cpu_flags"] = _cpu_flags()
-    _save(dict(rows=rows, runs=args.runs, environment=env), "onnx_latency.json")
-
-
-def _cpu_flags():
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f.startswith(("avx512_vnni", "avx512vnni", "amx", "avx_vnni")))
+    env["cpu"] = cpu
+    name = f"onnx_latency_{cpu['kind']}.json"  # one file per CPU kind: measuring on one keeps the other's
+    _save(dict(rows=rows, runs=args.runs, environment=env), name)
 
 
 def main(argv=None):
@@ -166,9 +178,12 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", default=None, help="model names to run")
     p.add_argument("--iters", type=int, default=1000, help="qdrop iterations per unit (parity's qdrop row)")
     p.add_argument("--native-only", action="store_true", help="parity: skip the emulated-AVX2 rows even where QEMU exists")
+    p.add_argument("--fresh", action="store_true", help="parity: measure every row again (default: keep the rows "
+                   "already in onnx_parity.json)")
     p.add_argument("--work", default=str(ROOT / "runs" / "onnx_deploy"), help="where checkpoints go (reused)")
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--target-cpu", default="avx2", choices=("avx2", "vnni"), help="latency: the int8 model's x86 target")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     (run_parity if args.what == "parity" else run_latency)(args)

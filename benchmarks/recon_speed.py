@@ -13,7 +13,6 @@ in one process, alternating, and prints the ratio. Target: loop <= 1.3x bare.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import qdrop
 from qdrop.graph import block_units, subgraph
 from qdrop.models import load_model
-from qdrop.pipeline import environment
+from qdrop.io import atomic_write_json, environment
 from qdrop.recon.configs import ReconConfig, get_algorithm
 from qdrop.recon.engine import _optimize, default_lambda, quant_mode, run_chunks
 
@@ -129,7 +128,7 @@ def main():
           f"(worst unit {summary['max_ratio']})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out, summary, indent=1)
 
 
 if __name__ == "__main__":

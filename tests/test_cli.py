@@ -1,4 +1,5 @@
 """Command line: bad input gives one clear line and a non-zero exit; real end-to-end runs on shared data."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,11 +97,12 @@ def test_quantize_naive_writes_metrics_and_checkpoint(tmp_path):
 @needs_cifar
 def test_end_to_end_accuracy_resnet20_w4a4_qdrop(tmp_path):
     """The real check on shared data: naive W4A4 loses points, a short QDrop run recovers most of them."""
-    from qdrop.pipeline import run_quantize
+    from qdrop import QuantizeJob, run_quantize
 
-    naive = run_quantize("cifar10_resnet20", "w4a4", "naive", data=str(CIFAR), calib=1024, eval_limit=2000, progress=False)
-    q = run_quantize("cifar10_resnet20", "w4a4", "qdrop", data=str(CIFAR), calib=1024, iters=150, eval_limit=2000,
-                     progress=False, fp_top1=naive["fp"], out=tmp_path / "q")
+    job = QuantizeJob("cifar10_resnet20", "w4a4", "naive", data=str(CIFAR), calib=1024, eval_limit=2000)
+    naive = run_quantize(job, progress=False)
+    q = run_quantize(dataclasses.replace(job, algo="qdrop", iters=150), progress=False, fp_top1=naive["fp"],
+                     out=tmp_path / "q")
     assert 79.0 < naive["fp"] < 83.0  # ~81.0 on the JPEG test set
     assert naive["quant"] < naive["fp"] - 1.5
     assert q["quant"] > naive["quant"] + 0.5

@@ -131,8 +131,11 @@ def test_runtime_presets_quantize_input_and_residual_adds(backend):
     assert any(a["after"].startswith("input") for a in d["activations"])
     add_inputs = [a for a in d["activations"] if any(f.startswith("add") for f in a["feeds"])]
     assert len(add_inputs) >= 8
+    # onnxruntime's default x86 target (avx2) keeps 8-bit weights on the 7-bit grid that cannot
+    # saturate u8 x s8 int16 pair sums; tensorrt (GPU) uses the full narrow int8 grid
+    grid, bits = ([-63, 63], 7) if backend == "onnxruntime" else ([-127, 127], 8)
     for l in d["layers"]:
-        assert l["symmetric"] and l["grid"] == [-127, 127] and l["bits"] == 8
+        assert l["symmetric"] and l["grid"] == grid and l["bits"] == bits
     act_grid = [-128, 127] if backend == "tensorrt" else [0, 255]
     assert all(a["grid"] == act_grid for a in d["activations"])
 

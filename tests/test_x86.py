@@ -15,7 +15,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import qdrop  # noqa: E402
-from qdrop.export import ExportError, export_onnx  # noqa: E402
+from qdrop.export import export_onnx  # noqa: E402
 from qdrop.export.check import ort_session  # noqa: E402
 from qdrop.export.x86 import (INT16_MAX, describe_cpu, emulator, run_emulated, saturation_warning,  # noqa: E402
                               u8s8_saturates, worst_pair_sums)

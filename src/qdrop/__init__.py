@@ -6,9 +6,12 @@
     qdrop.export_onnx(qmodel, "model.onnx", example_inputs)
 """
 from .calibrate import calibrate
-from .graph import describe, prepare, set_quant_state
+from .errors import QdropError
 from .export import export_onnx
+from .graph import describe, prepare, set_quant_state
+from .pipeline import QuantizeJob, run_export, run_quantize
 from .recon import reconstruct
 
 __version__ = "0.1.0"
-__all__ = ["calibrate", "describe", "export_onnx", "prepare", "reconstruct", "set_quant_state"]
+__all__ = ["QdropError", "QuantizeJob", "calibrate", "describe", "export_onnx", "prepare", "reconstruct", "run_export",
+           "run_quantize", "set_quant_state"]

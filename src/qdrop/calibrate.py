@@ -9,6 +9,7 @@ from torch import nn
 
 from .graph.prepare import quantizers
 from .quant.layers import QuantLayer
+from .errors import DataError, UsageError
 
 
 def _as_tuple(batch):
@@ -18,14 +19,14 @@ def _as_tuple(batch):
         return tuple(batch)
     if isinstance(batch, dict):
         return batch
-    raise TypeError(f"a calibration batch must be a tensor, tuple or dict, got {type(batch).__name__}")
+    raise UsageError(f"a calibration batch must be a tensor, tuple or dict, got {type(batch).__name__}")
 
 
 def check_finite(batch, index: int) -> None:
     values = batch.values() if isinstance(batch, dict) else batch
     for t in values:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"calibration batch {index} contains NaN or Inf values")
+            raise DataError(f"calibration batch {index} contains NaN or Inf values")
 
 
 @torch.no_grad()
@@ -70,7 +71,7 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
         qmodel(**batch) if isinstance(batch, dict) else qmodel(*batch)
         seen += 1
     if seen == 0:
-        raise ValueError("calibration got no batches")
+        raise DataError("calibration got no batches")
     for name, q in acts:
         if q.observer is None or q.observer.min is None:
             warnings.warn(f"activation quantizer {name} saw no data during calibration; it stays off")

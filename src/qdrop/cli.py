@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import torch
+from .errors import QdropError, UsageError
+from .recon.configs import ALGORITHMS, VISION_ALGOS
 
 
 def _bits(text: str) -> str:
@@ -18,6 +20,16 @@ def _bits(text: str) -> str:
 
     try:
         parse_bits(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.lower()
+
+
+def _mixed_bits(text: str) -> str:
+    from .quant.scheme import parse_mixed_bits
+
+    try:
+        parse_mixed_bits(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text.lower()
@@ -26,7 +38,7 @@ def _bits(text: str) -> str:
 def _positive(text: str) -> int:
     try:
         v = int(text)
-    except ValueError:
+    except UsageError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
@@ -44,15 +56,23 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .graph.prepare import PRESETS
-    from .pipeline import ALGOS, EXPORT_FORMATS
+    from .nlp.pipeline import NLP_ALGOS
+    from .pipeline import EXPORT_FORMATS
 
     parser = argparse.ArgumentParser(prog="qdrop", description="Post-training quantization: naive, AdaRound, BRECQ, QDrop")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model, evaluate it, save checkpoint and metrics.json")
     _common(q)
-    q.add_argument("--bits", type=_bits, required=True, help="e.g. w4a4, w2a4, w8a8 (2..8 bits)")
-    q.add_argument("--algo", choices=ALGOS + ("os", "smoothquant", "osplus"), default="naive",
+    q.add_argument("--bits", type=_mixed_bits, required=True,
+                   help="e.g. w4a4, w2a4, w8a8 (2..8 bits); w2.5a4: per-layer weight bits averaging 2.5 (mixed precision)")
+    q.add_argument("--budget", default=None, metavar="KIND=VALUE",
+                   help="mixed precision under a budget: size=MB (integer weights, 10^6 bytes) or bops=G; --bits gives "
+                   "the activation bits")
+    q.add_argument("--sensitivity", choices=("output", "hessian"), default=None,
+                   help="mixed precision: per-layer sensitivity measure (default output: error at the unit's output; "
+                   "hessian: HAWQ-v2 trace x perturbation)")
+    q.add_argument("--algo", choices=VISION_ALGOS + tuple(a for a in NLP_ALGOS if a not in VISION_ALGOS), default="naive",
                    help="vision: naive|adaround|brecq|qdrop; transformers (--model hf:...): naive|os|smoothquant|osplus")
     q.add_argument("--task", choices=("sts", "lm"), default=None,
                    help="transformers: sts (sentence embeddings, Spearman on STS-B) or lm (perplexity on WikiText-2)")
@@ -91,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, help="a quantize --out directory or its model.pt")
 
     i = sub.add_parser("inspect", help="show what is quantized: layers, weight schemes, activation quantizers, units")
-    i.add_argument("model")
+    i.add_argument("model", help="a model name, or a `qdrop quantize` output folder (its checkpoint, mixed bits included)")
     i.add_argument("--bits", type=_bits, default="w4a4")
     i.add_argument("--backend", choices=sorted(PRESETS), default="academic")
     i.add_argument("--units", action="store_true", help="print the block and layer reconstruction units")
@@ -146,37 +166,28 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qdrop: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # user-facing errors: one line, non-zero exit
-        if _is_user_error(e):
-            print(f"qdrop: error: {e}", file=sys.stderr)
-            return 2
-        raise
-
-
-def _is_user_error(e: Exception) -> bool:
-    from .graph.capture import TraceError
-    from .graph.units import PartitionError
-    from .recon.engine import ReconstructionError
-
-    return isinstance(e, (ValueError, FileNotFoundError, TraceError, PartitionError, ReconstructionError, TypeError))
+    except QdropError as e:  # the errors qdrop raises on purpose: one line, exit 2; anything else is a bug
+        print(f"qdrop: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_quantize(args) -> int:
-    from .pipeline import run_quantize
+    from .pipeline import QuantizeJob, run_quantize
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise UsageError(f"--out {out} exists and is not a directory")
     if args.model.startswith("hf:") or args.task:
         return _quantize_transformer(args, out)
-    if args.algo in ("os", "smoothquant", "osplus"):
-        raise ValueError(f"--algo {args.algo} is for transformers: give --model hf:PATH_OR_NAME --task sts|lm")
-    metrics = run_quantize(args.model, args.bits, args.algo, args.backend, data=args.data, calib=args.calib or 1024, seed=args.seed,
-                           iters=args.iters, batch_size=args.batch_size, lam=args.lam, device=args.device, out=out,
-                           leaf_modules=args.leaf, eval_limit=args.eval_limit, compile=args.compile,
-                           max_cache_bytes=args.max_cache_mb * 2**20 if args.max_cache_mb else None,
-                           w_observer=args.w_observer, a_observer=args.a_observer, int32_bias=args.int32_bias,
-                           target_cpu=args.target_cpu)
+    if args.algo not in VISION_ALGOS:
+        raise UsageError(f"--algo {args.algo} is for transformers: give --model hf:PATH_OR_NAME --task sts|lm")
+    job = QuantizeJob(args.model, args.bits, args.algo, args.backend, data=args.data, calib=args.calib or 1024,
+                      seed=args.seed, iters=args.iters, batch_size=args.batch_size, lam=args.lam, device=args.device,
+                      leaf_modules=tuple(args.leaf), eval_limit=args.eval_limit, compile=args.compile,
+                      max_cache_mb=args.max_cache_mb, w_observer=args.w_observer, a_observer=args.a_observer,
+                      int32_bias=args.int32_bias, target_cpu=args.target_cpu, budget=args.budget,
+                      sensitivity=args.sensitivity)
+    metrics = run_quantize(job, out=out)
     print(f"{metrics['model']} {metrics['bits']} {metrics['algo']}: FP {metrics['fp']:.2f}  quantized {metrics['quant']:.2f} "
           f"({metrics['metric']}, {metrics['eval_size']} test samples) -> {out / 'metrics.json'}")
     return 0
@@ -186,11 +197,11 @@ def _quantize_transformer(args, out: Path) -> int:
     from .nlp import run_nlp_quantize
 
     if not args.model.startswith("hf:"):
-        raise ValueError(f"--task {args.task} needs a Hugging Face model: --model hf:PATH_OR_NAME (got {args.model!r})")
+        raise UsageError(f"--task {args.task} needs a Hugging Face model: --model hf:PATH_OR_NAME (got {args.model!r})")
     if not args.task:
-        raise ValueError("a Hugging Face model needs --task sts|lm")
-    if args.algo in ("adaround", "brecq", "qdrop"):
-        raise ValueError(f"--algo {args.algo} is for vision models; transformers take naive|os|smoothquant|osplus")
+        raise UsageError("a Hugging Face model needs --task sts|lm")
+    if args.algo in ALGORITHMS:
+        raise UsageError(f"--algo {args.algo} is for vision models; transformers take naive|os|smoothquant|osplus")
     m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
                          calib=args.calib or 256, seed=args.seed,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
@@ -224,8 +235,18 @@ def cmd_inspect(args) -> int:
     from .graph import block_units, describe, layer_units, prepare
     from .models import load_model
 
-    model, info = load_model(args.model, data=args.data, pretrained=not args.random)
-    qmodel = prepare(model, (torch.zeros((1, *info.input_shape)),), backend=args.backend, bits=args.bits, leaf_modules=args.leaf)
+    if Path(args.model).is_dir() or args.model.endswith(".pt"):  # a checkpoint: show it as it was quantized
+        from .pipeline import load_checkpoint
+
+        qmodel, _, _ = load_checkpoint(args.model, data=args.data, pretrained=False)
+        args.backend, args.bits = qmodel.qdrop_config.backend, qmodel.qdrop_config.bits
+        alloc = qmodel.qdrop_config.layer_bits
+        if alloc:
+            args.bits += f" (mixed: {len(alloc)} layers chosen by the search)"
+    else:
+        model, info = load_model(args.model, data=args.data, pretrained=not args.random)
+        qmodel = prepare(model, (torch.zeros((1, *info.input_shape)),), backend=args.backend, bits=args.bits,
+                         leaf_modules=args.leaf)
     desc = describe(qmodel)
     if args.units:
         blocks = block_units(qmodel)

@@ -14,7 +14,7 @@ from .data import load_split
 from .eval.metrics import top1
 from .graph.prepare import prepare
 from .models import SmallResNet
-from .pipeline import atomic_torch_save
+from .io import atomic_torch_save
 from .recon import reconstruct
 
 SETTINGS = [("w8a8", "naive"), ("w4a4", "naive"), ("w4a4", "qdrop"), ("w2a4", "naive"), ("w2a4", "qdrop")]

@@ -2,11 +2,8 @@
 reconstruct, evaluate, save. Every file is written to a temp name and renamed."""
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -14,23 +11,14 @@ import torch
 from .calibrate import batched, calibrate
 from .eval.metrics import top1
 from .graph.prepare import PRESETS, PrepareConfig, prepare, quantizers, resolve_target_cpu
-from .quant.scheme import parse_bits
+from .quant.scheme import parse_mixed_bits
+from .recon.mixed import SENSITIVITIES, parse_budget, search
 from .recon import reconstruct
+from .recon.configs import VISION_ALGOS
+from .errors import CheckpointError, ModelError, UsageError
+from .io import atomic_torch_save, atomic_write_json, environment, load_torch_file, remove_stale_temps
 
-ALGOS = ("naive", "adaround", "brecq", "qdrop")
 ACT_CALIB = 256  # samples the activation observers see (the QDrop protocol)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(qmodel, model_name: str, path: Path, example_shape) -> None:
@@ -51,10 +39,10 @@ def load_checkpoint(path: str | Path, data=None, pretrained: bool = True):
     if path.is_dir():
         path = path / "model.pt"
     if not path.exists():
-        raise FileNotFoundError(f"no quantized checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format") != "qdrop-v1":
-        raise ValueError(f"{path} is not a qdrop checkpoint")
+        raise CheckpointError(f"no quantized checkpoint at {path}")
+    ckpt = load_torch_file(path, "qdrop checkpoint", "quantize the model again with `qdrop quantize`")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "qdrop-v1":
+        raise CheckpointError(f"{path} is not a qdrop checkpoint")
     model, info = load_model(ckpt["model"], data=data, pretrained=pretrained)
     prep = dict(ckpt["prepare"])
     if "target_cpu" not in prep and PRESETS.get(prep.get("backend"), PRESETS["academic"]).target_cpus:
@@ -62,7 +50,7 @@ def load_checkpoint(path: str | Path, data=None, pretrained: bool = True):
     cfg = PrepareConfig(**prep)
     qmodel = prepare(model, (torch.zeros(ckpt["example_shape"]),), backend=cfg.backend, bits=cfg.bits,
                      leaf_modules=cfg.leaf_modules, w_observer=cfg.w_observer, a_observer=cfg.a_observer,
-                     int32_bias=cfg.int32_bias, target_cpu=cfg.target_cpu)
+                     int32_bias=cfg.int32_bias, target_cpu=cfg.target_cpu, layer_bits=cfg.layer_bits)
     calibrated = set(ckpt["calibrated"])
     for name, q in quantizers(qmodel):
         q.calibrated = name in calibrated
@@ -71,100 +59,160 @@ def load_checkpoint(path: str | Path, data=None, pretrained: bool = True):
     return qmodel, model, info
 
 
-def environment() -> dict:
-    import numpy
+@dataclass(frozen=True)
+class QuantizeJob:
+    """One quantization of a vision model: what `qdrop quantize`, `qdrop bench` and the Python API
+    build and run_quantize consumes. Calibration samples come from the training split (`calib` of
+    them, drawn with `seed`), evaluation from the test split (`eval_limit`: a fixed subset)."""
 
-    env = dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
-               machine=platform.machine(), processor=platform.processor() or platform.machine(),
-               cpu_count=os.cpu_count(), threads=torch.get_num_threads())
-    if torch.cuda.is_available():
-        env["cuda_device"] = torch.cuda.get_device_name(0)
-    return env
+    model: str
+    bits: str
+    algo: str = "naive"
+    backend: str = "academic"
+    data: str | None = None
+    calib: int = 1024
+    seed: int = 0
+    iters: int = 20000  # reconstruction iterations per unit
+    batch_size: int = 32
+    lam: float | None = None  # rounding-loss weight; None: from the architecture
+    device: str | None = None  # None: cuda when present
+    leaf_modules: tuple = ()
+    eval_limit: int | None = None
+    compile: bool = False
+    max_cache_mb: int | None = None
+    w_observer: str | None = None
+    a_observer: str | None = None
+    int32_bias: bool | None = None  # None: the preset's choice
+    target_cpu: str | None = None  # None: the preset's default
+    pretrained: bool = True
+    weights: str | None = None  # a state-dict file instead of the published weights
+    # mixed precision: a fractional weight bit-width in `bits` (w2.5a4) is an average-bits budget;
+    # or a budget "size=MB" / "bops=G" (then `bits` gives the activation bits); see qdrop.recon.mixed
+    budget: str | None = None
+    sensitivity: str | None = None  # output (default) | hessian
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the weight bits are chosen per layer: a budget, or weight bits written with a
+        decimal point (w2.5a4; w3.0a4 is a 3-bit average, w3a4 uniform 3-bit weights)."""
+        return self.budget is not None or "." in self.bits.lower().split("a")[0]
+
+    def check(self) -> None:
+        """Refuse a job that cannot run, before anything is loaded or written."""
+        from .data import DataError
+
+        if self.algo not in VISION_ALGOS:
+            raise UsageError(f"unknown algorithm {self.algo!r}; choose from {VISION_ALGOS}")
+        w, _ = parse_mixed_bits(self.bits)
+        if self.budget is not None:
+            if "." in self.bits.split("a")[0]:
+                raise UsageError(f"give either fractional weight bits ({self.bits}) or --budget {self.budget}, not both")
+            parse_budget(self.budget)
+        if self.sensitivity is not None and self.sensitivity not in SENSITIVITIES:
+            raise UsageError(f"unknown sensitivity {self.sensitivity!r}; choose from {SENSITIVITIES}")
+        if self.backend not in PRESETS:
+            raise UsageError(f"unknown backend preset {self.backend!r}; choose from {sorted(PRESETS)}")
+        resolve_target_cpu(self.backend, self.target_cpu)
+        if self.data is not None and not Path(self.data).expanduser().exists():
+            raise DataError(f"data path {str(self.data)!r} does not exist")
 
 
-def run_quantize(model: str, bits: str, algo: str = "naive", backend: str = "academic", data=None, calib: int = 1024,
-                 seed: int = 0, iters: int = 20000, batch_size: int = 32, lam: float | None = None, device: str | None = None,
-                 out: str | Path | None = None, leaf_modules=(), eval_limit: int | None = None, progress: bool = True,
-                 compile: bool = False, max_cache_bytes: int | None = None, w_observer: str | None = None,
-                 a_observer: str | None = None, fp_top1: float | None = None, pretrained: bool = True,
-                 weights: str | None = None, int32_bias: bool | None = None, target_cpu: str | None = None) -> dict:
+def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool = True,
+                 fp_top1: float | None = None) -> dict:
     """Quantize one model and evaluate FP and quantized top-1 on the test split.
 
-    Calibration samples come from the training split, evaluation from the test split.
     With `out`, writes model.pt, config.json, recon.json and (last) metrics.json there;
-    reconstruction saves its progress to recon_state.pt and resumes from it.
+    reconstruction saves its progress to recon_state.pt and resumes from it. fp_top1: the FP
+    model's top-1 when the caller already measured it (a sweep), else it is evaluated.
     """
     from .data import load_split
     from .models import load_model
 
-    from .data import DataError
-
-    if algo not in ALGOS:
-        raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
-    parse_bits(bits)
-    if backend not in PRESETS:
-        raise ValueError(f"unknown backend preset {backend!r}; choose from {sorted(PRESETS)}")
-    target_cpu = resolve_target_cpu(backend, target_cpu)
-    if data is not None and not Path(data).expanduser().exists():
-        raise DataError(f"data path {str(data)!r} does not exist")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
+    job.check()
+    target_cpu = resolve_target_cpu(job.backend, job.target_cpu)
+    device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(job.seed)
     seconds = {}
     t = time.perf_counter()
-    fp_model, info = load_model(model, data=data, pretrained=pretrained, weights=weights)
+    fp_model, info = load_model(job.model, data=job.data, pretrained=job.pretrained, weights=job.weights)
     if info.dataset == "custom":
-        raise ValueError(f"model {model!r} has no known dataset: give it one in its factory's info dict")
-    calib_split = load_split(info.dataset, "calib", data=data, preprocess=info.preprocess, limit=calib, seed=seed)
-    test_split = load_split(info.dataset, "test", data=data, preprocess=info.preprocess, limit=eval_limit)
+        raise ModelError(f"model {job.model!r} has no known dataset: give it one in its factory's info dict")
+    calib_split = load_split(info.dataset, "calib", data=job.data, preprocess=info.preprocess, limit=job.calib,
+                             seed=job.seed)
+    test_split = load_split(info.dataset, "test", data=job.data, preprocess=info.preprocess, limit=job.eval_limit)
     seconds["load"] = time.perf_counter() - t
 
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(model=model, data=str(data) if data is not None else None, pretrained=pretrained, weights=weights,
-                  bits=bits, algo=algo, backend=backend, calib_size=len(calib_split), seed=seed,
-                  iters=iters if algo != "naive" else 0, batch_size=batch_size, lam=lam, device=device,
-                  leaf_modules=list(leaf_modules), w_observer=w_observer, a_observer=a_observer,
-                  int32_bias=int32_bias, target_cpu=target_cpu, calib_data=calib_split.description, eval_data=test_split.description, act_calib=ACT_CALIB)
+        remove_stale_temps(out_dir)  # a run killed mid-write left them; the rerun replaces what they were
+    config = dict(asdict(job), data=str(job.data) if job.data is not None else None, leaf_modules=list(job.leaf_modules),
+                  calib_size=len(calib_split), iters=job.iters if job.algo != "naive" else 0, device=device,
+                  target_cpu=target_cpu, calib_data=calib_split.description, eval_data=test_split.description,
+                  act_calib=ACT_CALIB)
     if out_dir:
-        atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
+        atomic_write_json(out_dir / "config.json", config)
 
     t = time.perf_counter()
-    qmodel = prepare(fp_model, (calib_split.x[:2],), backend=backend, bits=bits, leaf_modules=leaf_modules,
-                     w_observer=w_observer, a_observer=a_observer, int32_bias=int32_bias, target_cpu=target_cpu)
+    bits, layer_bits = job.bits, None
+    if job.mixed:  # choose every layer's weight bits, then quantize as usual
+        w, a = parse_mixed_bits(job.bits)
+        kind, budget = parse_budget(job.budget) if job.budget else ("bits", w)
+        probe = prepare(fp_model, (calib_split.x[:2],), backend=job.backend, bits=f"w8a{a}", leaf_modules=job.leaf_modules,
+                        w_observer=job.w_observer, a_observer=job.a_observer, target_cpu=target_cpu)
+        allocation = search(probe, calib_split.x[:ACT_CALIB], kind, budget, job.sensitivity or "output", device=device)
+        del probe
+        layer_bits, bits = allocation["bits"], f"w8a{a}"  # the nominal bits of the pinned layers
+        seconds["search"] = allocation["sensitivity_seconds"] + allocation["seconds"]
+        config["allocation"] = {k: v for k, v in allocation.items() if k != "table"}
+        if out_dir:
+            atomic_write_json(out_dir / "config.json", config)
+            atomic_write_json(out_dir / "sensitivity.json", allocation["table"])
+        t = time.perf_counter()
+    qmodel = prepare(fp_model, (calib_split.x[:2],), backend=job.backend, bits=bits, leaf_modules=job.leaf_modules,
+                     w_observer=job.w_observer, a_observer=job.a_observer, int32_bias=job.int32_bias, target_cpu=target_cpu,
+                     layer_bits=layer_bits)
     qmodel.to(device)
     calibrate(qmodel, batched(calib_split.x[:ACT_CALIB], 64), device=device)
     seconds["calibrate"] = time.perf_counter() - t
 
     recon_report = None
-    if algo != "naive":
+    if job.algo != "naive":
         t = time.perf_counter()
-        recon_report = reconstruct(qmodel, None, calib_split.x, algo=algo, iters=iters, batch_size=batch_size, lam=lam,
-                                   seed=seed, device=device, progress=progress, compile=compile,
-                                   max_cache_bytes=max_cache_bytes,
+        recon_report = reconstruct(qmodel, None, calib_split.x, algo=job.algo, iters=job.iters, batch_size=job.batch_size,
+                                   lam=job.lam, seed=job.seed, device=device, progress=progress, compile=job.compile,
+                                   max_cache_bytes=job.max_cache_mb * 2**20 if job.max_cache_mb else None,
                                    state_path=str(out_dir / "recon_state.pt") if out_dir else None)
         seconds["reconstruct"] = time.perf_counter() - t
         if out_dir:
-            atomic_write_text(out_dir / "recon.json", json.dumps(recon_report, indent=1))
+            atomic_write_json(out_dir / "recon.json", recon_report, indent=1)
 
     t = time.perf_counter()
     fp = fp_top1 if fp_top1 is not None else top1(fp_model, test_split.x, test_split.y, device=device, progress=progress, desc="eval fp")
     quant = top1(qmodel, test_split.x, test_split.y, device=device, progress=progress, desc="eval quant")
     seconds["evaluate"] = time.perf_counter() - t
 
-    metrics = dict(model=model, bits=bits, algo=algo, backend=backend, target_cpu=target_cpu, calib_size=len(calib_split), seed=seed,
-                   iters=config["iters"], metric=info.metric, fp=round(fp, 2), quant=round(quant, 2),
+    metrics = dict(model=job.model, bits=job.bits, algo=job.algo, backend=job.backend, target_cpu=target_cpu,
+                   calib_size=len(calib_split), seed=job.seed, iters=config["iters"], metric=info.metric, fp=round(fp, 2), quant=round(quant, 2),
                    eval_size=len(test_split), seconds={k: round(v, 2) for k, v in seconds.items()},
                    ms_per_iter=round(1000 * recon_report["seconds"] / max(1, sum(r["iters"] for r in recon_report["unit_reports"])), 2)
                    if recon_report else None,
-                   lam=recon_report["lam"] if recon_report else None, environment=environment())
+                   lam=recon_report["lam"] if recon_report else None, weight_bytes=_weight_bytes(qmodel),
+                   allocation=config.get("allocation"), environment=environment())
     if out_dir:
-        save_checkpoint(qmodel, model, out_dir / "model.pt", calib_split.x[:1].shape)
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+        save_checkpoint(qmodel, job.model, out_dir / "model.pt", calib_split.x[:1].shape)
+        atomic_write_json(out_dir / "metrics.json", metrics)
         state = out_dir / "recon_state.pt"
         if state.exists():
             state.unlink()  # the finished model is in model.pt
     return metrics
+
+
+def _weight_bytes(qmodel) -> int:
+    """Bytes of the integer weights at their bit-widths (the x axis of accuracy-vs-size plots)."""
+    from .quant.layers import QuantLayer
+
+    return int(sum(m.layer.weight.numel() * m.weight_quant.bits for m in qmodel.modules() if isinstance(m, QuantLayer)) // 8)
 
 
 EXPORT_FORMATS = ("onnx", "tensorrt", "qnn")
@@ -187,21 +235,21 @@ def run_export(checkpoint, out: str | Path, fmt: str = "onnx", check_data=None, 
     for CPUs where such a model would be silently wrong."""
     from .data import load_split
     from .export import export_onnx, parity
-    from .export.check import write_json_atomic
     from .export.encodings import aimet_encodings, tensorrt_ranges
     from .export.onnx_qdq import ExportError
 
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")
+        raise UsageError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")
     if emulate_cpu and (check_data is None or check_data is False):
-        raise ValueError("--emulate-cpu runs ONNX Runtime for the parity check: give --check too")
+        raise UsageError("--emulate-cpu runs ONNX Runtime for the parity check: give --check too")
     out = Path(out)
     if out.suffix != ".onnx":
-        raise ValueError(f"output path {str(out)!r} must end in .onnx")
+        raise UsageError(f"output path {str(out)!r} must end in .onnx")
     if not out.parent.exists():
         raise ExportError(f"output directory {str(out.parent)!r} does not exist")
     from .export.x86 import saturation_warning, worst_pair_sums
 
+    remove_stale_temps(out.parent)
     qmodel, fp_model, info = load_checkpoint(checkpoint, data=data)
     qmodel.eval()
     cfg = qmodel.qdrop_config
@@ -233,21 +281,21 @@ def run_export(checkpoint, out: str | Path, fmt: str = "onnx", check_data=None, 
     side = None
     if fmt == "tensorrt":
         side = out.with_suffix(".ranges.json")
-        write_json_atomic(tensorrt_ranges(qmodel, report), side)
+        atomic_write_json(side, tensorrt_ranges(qmodel, report))
     elif fmt == "qnn":
         side = out.with_suffix(".encodings.json")
-        write_json_atomic(aimet_encodings(qmodel, report), side)
+        atomic_write_json(side, aimet_encodings(qmodel, report))
     if side:
         result["side_file"] = str(side)
     if check_data is not None and check_data is not False:
         if fmt == "qnn":
-            raise ValueError("--check compares ONNX Runtime's integer execution with the simulation; "
+            raise UsageError("--check compares ONNX Runtime's integer execution with the simulation; "
                              "the qnn format is an FP32 graph (check the onnx format instead)")
         cdata = data if check_data is True else check_data
         test = load_split(info.dataset, "test", data=cdata, preprocess=info.preprocess, limit=eval_limit)
         p = parity(qmodel, out, test.x, test.y, progress=progress, emulate_cpu=emulate_cpu)
         p.update(checkpoint=str(checkpoint), onnx=str(out), eval_data=test.description, target_cpu=cfg.target_cpu,
                  u8s8_saturating_layers=sum(r["saturates_without_vnni"] for r in u8s8))
-        write_json_atomic(p, out.parent / "parity.json")
+        atomic_write_json(out.parent / "parity.json", p)
         result["parity"] = p
     return result

@@ -1,9 +1,8 @@
 """Benchmarks: sweeps from YAML (`qdrop bench`), tables and plots (`qdrop report`), and
 per-unit / flatness analysis of quantized checkpoints (`qdrop analyze`).
 
-Entry points for the command line (each takes argv and returns an exit status):
-bench_main, report_main, analyze_main. Until cli.py routes to them:
-`python -m qdrop.bench bench|report|analyze ...`.
+`qdrop bench|report|analyze ...` (cli.py) call bench_main, report_main and analyze_main here; each
+takes argv and returns an exit status (`python -m qdrop.bench ...` does the same).
 """
 from .config import ConfigError, Run, Sweep, build_sweep, load_sweep
 from .runner import SweepRefused, bench_main, read_results, run_sweep

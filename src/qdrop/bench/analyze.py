@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, parse_assignments
+from .config import parse_assignments
 from .runner import RESULTS, latest_records, read_results
+from ..errors import QdropError, UsageError
+from ..io import atomic_write_json, atomic_write_text
 
 
 def _load_checkpoint(run_dir: Path):
@@ -63,9 +65,9 @@ def find_runs(paths, only: dict | None = None) -> list[Path]:
                     if not only or _matches(rec["config"], only):
                         runs.append(p / "runs" / rid)
         else:
-            raise FileNotFoundError(f"{p} is neither a run folder with model.pt nor a qdrop bench results folder")
+            raise UsageError(f"{p} is neither a run folder with model.pt nor a qdrop bench results folder")
     if not runs:
-        raise FileNotFoundError(f"no quantized checkpoints found in {', '.join(map(str, paths))}")
+        raise UsageError(f"no quantized checkpoints found in {', '.join(map(str, paths))}")
     return runs
 
 
@@ -199,7 +201,7 @@ def analyze(paths, data=None, out=None, only=None, samples: int = 256, batch_siz
     from ..data import load_split
 
     if loss not in ("ce", "kl"):
-        raise ValueError(f"loss must be 'ce' (cross-entropy with labels) or 'kl' (to the FP outputs), got {loss!r}")
+        raise UsageError(f"loss must be 'ce' (cross-entropy with labels) or 'kl' (to the FP outputs), got {loss!r}")
     if isinstance(only, (str, list)):
         only = parse_assignments([only] if isinstance(only, str) else only, "--only")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -260,8 +262,8 @@ def analyze(paths, data=None, out=None, only=None, samples: int = 256, batch_siz
 
         if plots and have_matplotlib():  # optional dependency: the tables are written regardless
             _plot(analysis[model_name], out_dir)
-    (out_dir / "analysis.json").write_text(json.dumps(analysis, indent=1, default=str))
-    (out_dir / "analysis.md").write_text(analysis_markdown(analysis))
+    atomic_write_json(out_dir / "analysis.json", analysis, indent=1)
+    atomic_write_text(out_dir / "analysis.md", analysis_markdown(analysis))
     return analysis
 
 
@@ -339,6 +341,16 @@ def _plot(a: dict, out_dir: Path) -> None:
     plt.close(fig)
 
 
+def _parse_scales(text: str) -> tuple:
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--scales takes comma-separated numbers (e.g. 0.5,1,2), got {text!r}") from None
+    if not scales:
+        raise UsageError("--scales needs at least one noise magnitude (e.g. 0.5,1,2)")
+    return scales
+
+
 def analyze_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qdrop analyze", description="Per-unit error and loss flatness of quantized checkpoints")
     p.add_argument("paths", nargs="+", help="run folders (with model.pt) or a qdrop bench results folder")
@@ -355,11 +367,11 @@ def analyze_main(argv=None) -> int:
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     try:
-        scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
+        scales = _parse_scales(args.scales)
         result = analyze(args.paths, data=args.data, out=args.out, only=args.only or None, samples=args.samples,
                          batch_size=args.batch_size, draws=args.draws, scales=scales, loss=args.loss, device=args.device,
                          seed=args.seed, plots=not args.no_plots)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except QdropError as err:
         print(f"qdrop: error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(args.out) if args.out else Path(args.paths[0]) / "analysis"

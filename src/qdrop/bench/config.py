@@ -30,20 +30,20 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+
+from ..errors import ConfigError, UsageError
+from ..pipeline import QuantizeJob
 
 TOP_KEYS = ("name", "description", "out", "defaults", "grid", "overrides", "exclude")
 
-# Keys of one vision run: run_quantize's arguments (out/progress/fp_top1 are the runner's), plus
-# pretrained/weights (which model weights), threads, keep_checkpoint and deploy (score the finished
-# run in a runtime as well).
+# Keys of one vision run: the fields of qdrop's QuantizeJob (with a sweep's own defaults for bits and
+# leaf_modules), plus how the runner executes it: threads, keep_checkpoint and deploy (score the
+# finished run in a runtime as well).
 VISION_KEYS = {
-    "model": None, "bits": "w4a4", "algo": "naive", "backend": "academic", "data": None, "calib": 1024,
-    "seed": 0, "iters": 20000, "batch_size": 32, "lam": None, "device": None, "leaf_modules": [],
-    "eval_limit": None, "compile": False, "max_cache_mb": None, "w_observer": None, "a_observer": None,
-    "int32_bias": None, "target_cpu": None, "pretrained": True, "weights": None, "threads": None,
-    "keep_checkpoint": True, "deploy": None,
+    **{f.name: None if f.default is MISSING else f.default for f in fields(QuantizeJob)},
+    "bits": "w4a4", "leaf_modules": [], "threads": None, "keep_checkpoint": True, "deploy": None,
 }
 # deploy: the runtimes a finished vision run can be exported to and scored in.
 DEPLOY_RUNTIMES = ("onnxruntime",)
@@ -53,30 +53,18 @@ NLP_KEYS = {
     "model": None, "task": None, "bits": "w8a8", "algo": "naive", "data": None, "calib": 256, "seed": 0,
     "threads": None, "keep_checkpoint": True,
 }
-NLP_TASKS = ("sts", "lm")
-NLP_ALGOS = ("naive", "os", "smoothquant", "osplus")
 # arguments of run_nlp_quantize that the runner itself supplies
 NLP_RUNNER_ARGS = ("out", "progress", "fp")
-
-
-def nlp_entry():
-    """qdrop.nlp.run_nlp_quantize, or None while it does not exist (or does not import)."""
-    try:
-        from ..nlp import run_nlp_quantize
-    except Exception:
-        return None
-    return run_nlp_quantize
 
 
 def nlp_keys() -> dict:
     """Settings of a transformer run with their defaults: NLP_KEYS plus run_nlp_quantize's arguments."""
     import inspect
 
+    from ..nlp import run_nlp_quantize
+
     keys = dict(NLP_KEYS)
-    fn = nlp_entry()
-    if fn is None:
-        return keys
-    for name, p in inspect.signature(fn).parameters.items():
+    for name, p in inspect.signature(run_nlp_quantize).parameters.items():
         if name in NLP_RUNNER_ARGS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
         keys[name] = keys.get(name) if p.default is p.empty else p.default
@@ -84,20 +72,17 @@ def nlp_keys() -> dict:
 
 
 def nlp_choices() -> tuple[tuple, tuple]:
-    """(tasks, algorithms) of qdrop.nlp when it exists, else the planned ones."""
-    try:
-        from ..nlp import ALGOS
-        from ..nlp.models import TASKS
-    except Exception:
-        return NLP_TASKS, NLP_ALGOS
-    return tuple(TASKS), tuple(ALGOS)
+    """(tasks, algorithms) of qdrop.nlp."""
+    from ..nlp import NLP_ALGOS
+    from ..nlp.models import TASKS
+
+    return tuple(TASKS), tuple(NLP_ALGOS)
 
 
 def run_keys() -> list[str]:
     return sorted(set(VISION_KEYS) | set(nlp_keys()))
 
 
-RUN_KEYS = sorted(set(VISION_KEYS) | set(NLP_KEYS))  # without run_nlp_quantize's extra arguments
 # Keys that change how a run is executed but not its result: not part of the run id. (deploy adds
 # a measurement to the record; the quantized model is the same.)
 NOT_IN_ID = ("threads", "keep_checkpoint", "deploy")
@@ -105,8 +90,6 @@ NOT_IN_ID = ("threads", "keep_checkpoint", "deploy")
 CORE_KEYS = ("model", "bits", "algo", "seed")
 
 
-class ConfigError(ValueError):
-    """A sweep configuration is invalid; the message names the offending key."""
 
 
 @dataclass
@@ -330,7 +313,7 @@ def _slug(text: str) -> str:
 
 # Keys added after results were recorded: they enter the id only when set, so that finished
 # runs keep their ids (None = the preset's default, which is what those runs used).
-ID_IF_SET = {"int32_bias", "target_cpu"}
+ID_IF_SET = {"int32_bias", "target_cpu", "budget", "sensitivity"}
 
 
 def run_id(config: dict) -> str:
@@ -341,12 +324,18 @@ def run_id(config: dict) -> str:
     return f"{_slug(config['model'])}{task}-{str(config['bits']).lower()}-{config['algo']}-s{config['seed']}-{digest}"
 
 
+def job_of(config: dict) -> QuantizeJob:
+    """The QuantizeJob a vision run's resolved settings describe."""
+    job = {f.name: config[f.name] for f in fields(QuantizeJob)}
+    return QuantizeJob(**dict(job, leaf_modules=tuple(job["leaf_modules"])))
+
+
 def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _validate_run(c: dict, kind: str, where: str) -> None:
-    from ..quant.scheme import parse_bits
+    from ..quant.scheme import parse_bits, parse_mixed_bits
 
     def bad(key, why):
         raise ConfigError(f"{where}: {key}={c.get(key)!r} is invalid: {why}")
@@ -355,8 +344,8 @@ def _validate_run(c: dict, kind: str, where: str) -> None:
         bad("model", "every run needs a model name (set it in grid or defaults)")
     if not isinstance(c["bits"], str):
         bad("bits", "expected a string like w4a4")
-    try:
-        parse_bits(c["bits"])
+    try:  # vision runs may take fractional weight bits (mixed precision, an average-bits budget)
+        parse_bits(c["bits"]) if kind == "nlp" else parse_mixed_bits(c["bits"])
     except ValueError as err:
         bad("bits", str(err))
     c["bits"] = c["bits"].lower()
@@ -383,12 +372,16 @@ def _validate_run(c: dict, kind: str, where: str) -> None:
             bad("algo", f"unknown algorithm for transformer runs; choose from {', '.join(algos)}")
         return
 
+    try:  # the mixed-precision settings, as QuantizeJob itself checks them
+        QuantizeJob(c["model"], c["bits"], budget=c["budget"], sensitivity=c["sensitivity"]).check()
+    except UsageError as err:
+        bad("bits" if c["budget"] is None else "budget", str(err))
     from ..graph.prepare import PRESETS
-    from ..pipeline import ALGOS
+    from ..recon.configs import VISION_ALGOS
     from ..quant.observers import OBSERVERS
 
-    if c["algo"] not in ALGOS:
-        bad("algo", f"unknown algorithm; choose from {', '.join(ALGOS)}")
+    if c["algo"] not in VISION_ALGOS:
+        bad("algo", f"unknown algorithm; choose from {', '.join(VISION_ALGOS)}")
     if c["backend"] not in PRESETS:
         bad("backend", f"unknown backend preset; choose from {', '.join(sorted(PRESETS))}")
     for key in ("iters", "batch_size"):

@@ -19,9 +19,13 @@ from pathlib import Path
 
 from .config import CORE_KEYS, ID_IF_SET, NOT_IN_ID
 from .runner import RESULTS, SWEEP, latest_records, read_results
-from ..quant.scheme import parse_bits
+from ..quant.scheme import parse_mixed_bits as parse_bits  # w2.5a4: mixed precision
+from ..errors import QdropError, UsageError
+from ..io import atomic_write_text
+from ..nlp.pipeline import NLP_ALGOS
+from ..recon.configs import VISION_ALGOS
 
-ALGO_ORDER = ("naive", "adaround", "brecq", "qdrop", "os", "smoothquant", "osplus")
+ALGO_ORDER = VISION_ALGOS + tuple(a for a in NLP_ALGOS if a not in VISION_ALGOS)
 ALGO_NAMES = {"naive": "Naive (observers only)", "adaround": "AdaRound", "brecq": "BRECQ", "qdrop": "**QDrop**",
               "os": "OS", "smoothquant": "SmoothQuant", "osplus": "OS+"}
 # settings that do not apply to naive PTQ: a naive run belongs to every table they split
@@ -38,7 +42,7 @@ def _value(metrics: dict):
 
 def _fmt_bits(bits: str) -> str:
     w, a = parse_bits(bits)
-    return f"{w}/{a}"
+    return f"{bits.lower()[1:].split('a')[0]}/{a}"  # as written: 2.5/4, 3.0/4 (a mixed average) vs 3/4 (uniform)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -291,6 +295,47 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text)
 
 
+def _is_mixed(r: dict) -> bool:
+    c = r["config"]
+    return c.get("budget") is not None or "." in str(c["bits"]).lower().split("a")[0]
+
+
+def _plot_size(records: list[dict], out_dir: Path) -> list[str]:
+    """Accuracy vs weight size (metrics.weight_bytes): per model and algorithm, the uniform bit-widths
+    and the mixed-precision budgets as two curves (the Pareto view of `benchmarks/mixed.yaml`)."""
+    rs = [r for r in records if isinstance((r.get("metrics") or {}).get("weight_bytes"), (int, float))
+          and _value(r["metrics"]) is not None]
+    if not any(_is_mixed(r) for r in rs):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = _order(r["config"]["model"] for r in rs)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for a in _order((r["config"]["algo"] for r in rs if r["config"]["model"] == m), ALGO_ORDER):
+            for mixed, style in ((False, "o--"), (True, "s-")):
+                pts = {}
+                for r in rs:
+                    if r["config"]["model"] == m and r["config"]["algo"] == a and _is_mixed(r) == mixed:
+                        pts.setdefault(r["metrics"]["weight_bytes"], []).append(_value(r["metrics"]))
+                if pts:
+                    xs = sorted(pts)
+                    ax.plot([x / 1e3 for x in xs], [statistics.fmean(pts[x]) for x in xs], style,
+                            label=f"{a}, {'mixed' if mixed else 'uniform'}")
+        ax.set_title(m, fontsize=10)
+        ax.set_xlabel("integer weights (kB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("top-1")
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_size.png", dpi=110)
+    plt.close(fig)
+    return ["accuracy_vs_size.png"]
+
+
 def _plot_losses(records: list[dict], out_dir: Path, suffix: str = "") -> list[str]:
     """Per (model, bits): each algorithm's per-unit loss curves (lowest seed) and final loss per unit."""
     import matplotlib
@@ -344,7 +389,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None, plots:
     """Write RESULTS_DIR/report.md (or `out`) and its PNG plots beside it; return the markdown."""
     results_dir = Path(results_dir)
     if not (results_dir / RESULTS).exists():
-        raise FileNotFoundError(f"no {RESULTS} in {results_dir}: run `qdrop bench CONFIG` first")
+        raise UsageError(f"no {RESULTS} in {results_dir}: run `qdrop bench CONFIG` first")
     all_records = read_results(results_dir)
     latest = latest_records(all_records)
     ok = [r for r in latest.values() if r.get("status") == "ok" and isinstance(r.get("metrics"), dict)
@@ -407,6 +452,9 @@ def render_report(results_dir: str | Path, out: str | Path | None = None, plots:
         for f in files:
             md.append(f"![accuracy vs bit-width]({f})")
             md.append("")
+        for f in _plot_size(ok, out_dir):
+            md.append(f"![accuracy vs weight size: uniform and mixed precision]({f})")
+            md.append("")
         for gi, (setting, records) in enumerate(groups):
             for f in _plot_losses(records, out_dir, suffix="" if len(groups) == 1 else f"_{gi + 1}"):
                 md.append(f"![per-unit reconstruction loss]({f})")
@@ -444,7 +492,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None, plots:
     if sweep.get("config_hash"):
         md.append(f"- sweep config hash: {sweep['config_hash']} ({sweep.get('source')})")
     text = "\n".join(md).rstrip() + "\n"
-    out_path.write_text(text)
+    atomic_write_text(out_path, text)
     return text
 
 
@@ -457,7 +505,7 @@ def report_main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         text = render_report(args.results_dir, out=args.out, plots=not args.no_plots)
-    except (FileNotFoundError, ValueError) as err:
+    except QdropError as err:
         print(f"qdrop: error: {err}", file=sys.stderr)
         return 2
     if args.print:

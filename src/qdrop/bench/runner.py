@@ -21,15 +21,15 @@ import contextlib
 import datetime as _dt
 import inspect
 import json
-import os
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, Run, Sweep, check_paths, filter_runs, load_sweep, parse_assignments
-from .provenance import PeakMemory, fsync_append, git_info, package_versions
+from .config import ConfigError, Run, Sweep, check_paths, filter_runs, job_of, load_sweep, parse_assignments
+from ..errors import QdropError
+from ..io import PeakMemory, append_line, atomic_write_json, environment, git_info, package_versions
 
 SCHEMA = 1
 RESULTS = "results.jsonl"
@@ -49,18 +49,19 @@ LATENCY_WARMUP = 3
 LATENCY_RUNS = 20
 
 
-class SweepRefused(RuntimeError):
+class SweepRefused(QdropError, RuntimeError):
     """The results folder belongs to another sweep (use --force), or another process holds it."""
 
 
 # ---- results folder ----------------------------------------------------------------------
 
-def read_results(results_dir: str | Path) -> list[dict]:
-    """Every record of RESULTS_DIR/results.jsonl, in order. A line cut short by a kill is skipped."""
+def read_results(results_dir: str | Path, warn: bool = True) -> list[dict]:
+    """Every record of RESULTS_DIR/results.jsonl, in order. A line cut short by a kill is skipped
+    (with a warning): its run counts as not done, so the next `qdrop bench` runs it again."""
     path = Path(results_dir) / RESULTS
     if not path.exists():
         return []
-    records = []
+    records, torn = [], 0
     for line in path.read_text().splitlines():
         line = line.strip()
         if not line:
@@ -68,9 +69,13 @@ def read_results(results_dir: str | Path) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a partial line from an interrupted write
+            torn += 1  # a partial line from an interrupted write
+            continue
         if isinstance(rec, dict) and "run_id" in rec:
             records.append(rec)
+    if torn and warn:
+        print(f"qdrop: warning: skipped {torn} unreadable line(s) of {path} (a write cut short by a kill); "
+              "`qdrop bench` reruns the runs they belonged to", file=sys.stderr)
     return records
 
 
@@ -106,9 +111,7 @@ def _claim(results_dir: Path, sweep: Sweep, force: bool) -> None:
                 f"this one is {sweep.name!r}, hash {sweep.config_hash}): use another out folder, or --force to add to it")
         info["history"] = old.get("history", []) + [{k: old.get(k) for k in ("name", "config_hash", "created")}]
     info["created"] = _now()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, info, indent=1)
 
 
 @contextlib.contextmanager
@@ -170,22 +173,12 @@ def _unit_curves(run_dir: Path) -> list | None:
 def _call_vision(c: dict, run_dir: Path, fp_top1, progress: bool) -> dict:
     from ..pipeline import run_quantize
 
-    kwargs = dict(backend=c["backend"], data=c["data"], calib=c["calib"], seed=c["seed"], iters=max(1, c["iters"]),
-                  batch_size=c["batch_size"], lam=c["lam"], device=c["device"], out=run_dir,
-                  leaf_modules=list(c["leaf_modules"]), eval_limit=c["eval_limit"], progress=progress,
-                  compile=c["compile"], max_cache_bytes=c["max_cache_mb"] * 2**20 if c["max_cache_mb"] else None,
-                  w_observer=c["w_observer"], a_observer=c["a_observer"], int32_bias=c["int32_bias"],
-                  target_cpu=c["target_cpu"], fp_top1=fp_top1)
-    return run_quantize(c["model"], c["bits"], c["algo"], pretrained=c["pretrained"], weights=c["weights"], **kwargs)
+    return run_quantize(job_of(c), out=run_dir, progress=progress, fp_top1=fp_top1)
 
 
 def _call_nlp(c: dict, run_dir: Path, fp, progress: bool) -> dict:
-    from .config import nlp_entry
+    from ..nlp import run_nlp_quantize as fn
 
-    fn = nlp_entry()
-    if fn is None:
-        raise NotImplementedError("transformer runs need qdrop.nlp.run_nlp_quantize(model, task, data, bits, algo, out, "
-                                  "calib, seed), which this qdrop does not provide (or which fails to import)")
     params = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in c.items() if k in params and k not in ("out", "progress", "fp")}
     kwargs["out"] = run_dir
@@ -354,13 +347,10 @@ def execute_run(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | N
     record["status"] = status
     if error:
         record["error"] = error
-        try:
-            import torch
+        import torch
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if metrics is not None:
         metrics = dict(metrics)
         env = metrics.pop("environment", None)
@@ -371,8 +361,6 @@ def execute_run(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | N
         if env is not None:
             record["device"] = dict(env, used=_used_device(run_dir, c))
     if "device" not in record:
-        from ..pipeline import environment
-
         record["device"] = dict(environment(), used=_used_device(run_dir, c))
     if run.kind == "vision":
         record["units"] = _unit_curves(run_dir)
@@ -397,12 +385,9 @@ def _used_device(run_dir: Path, c: dict) -> str:
             return json.loads(cfg.read_text())["device"]
     if c.get("device"):
         return c["device"]
-    try:
-        import torch
+    import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:
-        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---- the sweep ----------------------------------------------------------------------------
@@ -433,6 +418,26 @@ def resolve_results_dir(sweep: Sweep, out: str | Path | None) -> Path:
     return Path(folder).expanduser()
 
 
+def _plan(selected: list, results_dir: Path, limit: int | None, warn: bool = True):
+    """What a sweep has left to do, from its results file: (latest records, status per run, runs
+    only to deploy, runs that cannot be deployed, pending runs, number already done)."""
+    latest = latest_records(read_results(results_dir, warn=warn))
+    done = {rid for rid, r in latest.items() if r.get("status") == "ok"}
+    # finished runs that still need their deployment: they are exported from their checkpoint, not
+    # quantized again; a run whose checkpoint was deleted (keep_checkpoint: false) stays as recorded
+    to_deploy = {r.run_id for r in selected if _deploy_pending(r, latest.get(r.run_id))}
+    no_checkpoint = {rid for rid in to_deploy if not (results_dir / "runs" / rid / CHECKPOINT).exists()}
+    to_deploy -= no_checkpoint
+    status = {r.run_id: ("deploy" if r.run_id in to_deploy else "done, no model.pt to deploy" if r.run_id in no_checkpoint
+                         else "done" if r.run_id in done else "failed" if r.run_id in latest else "pending")
+              for r in selected}
+    pending = [r for r in selected if r.run_id not in done or r.run_id in to_deploy]
+    if limit is not None:
+        pending = pending[:limit]
+    skipped = sum(1 for r in selected if r.run_id in done and r.run_id not in to_deploy)
+    return latest, status, to_deploy, no_checkpoint, pending, skipped
+
+
 def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: bool = False, only=None,
               limit: int | None = None, force: bool = False, set_values=None, progress: bool = True,
               verbose: bool = False, stream=None) -> dict:
@@ -460,21 +465,8 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
     for w in sweep.warnings:
         print(f"warning: {w}", file=sys.stderr)
 
-    latest = latest_records(read_results(results_dir))
-    done = {rid for rid, r in latest.items() if r.get("status") == "ok"}
-    # finished runs that still need their deployment: they are exported from their checkpoint, not
-    # quantized again; a run whose checkpoint was deleted (keep_checkpoint: false) stays as recorded
-    to_deploy = {r.run_id for r in selected if _deploy_pending(r, latest.get(r.run_id))}
-    no_checkpoint = {rid for rid in to_deploy if not (results_dir / "runs" / rid / CHECKPOINT).exists()}
-    to_deploy -= no_checkpoint
-    status = {r.run_id: ("deploy" if r.run_id in to_deploy else "done, no model.pt to deploy" if r.run_id in no_checkpoint
-                         else "done" if r.run_id in done else "failed" if r.run_id in latest else "pending")
-              for r in selected}
-    pending = [r for r in selected if r.run_id not in done or r.run_id in to_deploy]
-    if limit is not None:
-        pending = pending[:limit]
-    summary = dict(results_dir=str(results_dir), runs=selected, plan=pending,
-                   skipped=sum(1 for r in selected if r.run_id in done and r.run_id not in to_deploy),
+    latest, status, to_deploy, no_checkpoint, pending, skipped = _plan(selected, results_dir, limit)
+    summary = dict(results_dir=str(results_dir), runs=selected, plan=pending, skipped=skipped,
                    ran=0, failed=0, deployed=0, deploy_failed=0, records=[], config_hash=sweep.config_hash)
 
     if dry_run:
@@ -499,6 +491,9 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
     results_dir.mkdir(parents=True, exist_ok=True)
     with _lock(results_dir):
         _claim(results_dir, sweep, force)
+        # planned again under the lock: another process may have finished runs since the first read
+        latest, status, to_deploy, no_checkpoint, pending, skipped = _plan(selected, results_dir, limit, warn=False)
+        summary.update(plan=pending, skipped=skipped)
         fp_cache = {}
         for r in latest.values():
             if r.get("status") == "ok" and (r.get("metrics") or {}).get("fp") is not None:
@@ -515,7 +510,7 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
                 fp = fp_cache.get(_fp_key(run.config))
                 rec = execute_run(run, results_dir, sweep.name, fp_top1=fp, progress=verbose)
                 summary["ran"] += 1
-            fsync_append(results_dir / RESULTS, json.dumps(rec, default=str))
+            append_line(results_dir / RESULTS, json.dumps(rec, default=str))
             summary["records"].append(rec)
             if "error" in rec.get("deploy", {}):
                 summary["deploy_failed"] += 1
@@ -562,7 +557,7 @@ def bench_main(argv=None) -> int:
         summary = run_sweep(args.config, out=args.out, dry_run=args.dry_run, only=args.only or None, limit=args.limit,
                             force=args.force, set_values=args.set or None, progress=not args.no_progress,
                             verbose=args.verbose)
-    except (ConfigError, SweepRefused) as err:
+    except QdropError as err:  # ConfigError, SweepRefused, WriteError, ...
         print(f"qdrop: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from .cifar10 import load_cifar10, load_cifar10_with_source
-from .errors import DataError
 from .fashion_mnist import load_fashion_mnist, load_fashion_mnist_with_source
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, LazyImages, list_imagefolder, load_images
 from .paths import cache_dir, data_root
+from ..errors import DataError
 
 __all__ = [
     "DataError", "Split", "LazyImages", "load_split", "data_root", "cache_dir",
@@ -66,14 +66,14 @@ def load_split(
     `limit` keeps a random subset: of calib drawn with `seed`, of test a fixed one (seed 0).
     """
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+        raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     preprocess = preprocess or PREPROCESSINGS[dataset][0]
     if preprocess not in PREPROCESSINGS[dataset]:
-        raise ValueError(f"preprocessing {preprocess!r} does not apply to {dataset}; use one of {PREPROCESSINGS[dataset]}")
+        raise DataError(f"preprocessing {preprocess!r} does not apply to {dataset}; use one of {PREPROCESSINGS[dataset]}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of samples, got {limit}")
+        raise DataError(f"limit must be a positive number of samples, got {limit}")
     if data is not None and (str(data) == "" or not Path(data).expanduser().exists()):
         raise DataError(f"data path {str(data)!r} does not exist")
 

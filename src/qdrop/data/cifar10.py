@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .download import download
-from .errors import DataError
+from ..errors import DataError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -29,7 +29,7 @@ def load_cifar10(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_cifar10_with_source(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Like load_cifar10, plus the name of the file(s) the images came from."""
     if split not in _NPZ_NAMES:
-        raise ValueError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
+        raise DataError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
     root = Path(root)
     for name in _NPZ_NAMES[split]:
         if (root / name).is_file():

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .download import download
-from .errors import DataError
 from .paths import cache_dir
+from ..errors import DataError
 
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # Where the Debian/Ubuntu package dataset-fashion-mnist installs the files.
@@ -36,7 +36,7 @@ def load_fashion_mnist(root: Path | None, split: str) -> tuple[np.ndarray, np.nd
 def load_fashion_mnist_with_source(root: Path | None, split: str) -> tuple[np.ndarray, np.ndarray, Path]:
     """Like load_fashion_mnist, plus the folder the files came from."""
     if split not in _PREFIX:
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     names = (f"{_PREFIX[split]}-images-idx3-ubyte", f"{_PREFIX[split]}-labels-idx1-ubyte")
     folders = [Path(root) / "fashion-mnist", Path(root)] if root is not None else []
     target = cache_dir() / "fashion-mnist"

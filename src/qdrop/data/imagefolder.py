@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import DataError
+from ..errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,7 +95,7 @@ class LazyImages:
 
 def _check_preprocess(preprocess: str) -> None:
     if preprocess not in IMAGE_PREPROCESSINGS:
-        raise ValueError(f"unknown image preprocessing {preprocess!r}; expected one of {IMAGE_PREPROCESSINGS}")
+        raise DataError(f"unknown image preprocessing {preprocess!r}; expected one of {IMAGE_PREPROCESSINGS}")
 
 
 def _resize_crop(image, resample) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from ..errors import DataError
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, window: int = 1024, ma
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"need at least {window} tokens for one window, got {token_ids.numel()}")
+        raise DataError(f"need at least {window} tokens for one window, got {token_ids.numel()}")
     model.eval()
     nll, count = 0.0, 0
     for i in tqdm(range(n), disable=not progress, desc="ppl", leave=False):

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import collections
-import json
 import os
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,11 +87,3 @@ def parity(qmodel, onnx_path, x: torch.Tensor, y: torch.Tensor | None = None, ba
     out.update(cpu=cpu, ort_version=ort.__version__, graph_optimization_level="all",
                integer_nodes_counted_at="extended")
     return out
-
-
-def write_json_atomic(obj, path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

@@ -12,12 +12,6 @@ from .onnx_qdq import ExportError, ExportReport
 AIMET_VERSION = "0.6.1"
 
 
-def _grid_range(q):
-    """The clipping range [min, max] of a per-tensor quantizer's grid, as floats."""
-    s, z = q.scale.detach().cpu().double(), q.zero_point.detach().cpu().double()
-    return ((q.scheme.qmin - z) * s).tolist(), ((q.scheme.qmax - z) * s).tolist()
-
-
 def tensorrt_ranges(qmodel, report: ExportReport) -> dict:
     """{tensor: {"min", "max", "amax", "scale"}} for every activation quantizer.
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ExportError
 from ..graph.prepare import quantizers
+from ..io import atomic_write
 from ..quant.layers import QuantLayer
 from ..quant.quantizer import Quantizer
 
 
-class ExportError(ValueError):
-    """The model or the request cannot be exported (message says what and why)."""
 
 
 DOMAIN = "qdrop"
@@ -212,25 +211,11 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
             model.opset_import.remove(imp)
     try:
         onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
+    except onnx.checker.ValidationError as e:
         raise ExportError(f"exported graph fails onnx.checker: {e}") from e
-    _atomic_save_onnx(model, path)
+    atomic_write(path, lambda f: f.write(model.SerializeToString()), binary=True)
     report.path, report.opset, report.low_bit_container = str(path), opset, "int4" if int4 else "int8"
     return report
-
-
-def _atomic_save_onnx(model, path: Path) -> None:
-    import onnx
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _materialise(model, enabled: dict, qmodel, int4: bool, fp32: bool = False) -> ExportReport:

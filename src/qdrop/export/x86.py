@@ -185,11 +185,13 @@ def run_emulated(onnx_path, x: np.ndarray, cpu: str = "avx2", timeout: float = 3
     of that CPU, bit for bit; timings are not. Returns (outputs, describe_cpu() as seen inside)."""
     import json
 
+    from ..errors import UsageError  # here, not at the top: the emulated worker loads this file on its own
+
     if cpu not in EMULATED_CPUS:
-        raise ValueError(f"unknown emulated CPU {cpu!r}; choose from {sorted(EMULATED_CPUS)}")
+        raise UsageError(f"unknown emulated CPU {cpu!r}; choose from {sorted(EMULATED_CPUS)}")
     qemu = emulator()
     if qemu is None:
-        raise FileNotFoundError("emulating another CPU needs QEMU's user-mode emulator qemu-x86_64 "
+        raise UsageError("emulating another CPU needs QEMU's user-mode emulator qemu-x86_64 "
                                 "(Debian/Ubuntu: apt-get install qemu-user)")
     with tempfile.TemporaryDirectory() as d:
         xin, out = os.path.join(d, "x.npy"), os.path.join(d, "y.npy")

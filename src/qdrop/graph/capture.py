@@ -7,19 +7,7 @@ import torch
 from torch import fx, nn
 
 from ..quant.layers import QUANTIZABLE
-
-
-class TraceError(RuntimeError):
-    """A module could not be traced. `module` is its qualified name ('' for the root)."""
-
-    def __init__(self, module: str, cls: str, reason: BaseException):
-        self.module = module
-        where = f"module '{module}' ({cls})" if module else f"the model's own forward ({cls})"
-        super().__init__(
-            f"cannot trace {where}: {type(reason).__name__}: {reason}. "
-            f"Mark it as a leaf (leaf_modules=['{module or '<name>'}'] or --leaf {module or '<name>'}) "
-            "to keep it in floating point, or make its forward traceable."
-        )
+from ..errors import TraceError, UsageError
 
 
 class QTracer(fx.Tracer):
@@ -59,13 +47,13 @@ def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
     known = {n for n, _ in model.named_modules()}
     missing = [m for m in leaf_modules if isinstance(m, str) and m not in known]
     if missing:
-        raise ValueError(f"leaf module(s) {missing} not found in {type(model).__name__}")
+        raise UsageError(f"leaf module(s) {missing} not found in {type(model).__name__}")
     tracer = QTracer(leaf_modules)
     try:
         graph = tracer.trace(model)
     except TraceError:
         raise
-    except Exception as e:
+    except Exception as e:  # the user's forward failed to trace: name it (the cause stays chained)
         raise TraceError("", type(model).__name__, e) from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 

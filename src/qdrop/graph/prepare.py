@@ -15,6 +15,7 @@ from ..quant.quantizer import Quantizer
 from ..quant.scheme import QScheme, parse_bits
 from .capture import record_values, trace
 from .fold import fold_batchnorm
+from ..errors import ModelError, UsageError
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class PrepareConfig:
     a_observer: str | None = None
     int32_bias: bool | None = None  # None: the preset's choice
     target_cpu: str | None = None  # resolved: the preset's default when not asked for; None without targets
+    layer_bits: dict | None = None  # mixed precision: weight bits per layer name (others follow `bits`)
 
 
 def _is_add(n: fx.Node) -> bool:
@@ -129,6 +131,7 @@ def prepare(
     a_observer: str | None = None,
     int32_bias: bool | None = None,
     target_cpu: str | None = None,
+    layer_bits: dict | None = None,
 ) -> fx.GraphModule:
     """Return a quantization-ready copy of `model` (the original is not modified).
 
@@ -150,19 +153,25 @@ def prepare(
     QuantLayer records the quantizer whose scale its int32 bias uses (QuantLayer.bias_input_quant),
     and both the simulation and the exporter read that.
 
+    layer_bits: {layer name: weight bits} for mixed precision (qdrop.recon.mixed chooses them); the
+    layers it names take these bits instead of `bits`' weight bits (the preset's 8-bit layers too).
+
     target_cpu (presets with x86 targets, i.e. onnxruntime): "avx2" (default) stores 8-bit weights on
     a 7-bit grid that ONNX Runtime's integer kernels compute exactly on every x86-64 CPU; "vnni" keeps
     the full int8 grid, exact only on CPUs with VNNI or AMX (see TARGET_CPUS).
     """
     if backend not in PRESETS:
-        raise ValueError(f"unknown backend preset {backend!r}; choose from {sorted(PRESETS)}")
+        raise UsageError(f"unknown backend preset {backend!r}; choose from {sorted(PRESETS)}")
     if is_hf_model(model):
         if target_cpu is not None:
-            raise ValueError("target_cpu applies to the onnxruntime preset's fx path, not to Hugging Face models")
+            raise UsageError("target_cpu applies to the onnxruntime preset's fx path, not to Hugging Face models")
         return _prepare_hf(model, backend, bits, leaf_modules, w_observer, a_observer, int32_bias)
     preset = PRESETS[backend]
     target_cpu = resolve_target_cpu(backend, target_cpu)
     w_bits, a_bits = parse_bits(bits)
+    unknown = set(layer_bits or {}) - {n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
+    if unknown:
+        raise UsageError(f"layer_bits names layers that {type(model).__name__} does not have: {sorted(unknown)[:5]}")
     # bits of an "8-bit" weight on this target (7 where the kernels would saturate on full int8)
     full_w_bits = TARGET_CPUS[target_cpu]["weight_bits"] if target_cpu else 8
     if not isinstance(example_inputs, tuple):
@@ -177,14 +186,14 @@ def prepare(
     # weights
     layer_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QUANTIZABLE)]
     if not layer_nodes:
-        raise ValueError(f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer outside leaf modules to quantize")
+        raise ModelError(f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer outside leaf modules to quantize")
     seen = set()
     for i, n in enumerate(layer_nodes):
         if n.target in seen:  # a layer called twice shares one QuantLayer
             continue
         seen.add(n.target)
         edge = preset.first_last_8bit and (i == 0 or i == len(layer_nodes) - 1)
-        b = 8 if edge else w_bits
+        b = (layer_bits or {}).get(n.target, 8 if edge else w_bits)
         b = full_w_bits if b == 8 else b
         w_scheme = QScheme(bits=b, **{**preset.weight, **({"observer": w_observer} if w_observer else {})})
         _set_module(gm, n.target, QuantLayer(gm.get_submodule(n.target), w_scheme))
@@ -231,7 +240,7 @@ def prepare(
             if q is not None and q.scheme.ch_axis is None:
                 gm.get_submodule(name).set_bias_input_quant(q)
     gm.qdrop_config = PrepareConfig(backend, bits, [m for m in leaf_modules if isinstance(m, str)], w_observer,
-                                    a_observer, int32_bias, target_cpu)
+                                    a_observer, int32_bias, target_cpu, dict(layer_bits) if layer_bits else None)
     return gm
 
 
@@ -242,10 +251,10 @@ def resolve_target_cpu(backend: str, target_cpu: str | None) -> str | None:
     if target_cpu is None:
         return targets[0] if targets else None
     if not targets:
-        raise ValueError(f"target_cpu={target_cpu!r} applies to x86 integer kernels (backend 'onnxruntime'); "
+        raise UsageError(f"target_cpu={target_cpu!r} applies to x86 integer kernels (backend 'onnxruntime'); "
                          f"backend {backend!r} has no CPU targets: drop --target-cpu")
     if target_cpu not in targets:
-        raise ValueError(f"unknown target_cpu {target_cpu!r} for backend {backend!r}; choose from {list(targets)}")
+        raise UsageError(f"unknown target_cpu {target_cpu!r} for backend {backend!r}; choose from {list(targets)}")
     return target_cpu
 
 
@@ -258,10 +267,10 @@ def _prepare_hf(model, backend, bits, leaf_modules, w_observer, a_observer, int3
     from ..nlp.prepare import prepare_transformer
 
     if backend != "academic":
-        raise ValueError(f"backend {backend!r} places quantizers in an fx graph; Hugging Face models are prepared by "
+        raise UsageError(f"backend {backend!r} places quantizers in an fx graph; Hugging Face models are prepared by "
                          "module swap with the academic scheme (per-channel weights, per-tensor activations)")
     if int32_bias:
-        raise ValueError("int32_bias applies to fx-prepared models with a runtime preset, not to Hugging Face models")
+        raise UsageError("int32_bias applies to fx-prepared models with a runtime preset, not to Hugging Face models")
     return prepare_transformer(model, bits=bits, w_observer=w_observer or "mse", a_observer=a_observer or "minmax",
                                skip=tuple(m for m in leaf_modules if isinstance(m, str)))
 
@@ -290,11 +299,11 @@ def quantizers(gm: nn.Module) -> list[tuple[str, Quantizer]]:
 def set_quant_state(gm: nn.Module, state: str, role: str | None = None) -> None:
     """Set every quantizer (or those of one role: 'weight'/'act') to observe/quant/off."""
     if state not in ("observe", "quant", "off"):
-        raise ValueError(f"unknown quantizer state {state!r}")
+        raise UsageError(f"unknown quantizer state {state!r}")
     for _, q in quantizers(gm):
         if role is None or q.role == role:
             if state == "quant" and not q.calibrated:
-                raise RuntimeError("model is not calibrated: run qdrop.calibrate first")
+                raise UsageError("model is not calibrated: run qdrop.calibrate first")
             q.state = state
 
 

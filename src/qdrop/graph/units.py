@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
+from ..errors import PartitionError
 from ..quant.layers import QuantLayer
 from ..quant.quantizer import Quantizer
 from .capture import module_stack
@@ -39,8 +40,6 @@ class Unit:
         return f"Unit({self.name!r}, {self.kind}, layers={self.layers}, act_quants={len(self.act_quants)})"
 
 
-class PartitionError(ValueError):
-    pass
 
 
 def _is_layer(gm, n) -> bool:

@@ -1,7 +1,7 @@
 """Models: the CIFAR-10 ResNets, a small Fashion-MNIST ResNet, and a zoo that loads models by name."""
 
 from .cifar_resnet import CifarResNet, cifar_resnet
-from .errors import ModelError
+from ..errors import ModelError
 from .small_resnet import SmallResNet
 from .zoo import ModelInfo, load_model
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..data.download import download
 from ..data.paths import cache_dir, data_root
-from .errors import ModelError
+from ..errors import ModelError
 from .weights import load_weights
 
 DEPTHS = (20, 32, 44, 56, 110)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import ModelError
+from ..errors import ModelError
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..data.download import OFFLINE_ENV, offline
 from ..data.paths import cache_dir
 from .cifar_resnet import DEPTHS, cifar_resnet, find_cifar_resnet_weights
-from .errors import ModelError
+from ..errors import ModelError
 from .regnet import regnet_x_600mf
 from .small_resnet import SmallResNet
 from .weights import load_weights

@@ -13,11 +13,11 @@ from .equalize import channel_stats, gamma_migration, osplus, smoothquant
 from .errors import DataError, ModelError, TokenizerMissingError, UnsupportedModelError
 from .layers import QuantLinear, per_token_fake_quant
 from .mask import current_mask, token_mask
-from .pipeline import ALGOS, quantize_transformer, run_nlp_quantize
+from .pipeline import NLP_ALGOS, quantize_transformer, run_nlp_quantize
 from .prepare import calibrate_transformer, prepare_transformer, quant_linears
 
 __all__ = [
-    "ALGOS", "Adapter", "DataError", "LinearPair", "ModelError", "NormGroup", "QuantLinear", "TokenizerMissingError",
+    "Adapter", "DataError", "LinearPair", "ModelError", "NLP_ALGOS", "NormGroup", "QuantLinear", "TokenizerMissingError",
     "UnsupportedModelError", "calibrate_transformer", "channel_stats", "coarse_clipping", "fine_clipping", "current_mask", "find_adapter",
     "gamma_migration", "osplus", "per_token_fake_quant", "prepare_transformer", "quant_linears", "quantize_transformer",
     "run_nlp_quantize", "smoothquant", "token_mask", "token_wise_clipping",

@@ -28,6 +28,7 @@ from ..graph.prepare import quant_mode
 from ..quant.scheme import qparams_from_range
 from .layers import QuantLinear
 from .mask import real_tokens, token_mask
+from ..errors import UsageError
 
 SPAN = {8: 0.1, 7: 0.2, 6: 0.3, 5: 0.6, 4: 0.9, 3: 0.9, 2: 0.9}
 
@@ -126,11 +127,11 @@ def coarse_clipping(qmodel: nn.Module, batches, step: float = 0.01, span: float 
                     patience: int | None = None, progress: bool = False) -> dict:
     """The coarse stage alone: one alpha for all quantizers, the one with the lowest MSE."""
     if loss_on not in LOSS_ON:
-        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+        raise UsageError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     batches = list(batches)
     layers = _static_inputs(qmodel)
     if not layers:
-        raise ValueError("token-wise clipping needs static (per-tensor) input quantizers; this model has none")
+        raise UsageError("token-wise clipping needs static (per-tensor) input quantizers; this model has none")
     bits = layers[0][1].input_quant.bits
     span = SPAN.get(bits, 0.9) if span is None else span
     qmodel.eval()

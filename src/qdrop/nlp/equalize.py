@@ -32,6 +32,8 @@ from ..quant.scheme import qparams_from_range
 from .adapters import Adapter, LinearPair, NormGroup, find_adapter
 from .layers import QuantLinear, per_token_fake_quant
 from .mask import real_tokens, token_mask
+from ..errors import DataError, UsageError
+from .errors import UnsupportedModelError
 
 
 # ---- primitives ------------------------------------------------------------------------
@@ -62,7 +64,7 @@ def _shortcut_hook(module, args, kwargs):
     elif "input_tensor" in kwargs:
         kwargs = {**kwargs, "input_tensor": kwargs["input_tensor"] * s + b}
     else:
-        raise RuntimeError(f"{type(module).__name__}: residual argument not found")
+        raise UnsupportedModelError(f"{type(module).__name__}: residual argument not found")
     return args, kwargs
 
 
@@ -181,7 +183,7 @@ def channel_stats(model: nn.Module, batches, adapter: Adapter, sample_tokens: in
         model.train(was_training)
     empty = [k for k, s in stats.items() if s.min is None]
     if empty:
-        raise RuntimeError(f"no activations reached {empty[:3]} during the statistics pass")
+        raise DataError(f"no activations reached {empty[:3]} during the statistics pass")
     return stats
 
 
@@ -232,7 +234,7 @@ def _sq_scale(xmax, wmax, alpha):
 def _quant_linear(model, name) -> QuantLinear:
     m = model.get_submodule(name)
     if not isinstance(m, QuantLinear):
-        raise ValueError(f"OS+ searches the scale against the quantizers of {name}: run prepare_transformer first "
+        raise UsageError(f"OS+ searches the scale against the quantizers of {name}: run prepare_transformer first "
                          f"(and do not skip that layer)")
     return m
 

@@ -2,8 +2,7 @@
 so the CLI can report them as one line and exit with status 2."""
 from __future__ import annotations
 
-from ..data.errors import DataError
-from ..models.errors import ModelError
+from ..errors import DataError, ModelError
 
 
 class UnsupportedModelError(ModelError):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelError, TokenizerMissingError
+from ..errors import UsageError
 
 # alias -> (package, sub-folder, gguf file or None)
 ALIASES = {
@@ -45,7 +46,7 @@ def resolve(spec: str) -> tuple[str, str | None]:
 def load_hf(spec: str, task: str):
     """(model in eval mode, FP32, tokenizer) for task 'sts' (AutoModel) or 'lm' (AutoModelForCausalLM)."""
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise UsageError(f"task must be one of {TASKS}, got {task!r}")
     try:
         import transformers
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer

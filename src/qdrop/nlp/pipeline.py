@@ -2,7 +2,6 @@
 FP and quantized on real data, write metrics.json (the job behind `qdrop quantize --model hf:...`)."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from torch import nn
 
 from ..data.paths import data_root
 from ..eval.nlp_metrics import perplexity, sts_spearman
-from ..pipeline import atomic_write_text, environment
+from ..io import atomic_write_json, environment
 from ..quant.scheme import parse_bits
 from .clipping import token_wise_clipping
 from .data import lm_splits, read_tokens, segment_batches, sentence_calib_batches, sts_splits
@@ -19,8 +18,9 @@ from .equalize import gamma_migration, osplus, smoothquant
 from .errors import DataError
 from .models import TASKS, load_hf
 from .prepare import calibrate_transformer, prepare_transformer
+from ..errors import UsageError
 
-ALGOS = ("naive", "smoothquant", "osplus", "os")
+NLP_ALGOS = ("naive", "smoothquant", "osplus", "os")
 DEFAULT_DATA = {"sts": "nlp/stsb_dev.tsv", "lm": "nlp/wikitext2_valid.txt"}
 METRIC = {"sts": "stsb_spearman_x100", "lm": "wikitext2_ppl"}
 
@@ -45,8 +45,8 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
     os           Outlier Suppression: gamma migration, observers, token-wise clipping (coarse + LSQ+ fine);
                  loss_on='mean_pool' makes its loss the mean-pooled output (sentence embedders)
     """
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    if algo not in NLP_ALGOS:
+        raise UsageError(f"algo must be one of {NLP_ALGOS}, got {algo!r}")
     torch.manual_seed(seed)
     qmodel = prepare_transformer(model, bits, act_granularity, quantize_attention_matmuls, w_observer, a_observer,
                                  skip=skip, inplace=inplace)
@@ -87,16 +87,16 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     """
     t0 = time.perf_counter()
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+        raise UsageError(f"task must be one of {TASKS}, got {task!r}")
+    if algo not in NLP_ALGOS:
+        raise UsageError(f"algo must be one of {NLP_ALGOS}, got {algo!r}")
     parse_bits(bits)
     if down_proj and algo not in ("smoothquant", "osplus"):
-        raise ValueError(f"down_proj applies to smoothquant and osplus, not {algo!r}")
+        raise UsageError(f"down_proj applies to smoothquant and osplus, not {algo!r}")
     if w_observer is None:
         w_observer = "mse" if task == "sts" else "minmax"
     if calib < 1:
-        raise ValueError(f"calib must be at least 1, got {calib}")
+        raise UsageError(f"calib must be at least 1, got {calib}")
     data = Path(data) if data is not None else data_root() / DEFAULT_DATA[task]
     if not data.exists():
         raise DataError(f"{data} does not exist")
@@ -152,7 +152,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 

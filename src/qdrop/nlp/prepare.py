@@ -20,6 +20,7 @@ from ..quant.scheme import QScheme, parse_bits, qparams_from_range
 from .errors import UnsupportedModelError
 from .layers import DYNAMIC, AttnMatmulQuant, QuantLinear
 from .mask import current_mask, pop_mask, push_mask
+from ..errors import UsageError
 
 GRANULARITIES = ("per_tensor", "per_token")
 ATTN_IMPL = "qdrop_eager"
@@ -62,7 +63,7 @@ def prepare_transformer(
     (switches the model to an eager attention implementation that calls the quantizers).
     """
     if act_granularity not in GRANULARITIES:
-        raise ValueError(f"act_granularity must be one of {GRANULARITIES}, got {act_granularity!r}")
+        raise UsageError(f"act_granularity must be one of {GRANULARITIES}, got {act_granularity!r}")
     w_bits, a_bits = parse_bits(bits)
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(fnmatch.fnmatch(n, p) for p in skip)]
     if not targets:

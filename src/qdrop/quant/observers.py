@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .scheme import QScheme, qparams_from_range
+from ..errors import UsageError
 
 SAMPLE_PER_BATCH = 1 << 16  # values kept from each batch (per-tensor)
 SAMPLE_TOTAL = 1 << 18  # values searched over at the end (per-tensor)
@@ -21,12 +22,6 @@ def rows(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
     if ch_axis is None:
         return x.reshape(1, -1)
     return x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)
-
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
-    """Plain (non-differentiable-rounding) fake quantization with broadcasting qparams."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
 
 
 def _lp_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: QScheme, p: float) -> torch.Tensor:
@@ -109,7 +104,7 @@ class Observer:
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.min is None:
-            raise RuntimeError("observer saw no data: run calibration batches first")
+            raise UsageError("observer saw no data: run calibration batches first")
         return self._range()
 
     def _range(self):
@@ -204,4 +199,4 @@ def make_observer(scheme: QScheme) -> Observer:
     try:
         return OBSERVERS[scheme.observer](scheme)
     except KeyError:
-        raise ValueError(f"unknown observer {scheme.observer!r}; choose from {sorted(OBSERVERS)}") from None
+        raise UsageError(f"unknown observer {scheme.observer!r}; choose from {sorted(OBSERVERS)}") from None

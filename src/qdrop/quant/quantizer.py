@@ -22,6 +22,7 @@ from torch import nn
 
 from .observers import Observer, make_observer
 from .scheme import QScheme, qparams_from_range
+from ..errors import UsageError
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch
 
@@ -129,7 +130,7 @@ class Quantizer(nn.Module):
 
     def set_scheme(self, scheme: QScheme) -> None:
         if self.calibrated:
-            raise RuntimeError("cannot change the scheme of a calibrated quantizer")
+            raise UsageError("cannot change the scheme of a calibrated quantizer")
         self.scheme = scheme
 
     def observe(self) -> None:

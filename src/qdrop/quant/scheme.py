@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, replace
 
 import torch
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class QScheme:
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bit-width must be an integer in 2..8, got {self.bits!r}")
+            raise UsageError(f"bit-width must be an integer in 2..8, got {self.bits!r}")
 
     @property
     def is_signed(self) -> bool:
@@ -72,15 +73,28 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: QScheme, eps:
 
 
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
+_MIXED_BITS = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+)$")
+
+
+def parse_mixed_bits(text: str) -> tuple[float, int]:
+    """'w2.5a4' -> (2.5, 4): a fractional weight bit-width is an average-bits budget for a
+    mixed-precision search (qdrop.recon.mixed); 'w4a4' -> (4.0, 4)."""
+    m = _MIXED_BITS.match(text.strip().lower()) if isinstance(text, str) else None
+    if not m:
+        raise UsageError(f"bits must look like 'w4a4' or 'w2.5a4' (weights 2-8, activations 2-8), got {text!r}")
+    w, a = float(m.group(1)), int(m.group(2))
+    if not 2 <= w <= 8 or not 2 <= a <= 8:
+        raise UsageError(f"bit-widths in {text!r} are outside 2..8")
+    return w, a
 
 
 def parse_bits(text: str) -> tuple[int, int]:
     """'w4a4' -> (4, 4). Weight and activation bit-widths must be in 2..8."""
     m = _BITS.match(text.strip().lower()) if isinstance(text, str) else None
     if not m:
-        raise ValueError(f"bits must look like 'w4a4' (weights 2-8, activations 2-8), got {text!r}")
+        raise UsageError(f"bits must look like 'w4a4' (weights 2-8, activations 2-8), got {text!r}")
     w, a = int(m.group(1)), int(m.group(2))
     for kind, b in (("weight", w), ("activation", a)):
         if not 2 <= b <= 8:
-            raise ValueError(f"{kind} bit-width {b} in {text!r} is outside 2..8")
+            raise UsageError(f"{kind} bit-width {b} in {text!r} is outside 2..8")
     return w, a

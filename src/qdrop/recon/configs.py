@@ -17,6 +17,7 @@ qdrop     Wei et al. 2022: block units; rounding and activation step sizes learn
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ ALGORITHMS = {
         "qdrop", "block", (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5),)
     ),
 }
+# Every algorithm name a vision model takes: observers only, then the reconstruction algorithms.
+# (Transformers take qdrop.nlp.NLP_ALGOS.) The one list the CLI, the pipeline and the benchmarks read.
+VISION_ALGOS = ("naive", *ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class ReconConfig:
 
 def get_algorithm(name: str, **overrides) -> Algorithm:
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose from {sorted(ALGORITHMS)} (or 'naive')")
+        raise UsageError(f"unknown algorithm {name!r}; choose from {sorted(ALGORITHMS)} (or 'naive')")
     algo = ALGORITHMS[name]
     if overrides:
         algo = replace(algo, stages=tuple(replace(s, **overrides) for s in algo.stages))

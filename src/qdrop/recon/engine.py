@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from ..errors import DataError, ReconstructionError, UsageError
+from ..io import atomic_torch_save, load_torch_file
 from ..graph.prepare import quant_mode, quantizers  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
 from ..graph.units import Unit, block_units, layer_units, subgraph
 from ..quant.layers import QuantLayer
 from .configs import Algorithm, ReconConfig, Stage, get_algorithm
 
 
-class ReconstructionError(RuntimeError):
-    pass
 
 
 def default_lambda(qmodel: nn.Module) -> float:
@@ -58,10 +59,21 @@ def _unit_seed(seed: int, stage: int, unit: int, sub: int = 0) -> int:
     return (seed * 1_000_003 + stage * 10_007 + unit * 101 + sub) % (2**31)
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _load_state(state_path: str, device):
+    """The progress file of an interrupted run, or None when it is unreadable: it is only a cache
+    of finished units (written atomically, so torn only by outside damage), and starting over
+    gives the same result, so a damaged one is set aside with a warning instead of failing the run."""
+    from ..errors import CheckpointError
+
+    try:
+        saved = load_torch_file(state_path, "reconstruction state", map_location=device)
+        if not isinstance(saved, dict) or not {"meta", "done", "state_dict", "unit_reports"} <= set(saved):
+            raise CheckpointError(f"{state_path} does not hold a reconstruction state")
+    except CheckpointError as err:
+        print(f"qdrop: warning: {err}; it is removed and reconstruction starts from the first unit", file=sys.stderr)
+        os.unlink(state_path)
+        return None
+    return saved
 
 
 class _Cache:
@@ -110,13 +122,13 @@ def reconstruct(
     cfg = ReconConfig(iters=iters, batch_size=batch_size, lam=lam, seed=seed, compile=compile,
                       max_cache_bytes=max_cache_bytes)
     if not isinstance(iters, int) or iters <= 0:
-        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+        raise UsageError(f"iters must be a positive integer, got {iters!r}")
     if not isinstance(calib_data, torch.Tensor):
-        raise TypeError("calib_data must be a tensor of calibration inputs [N, ...]")
+        raise UsageError("calib_data must be a tensor of calibration inputs [N, ...]")
     if calib_data.shape[0] < batch_size:
-        raise ValueError(f"calibration set has {calib_data.shape[0]} samples, fewer than the batch size {batch_size}")
+        raise DataError(f"calibration set has {calib_data.shape[0]} samples, fewer than the batch size {batch_size}")
     if not torch.isfinite(calib_data).all():
-        raise ValueError("calibration data contains NaN or Inf values")
+        raise DataError("calibration data contains NaN or Inf values")
     qs = quantizers(qmodel)
     if not qs or not all(q.calibrated for _, q in qs if q.role == "weight") or not any(q.calibrated for _, q in qs if q.role == "act"):
         raise ReconstructionError("model is not calibrated: run qdrop.calibrate(qmodel, batches) before reconstruct")
@@ -132,8 +144,8 @@ def reconstruct(
                 n_calib=int(calib_data.shape[0]))
     done = -1
     report = dict(meta, lam=lam, unit_reports=[], device=str(device))
-    if state_path and os.path.exists(state_path):
-        saved = torch.load(state_path, map_location=device, weights_only=False)
+    saved = _load_state(state_path, device) if state_path and os.path.exists(state_path) else None
+    if saved is not None:
         if saved["meta"] != meta:
             raise ReconstructionError(f"{state_path} was written by a different run ({saved['meta']}); remove it or use another output")
         qmodel.load_state_dict(saved["state_dict"])
@@ -146,30 +158,32 @@ def reconstruct(
                disable=not progress,
                desc=f"{algorithm.name}", unit="it", dynamic_ncols=True)
     bar.update(sum(r["iters"] for r in report["unit_reports"]) if done >= 0 else 0)
-    step = 0
-    for s_idx, stage in enumerate(algorithm.stages):
-        stage_iters = max(1, int(round(iters * stage.iters_scale)))
-        x_dev, x_dtype = cache.placement(calib_data.shape[1:])
-        x_fp = calib_data.to(x_dev, x_dtype)
-        x_q = x_fp
-        for k, block in enumerate(blocks):
-            mod = subgraph(qmodel, block.nodes, block.input, [block.output])
-            if step <= done:  # finished before a restart: only move the caches along
-                with quant_mode(qmodel, weights=False, acts=False):
-                    y_fp = run_chunks(mod, x_fp, device, out_dtype=x_dtype)
-            else:
-                y_fp = _reconstruct_block(qmodel, block, mod, x_q, x_fp, algorithm, stage, s_idx, k, stage_iters,
-                                          cfg, lam, device, cache, bar, report, total_units, step)
-                if state_path:
-                    _atomic_save(dict(meta=meta, done=step, state_dict=qmodel.state_dict(),
-                                      unit_reports=report["unit_reports"]), state_path)
-                if on_unit_done is not None:
-                    on_unit_done(step, block.name)
-            with quant_mode(qmodel, weights=True, acts=stage.act_quant):
-                x_q = run_chunks(mod, x_q, device, out_dtype=x_dtype)
-            x_fp = y_fp
-            step += 1
-    bar.close()
+    try:  # the bar is closed on errors too, so that an error message starts on its own line
+        step = 0
+        for s_idx, stage in enumerate(algorithm.stages):
+            stage_iters = max(1, int(round(iters * stage.iters_scale)))
+            x_dev, x_dtype = cache.placement(calib_data.shape[1:])
+            x_fp = calib_data.to(x_dev, x_dtype)
+            x_q = x_fp
+            for k, block in enumerate(blocks):
+                mod = subgraph(qmodel, block.nodes, block.input, [block.output])
+                if step <= done:  # finished before a restart: only move the caches along
+                    with quant_mode(qmodel, weights=False, acts=False):
+                        y_fp = run_chunks(mod, x_fp, device, out_dtype=x_dtype)
+                else:
+                    y_fp = _reconstruct_block(qmodel, block, mod, x_q, x_fp, algorithm, stage, s_idx, k, stage_iters,
+                                              cfg, lam, device, cache, bar, report, total_units, step)
+                    if state_path:
+                        atomic_torch_save(dict(meta=meta, done=step, state_dict=qmodel.state_dict(),
+                                          unit_reports=report["unit_reports"]), state_path)
+                    if on_unit_done is not None:
+                        on_unit_done(step, block.name)
+                with quant_mode(qmodel, weights=True, acts=stage.act_quant):
+                    x_q = run_chunks(mod, x_q, device, out_dtype=x_dtype)
+                x_fp = y_fp
+                step += 1
+    finally:
+        bar.close()
     # every activation quantizer on, probabilities back to 1
     for _, q in quantizers(qmodel):
         if q.calibrated:
