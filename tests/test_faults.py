@@ -297,11 +297,8 @@ def leftovers(folder: Path, allow=()) -> list[str]:
 
 
 def load_pt(path: Path):
-    """A .pt file written by the run under test (trusted here): weights_only where it suffices."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    """A .pt file written by the run under test: qdrop writes plain data, so weights_only holds."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_complete_outputs(out: Path) -> None:
@@ -557,7 +554,8 @@ def test_quantize_on_full_disk(previous, reference, tmp_path):
         assert {n: (out / n).read_bytes() for n in before} == before
     else:
         assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
-    assert not (out / "recon_state.pt").exists() or load_pt(out / "recon_state.pt")
+    if (out / "recon_state.pt").exists():
+        load_pt(out / "recon_state.pt")  # a progress file left behind is complete (raises if torn)
     assert leftovers(out) == []
     assert_one_line_error(res, target)
 

@@ -38,7 +38,7 @@ def _mixed_bits(text: str) -> str:
 def _positive(text: str) -> int:
     try:
         v = int(text)
-    except UsageError:
+    except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
@@ -55,7 +55,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .graph.prepare import PRESETS
+    from .export.x86 import EMULATED_CPUS
+    from .graph.prepare import PRESETS, TARGET_CPUS
     from .nlp.pipeline import NLP_ALGOS
     from .pipeline import EXPORT_FORMATS
 
@@ -96,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-observer", default=None, help="override the preset's weight observer (minmax|ema_minmax|percentile|mse)")
     q.add_argument("--a-observer", default=None, help="override the preset's activation observer")
     q.add_argument("--int32-bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="simulate the integer runtime's int32 bias in 8-bit layers (default: the preset's choice; "
-                   "on for onnxruntime and qnn)")
-    q.add_argument("--target-cpu", choices=("avx2", "vnni"), default=None,
+                   help="simulate the integer runtime's int32 bias (codes at s_x*s_w) in every layer fed by a per-tensor "
+                   "activation quantizer (default: the preset's choice; on for onnxruntime and qnn)")
+    q.add_argument("--target-cpu", choices=sorted(TARGET_CPUS), default=None,
                    help="onnxruntime preset: x86 CPUs the integer model must be exact on. avx2 (default): 7-bit weights, "
                    "exact on every x86-64 CPU; vnni: full int8 weights, exact only with AVX-512 VNNI / AVX-VNNI / AMX "
                    "(saturates on AVX2)")
@@ -129,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--check", nargs="?", const=True, default=None, metavar="DATA",
                    help="run ONNX Runtime next to the simulation on the test split (DATA: dataset folder; "
                         "default: the model's data) and write parity.json beside the model")
-    x.add_argument("--target-cpu", choices=("avx2", "vnni"), default=None,
+    x.add_argument("--target-cpu", choices=sorted(TARGET_CPUS), default=None,
                    help="refuse the export unless the model is exact on these x86 CPUs (avx2: every x86-64 CPU); "
                    "default: the checkpoint's own target, with a warning when it can saturate without VNNI")
-    x.add_argument("--emulate-cpu", choices=("avx2",), default=None,
+    x.add_argument("--emulate-cpu", choices=sorted(EMULATED_CPUS), default=None,
                    help="with --check: run ONNX Runtime as an AVX2 CPU without VNNI would (QEMU qemu-x86_64 -cpu Haswell)")
     x.add_argument("--data", default=None, help="data root for loading the model (default: $QDROP_DATA or ../shared/data)")
     x.add_argument("--eval-limit", type=_positive, default=None, help="check on a fixed subset of this many test samples")

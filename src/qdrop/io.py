@@ -21,6 +21,7 @@ from typing import Callable
 from .errors import WriteError
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+TMP_MARK = ".qdrop-tmp"  # .NAME.qdrop-tmpPID: qdrop's own temporary files, and only those are ever cleaned up
 
 
 def _write_error(path, err: OSError) -> WriteError:
@@ -32,7 +33,7 @@ def _write_error(path, err: OSError) -> WriteError:
 def atomic_write(path: str | os.PathLike, write: Callable, binary: bool = False) -> None:
     """Call write(f) on a temporary file beside `path`, fsync it, and rename it to `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb" if binary else "w") as f:
             write(f)
@@ -49,13 +50,13 @@ def atomic_write(path: str | os.PathLike, write: Callable, binary: bool = False)
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that atomic_write left in `folder` when its process was killed
-    mid-write (.NAME.tmpPID of a PID that no longer runs). Returns what was removed."""
+    mid-write (.NAME.qdrop-tmpPID of a PID that no longer runs on this machine). Returns what was removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for p in folder.glob(".*.tmp*"):
-        pid = p.name.rpartition(".tmp")[2]
+    for p in folder.glob(f".*{TMP_MARK}*"):
+        pid = p.name.rpartition(TMP_MARK)[2]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
@@ -110,6 +111,11 @@ def load_torch_file(path: str | os.PathLike, what: str, fix: str = "", map_locat
     except (RuntimeError, EOFError, ValueError, OSError) as err:  # torn zip, truncated, not a torch file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable {what} (truncated or damaged: {first}){fix}") from None
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG, written like every other file (temporary name, then rename)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

@@ -10,9 +10,9 @@ import torch
 
 from .calibrate import batched, calibrate
 from .eval.metrics import top1
-from .graph.prepare import PRESETS, PrepareConfig, prepare, quantizers, resolve_target_cpu
-from .quant.scheme import parse_mixed_bits
-from .recon.mixed import SENSITIVITIES, parse_budget, search
+from .graph.prepare import PRESETS, TARGET_CPUS, PrepareConfig, prepare, quantizers, resolve_target_cpu
+from .quant.scheme import is_average_bits, parse_mixed_bits
+from .recon.mixed import CANDIDATE_BITS, SENSITIVITIES, parse_budget, search
 from .recon import reconstruct
 from .recon.configs import VISION_ALGOS
 from .errors import CheckpointError, ModelError, UsageError
@@ -95,7 +95,7 @@ class QuantizeJob:
     def mixed(self) -> bool:
         """Whether the weight bits are chosen per layer: a budget, or weight bits written with a
         decimal point (w2.5a4; w3.0a4 is a 3-bit average, w3a4 uniform 3-bit weights)."""
-        return self.budget is not None or "." in self.bits.lower().split("a")[0]
+        return self.budget is not None or is_average_bits(self.bits)
 
     def check(self) -> None:
         """Refuse a job that cannot run, before anything is loaded or written."""
@@ -105,9 +105,10 @@ class QuantizeJob:
             raise UsageError(f"unknown algorithm {self.algo!r}; choose from {VISION_ALGOS}")
         w, _ = parse_mixed_bits(self.bits)
         if self.budget is not None:
-            if "." in self.bits.split("a")[0]:
+            if is_average_bits(self.bits):
                 raise UsageError(f"give either fractional weight bits ({self.bits}) or --budget {self.budget}, not both")
-            parse_budget(self.budget)
+            if parse_budget(self.budget)[0] == "bits":
+                raise UsageError(f"an average-bits budget is written in --bits (e.g. w2.5a4), not --budget {self.budget}")
         if self.sensitivity is not None and self.sensitivity not in SENSITIVITIES:
             raise UsageError(f"unknown sensitivity {self.sensitivity!r}; choose from {SENSITIVITIES}")
         if self.backend not in PRESETS:
@@ -142,6 +143,23 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     test_split = load_split(info.dataset, "test", data=job.data, preprocess=info.preprocess, limit=job.eval_limit)
     seconds["load"] = time.perf_counter() - t
 
+    # mixed precision: choose every layer's weight bits first (a budget it cannot meet is refused
+    # before anything is written), then quantize as usual
+    bits, layer_bits, allocation = job.bits, None, None
+    if job.mixed:
+        t = time.perf_counter()
+        w, a = parse_mixed_bits(job.bits)
+        kind, budget = parse_budget(job.budget) if job.budget else ("bits", w)
+        probe = prepare(fp_model, (calib_split.x[:2],), backend=job.backend, bits=f"w8a{a}", leaf_modules=job.leaf_modules,
+                        w_observer=job.w_observer, a_observer=job.a_observer, target_cpu=target_cpu)
+        full = TARGET_CPUS[target_cpu]["weight_bits"] if target_cpu else 8  # what an 8-bit layer gets on this target
+        candidates = tuple(sorted({min(b, full) for b in CANDIDATE_BITS}))
+        allocation = search(probe, calib_split.x[:ACT_CALIB], kind, budget, job.sensitivity or "output",
+                            bits=candidates, device=device)
+        del probe
+        layer_bits, bits = allocation["bits"], f"w8a{a}"  # the nominal bits of the layers the preset pins
+        seconds["search"] = time.perf_counter() - t
+
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,25 +168,14 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
                   calib_size=len(calib_split), iters=job.iters if job.algo != "naive" else 0, device=device,
                   target_cpu=target_cpu, calib_data=calib_split.description, eval_data=test_split.description,
                   act_calib=ACT_CALIB)
+    if allocation:
+        config["allocation"] = {k: v for k, v in allocation.items() if k != "table"}
     if out_dir:
         atomic_write_json(out_dir / "config.json", config)
+        if allocation:
+            atomic_write_json(out_dir / "sensitivity.json", allocation["table"])
 
     t = time.perf_counter()
-    bits, layer_bits = job.bits, None
-    if job.mixed:  # choose every layer's weight bits, then quantize as usual
-        w, a = parse_mixed_bits(job.bits)
-        kind, budget = parse_budget(job.budget) if job.budget else ("bits", w)
-        probe = prepare(fp_model, (calib_split.x[:2],), backend=job.backend, bits=f"w8a{a}", leaf_modules=job.leaf_modules,
-                        w_observer=job.w_observer, a_observer=job.a_observer, target_cpu=target_cpu)
-        allocation = search(probe, calib_split.x[:ACT_CALIB], kind, budget, job.sensitivity or "output", device=device)
-        del probe
-        layer_bits, bits = allocation["bits"], f"w8a{a}"  # the nominal bits of the pinned layers
-        seconds["search"] = allocation["sensitivity_seconds"] + allocation["seconds"]
-        config["allocation"] = {k: v for k, v in allocation.items() if k != "table"}
-        if out_dir:
-            atomic_write_json(out_dir / "config.json", config)
-            atomic_write_json(out_dir / "sensitivity.json", allocation["table"])
-        t = time.perf_counter()
     qmodel = prepare(fp_model, (calib_split.x[:2],), backend=job.backend, bits=bits, leaf_modules=job.leaf_modules,
                      w_observer=job.w_observer, a_observer=job.a_observer, int32_bias=job.int32_bias, target_cpu=target_cpu,
                      layer_bits=layer_bits)
@@ -258,7 +265,7 @@ def run_export(checkpoint, out: str | Path, fmt: str = "onnx", check_data=None, 
             raise ExportError(f"--target-cpu applies to checkpoints of the onnxruntime preset; this one is {cfg.backend!r}")
         resolve_target_cpu(cfg.backend, target_cpu)  # validates the name
     u8s8 = worst_pair_sums(qmodel)
-    warning = saturation_warning(u8s8)
+    warning = saturation_warning(u8s8, cfg.backend)
     if target_cpu == "avx2" and warning:
         worst = max(u8s8, key=lambda r: r["worst_pair_sum"])
         raise ExportError(f"checkpoint {checkpoint} was quantized for target CPU {cfg.target_cpu or 'vnni'} (full int8 "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .config import parse_assignments
 from .runner import RESULTS, latest_records, read_results
 from ..errors import QdropError, UsageError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, save_figure
 
 
 def _load_checkpoint(run_dir: Path):
@@ -322,7 +322,7 @@ def _plot(a: dict, out_dir: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / f"flatness_{_slug(a['model'])}.png", dpi=110)
+    save_figure(fig, out_dir / f"flatness_{_slug(a['model'])}.png", dpi=110)
     plt.close(fig)
 
     labels = [v["label"] for v in a["variants"] if v["quantized"]]
@@ -337,7 +337,7 @@ def _plot(a: dict, out_dir: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / f"units_{_slug(a['model'])}.png", dpi=110)
+    save_figure(fig, out_dir / f"units_{_slug(a['model'])}.png", dpi=110)
     plt.close(fig)
 
 

@@ -90,8 +90,6 @@ NOT_IN_ID = ("threads", "keep_checkpoint", "deploy")
 CORE_KEYS = ("model", "bits", "algo", "seed")
 
 
-
-
 @dataclass
 class Run:
     run_id: str
@@ -159,7 +157,10 @@ def parse_assignments(items, what: str) -> dict:
             key = key.strip()
             if not sep or not key:
                 raise ConfigError(f"{what}: expected KEY=VALUE, got {part!r}")
-            values = [yaml.safe_load(v.strip()) if v.strip() else None for v in value.split("|")]
+            try:
+                values = [yaml.safe_load(v.strip()) if v.strip() else None for v in value.split("|")]
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{what}: {part!r} is not a valid YAML value ({str(err).splitlines()[0]})") from None
             out[key] = values if len(values) > 1 else values[0]
     return out
 
@@ -311,8 +312,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", str(text)).strip("_")[:40] or "x"
 
 
-# Keys added after results were recorded: they enter the id only when set, so that finished
-# runs keep their ids (None = the preset's default, which is what those runs used).
+# Keys added after results were recorded: they enter the id only when set, so that finished runs
+# keep their ids. None = the preset's default, which for these keys is what those runs used, with
+# one exception: runs of the onnxruntime preset recorded before x86 targets existed had full int8
+# weights (today's target_cpu: vnni), while None now means avx2; no shipped sweep used that preset,
+# and such a results folder should be rerun in a new folder.
 ID_IF_SET = {"int32_bias", "target_cpu", "budget", "sensitivity"}
 
 

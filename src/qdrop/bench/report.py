@@ -19,9 +19,10 @@ from pathlib import Path
 
 from .config import CORE_KEYS, ID_IF_SET, NOT_IN_ID
 from .runner import RESULTS, SWEEP, latest_records, read_results
+from ..quant.scheme import is_average_bits
 from ..quant.scheme import parse_mixed_bits as parse_bits  # w2.5a4: mixed precision
 from ..errors import QdropError, UsageError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, save_figure
 from ..nlp.pipeline import NLP_ALGOS
 from ..recon.configs import VISION_ALGOS
 
@@ -285,7 +286,7 @@ def _plot_accuracy(groups, out_dir: Path) -> list[str]:
         axes[0][-1].legend(fontsize=8)
         fig.tight_layout()
         name = "accuracy_vs_bits.png" if len(groups) == 1 else f"accuracy_vs_bits_{gi + 1}.png"
-        fig.savefig(out_dir / name, dpi=110)
+        save_figure(fig, out_dir / name, dpi=110)
         plt.close(fig)
         files.append(name)
     return files
@@ -297,7 +298,7 @@ def _safe(text: str) -> str:
 
 def _is_mixed(r: dict) -> bool:
     c = r["config"]
-    return c.get("budget") is not None or "." in str(c["bits"]).lower().split("a")[0]
+    return c.get("budget") is not None or is_average_bits(c["bits"])
 
 
 def _plot_size(records: list[dict], out_dir: Path) -> list[str]:
@@ -331,7 +332,7 @@ def _plot_size(records: list[dict], out_dir: Path) -> list[str]:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("top-1")
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_size.png", dpi=110)
+    save_figure(fig, out_dir / "accuracy_vs_size.png", dpi=110)
     plt.close(fig)
     return ["accuracy_vs_size.png"]
 
@@ -379,7 +380,7 @@ def _plot_losses(records: list[dict], out_dir: Path, suffix: str = "") -> list[s
         fig.suptitle(f"{m} {b.upper()}: per-unit reconstruction loss", fontsize=10)
         fig.tight_layout()
         name = f"loss_{_safe(m)}_{b}{suffix}.png"
-        fig.savefig(out_dir / name, dpi=100)
+        save_figure(fig, out_dir / name, dpi=100)
         plt.close(fig)
         files.append(name)
     return files

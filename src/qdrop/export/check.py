@@ -64,7 +64,8 @@ def parity(qmodel, onnx_path, x: torch.Tensor, y: torch.Tensor | None = None, ba
     sim = torch.cat([qmodel(x[i:i + batch_size].to(device)).float().cpu()
                      for i in tqdm(range(0, len(x), batch_size), desc="parity (simulation)", disable=not progress)])
     if emulate_cpu:
-        ort_out, cpu = run_emulated(onnx_path, x.cpu().numpy(), emulate_cpu)
+        xs = np.concatenate([x[i:i + batch_size].cpu().numpy().astype(np.float32) for i in range(0, len(x), batch_size)])
+        ort_out, cpu = run_emulated(onnx_path, xs, emulate_cpu)
         ort_out = torch.from_numpy(ort_out)
     else:
         sess = ort_session(onnx_path)

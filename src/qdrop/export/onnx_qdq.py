@@ -44,8 +44,6 @@ from ..quant.layers import QuantLayer
 from ..quant.quantizer import Quantizer
 
 
-
-
 DOMAIN = "qdrop"
 
 

@@ -50,7 +50,7 @@ def worst_pair_sums(qmodel) -> list[dict]:
     return rows
 
 
-def saturation_warning(rows: list[dict]) -> str | None:
+def saturation_warning(rows: list[dict], backend: str = "onnxruntime") -> str | None:
     """One line naming the layers that can saturate on non-VNNI CPUs and the remedy, or None."""
     bad = [r for r in rows if r["saturates_without_vnni"]]
     if not bad:
@@ -59,7 +59,9 @@ def saturation_warning(rows: list[dict]) -> str | None:
     worst = max(r["worst_pair_sum"] for r in bad)
     return (f"{len(bad)} of {len(rows)} integer layers can saturate ONNX Runtime's u8s8 kernels on x86 CPUs without "
             f"VNNI (AVX2, AVX-512F/BW): worst pair sum {worst} > {INT16_MAX} in {names}. Exact only on VNNI/AMX CPUs; "
-            "for any x86 CPU re-quantize with --target-cpu avx2 (7-bit weights)")
+            + ("for any x86 CPU re-quantize with --target-cpu avx2 (7-bit weights)" if backend == "onnxruntime" else
+               f"the {backend} preset targets its own runtime; for ONNX Runtime on any x86 CPU quantize with "
+               "--backend onnxruntime (its default --target-cpu avx2)"))
 
 
 def cpu_flags() -> dict:
@@ -70,8 +72,9 @@ def cpu_flags() -> dict:
     flags = {"avx2": bool(feats.get("AVX2")), "avx512f": bool(feats.get("AVX512F")),
              "avx512bw": bool(feats.get("AVX512BW")), "avx512_vnni": bool(feats.get("AVX512VNNI"))}
     proc = _proc_cpuinfo_flags()
-    # Under an emulator /proc/cpuinfo is the host's: trust it only where CPUID agrees on AVX-512
-    trusted = ("avx512f" in proc) == flags["avx512f"]
+    # Under an emulator /proc/cpuinfo is the host's: run_emulated says so; also never trust it where
+    # CPUID disagrees with it on AVX-512
+    trusted = not os.environ.get(EMULATED_ENV) and ("avx512f" in proc) == flags["avx512f"]
     flags["avx_vnni"] = trusted and "avx_vnni" in proc
     flags["amx_int8"] = trusted and "amx_int8" in proc
     return flags
@@ -156,6 +159,7 @@ def describe_cpu() -> dict:
 # ---- running ONNX Runtime as another x86 CPU would (QEMU user-mode emulation) ----
 
 EMULATED_CPUS = {"avx2": "Haswell"}  # qdrop name -> QEMU CPU model: AVX2 + FMA, no AVX-512, no VNNI
+EMULATED_ENV = "QDROP_EMULATED_CPU"  # set for the emulated worker: /proc/cpuinfo there describes the host
 
 
 def emulator() -> str | None:
@@ -185,7 +189,7 @@ def run_emulated(onnx_path, x: np.ndarray, cpu: str = "avx2", timeout: float = 3
     of that CPU, bit for bit; timings are not. Returns (outputs, describe_cpu() as seen inside)."""
     import json
 
-    from ..errors import UsageError  # here, not at the top: the emulated worker loads this file on its own
+    from ..errors import ExportError, UsageError  # here, not at the top: the emulated worker loads this file alone
 
     if cpu not in EMULATED_CPUS:
         raise UsageError(f"unknown emulated CPU {cpu!r}; choose from {sorted(EMULATED_CPUS)}")
@@ -196,13 +200,17 @@ def run_emulated(onnx_path, x: np.ndarray, cpu: str = "avx2", timeout: float = 3
     with tempfile.TemporaryDirectory() as d:
         xin, out = os.path.join(d, "x.npy"), os.path.join(d, "y.npy")
         np.save(xin, np.ascontiguousarray(x, dtype=np.float32))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        r = subprocess.run([qemu, "-cpu", EMULATED_CPUS[cpu], os.path.realpath(sys.executable), "-c", _WORKER,
-                            str(onnx_path), xin, out, os.path.abspath(__file__)],
-                           capture_output=True, text=True, timeout=timeout, env=env)
-        if r.returncode != 0:
-            err = [l for l in r.stderr.splitlines() if "warning: TCG" not in l]
-            raise RuntimeError(f"ONNX Runtime under {qemu} -cpu {EMULATED_CPUS[cpu]} failed: " + "\n".join(err[-20:]))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), EMULATED_ENV: cpu}
+        where = f"ONNX Runtime under {qemu} -cpu {EMULATED_CPUS[cpu]}"
+        try:
+            r = subprocess.run([qemu, "-cpu", EMULATED_CPUS[cpu], os.path.realpath(sys.executable), "-c", _WORKER,
+                                str(onnx_path), xin, out, os.path.abspath(__file__)],
+                               capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise ExportError(f"{where} did not finish in {timeout:.0f} s; check fewer samples (--eval-limit)") from None
+        if r.returncode != 0:  # e.g. a build that needs instructions the emulated CPU lacks (SIGILL)
+            err = [l for l in r.stderr.splitlines() if "warning: TCG" not in l and l.strip()]
+            raise ExportError(f"{where} failed (exit {r.returncode}): {err[-1] if err else 'no message'}")
         cpu_seen = json.loads(r.stdout.strip().splitlines()[-1])
         cpu_seen["model"] = f"QEMU -cpu {EMULATED_CPUS[cpu]} (emulated) on {cpu_model()}"
         cpu_seen["emulated"] = True

@@ -27,7 +27,7 @@ class Preset:
     quantize_inputs_of: tuple = ("layer",)  # op kinds whose tensor inputs are quantized
     quantize_network_input: bool = False
     first_last_8bit: bool = False  # first layer's weights, last layer's weights and input
-    int32_bias: bool = False  # the runtime adds 8-bit layers' biases as int32 codes at s_x * s_w
+    int32_bias: bool = False  # the runtime adds layers' biases as int32 codes at s_x * s_w (any bit-width)
     # x86 CPUs the integer kernels must be exact on (TARGET_CPUS); the first is the default
     target_cpus: tuple = ()
     doc: str = ""

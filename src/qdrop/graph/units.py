@@ -40,8 +40,6 @@ class Unit:
         return f"Unit({self.name!r}, {self.kind}, layers={self.layers}, act_quants={len(self.act_quants)})"
 
 
-
-
 def _is_layer(gm, n) -> bool:
     return n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantLayer)
 

@@ -34,9 +34,11 @@ class QuantLayer(nn.Module):
         self.__dict__["bias_input_quant"] = q
 
     def bias_scale(self) -> torch.Tensor | None:
-        """Per-output-channel scale of the int32 bias codes, s_x * s_w (None: float bias)."""
+        """Per-output-channel scale of the int32 bias codes, s_x * s_w, while the layer runs as an
+        integer kernel (its input and weight quantizers both on); None: the bias is added in float.
+        The one predicate both the simulation (effective_bias) and the exporter read."""
         iq = self.bias_input_quant
-        if iq is None or self.layer.bias is None:
+        if iq is None or self.layer.bias is None or iq.state != "quant" or self.weight_quant.state != "quant":
             return None
         return iq.scale.detach().reshape(()) * self.weight_quant.scale.detach().reshape(-1)
 
@@ -45,11 +47,11 @@ class QuantLayer(nn.Module):
         int32 bias (while both quantizers are on), the float bias otherwise. Rounding is
         straight-through for the bias and constant for the scales. Not applied while tracing for
         export: the exporter writes the codes from bias_scale() itself."""
-        b, iq = self.layer.bias, self.bias_input_quant
-        if b is None or iq is None or torch.jit.is_tracing() or iq.state != "quant" or self.weight_quant.state != "quant":
+        b = self.layer.bias
+        if torch.jit.is_tracing():  # exporting: the quantizers are placeholders, the exporter writes the codes
             return b
         s = self.bias_scale()
-        return b + (torch.round(b / s) * s - b).detach()
+        return b if s is None else b + (torch.round(b / s) * s - b).detach()
 
     @property
     def weight(self):

@@ -76,6 +76,12 @@ _BITS = re.compile(r"^w(\d+)a(\d+)$")
 _MIXED_BITS = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+)$")
 
 
+def is_average_bits(text: str) -> bool:
+    """Weight bits written with a decimal point are an average over layers: w2.5a4, w3.0a4 (mixed
+    precision); w3a4 is uniform."""
+    return "." in str(text).lower().split("a")[0]
+
+
 def parse_mixed_bits(text: str) -> tuple[float, int]:
     """'w2.5a4' -> (2.5, 4): a fractional weight bit-width is an average-bits budget for a
     mixed-precision search (qdrop.recon.mixed); 'w4a4' -> (4.0, 4)."""

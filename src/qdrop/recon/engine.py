@@ -29,8 +29,6 @@ from ..quant.layers import QuantLayer
 from .configs import Algorithm, ReconConfig, Stage, get_algorithm
 
 
-
-
 def default_lambda(qmodel: nn.Module) -> float:
     """Rounding-loss weight from the architecture's structure (the QDrop paper's values):
     no depthwise conv (ResNet/RegNet-like) 0.01; depthwise convs all 3x3 (MobileNetV2-like)

@@ -226,6 +226,7 @@ def search(qmodel, x: torch.Tensor, kind: str, budget: float, sensitivity: str =
     its time and the table of sensitivities."""
     if sensitivity not in SENSITIVITIES:
         raise UsageError(f"unknown sensitivity {sensitivity!r}; choose from {SENSITIVITIES}")
+    qmodel.to(device)
     costs = layer_costs(qmodel, x[:1].to(device))
     t = time.perf_counter()
     fn = output_sensitivity if sensitivity == "output" else hessian_sensitivity
