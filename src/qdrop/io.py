@@ -149,6 +149,8 @@ def environment() -> dict:
 
 
 def _cpu_model() -> str | None:
+    # also in qdrop.export.x86.cpu_model: that file must load on its own inside the CPU emulator, and
+    # this low-level module must not import export/
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
