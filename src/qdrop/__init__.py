@@ -5,12 +5,10 @@
     qdrop.reconstruct(qmodel, None, calib_inputs, algo="qdrop", iters=20000)
     qdrop.export_onnx(qmodel, "model.onnx", example_inputs)
 """
-from .calibrate import calibrate
+from .api import calibrate, export_onnx, prepare, reconstruct
 from .errors import QdropError
-from .export import export_onnx
-from .graph import describe, prepare, set_quant_state
+from .graph import describe, set_quant_state
 from .pipeline import QuantizeJob, run_export, run_quantize
-from .recon import reconstruct
 
 __version__ = "0.1.0"
 __all__ = ["QdropError", "QuantizeJob", "calibrate", "describe", "export_onnx", "prepare", "reconstruct", "run_export",

@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from .calibrate import batched, calibrate
+from .api import calibrate
+from .quant.calibration import batched
 from .data import load_split
 from .eval.metrics import top1
 from .graph.prepare import prepare

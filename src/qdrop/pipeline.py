@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import batched, calibrate
+from .api import calibrate
+from .quant.calibration import batched
 from .eval.metrics import top1
 from .graph.prepare import PRESETS, TARGET_CPUS, PrepareConfig, prepare, quantizers, resolve_target_cpu
 from .quant.scheme import is_average_bits, parse_mixed_bits
@@ -53,8 +54,7 @@ def load_checkpoint(path: str | Path, data=None, pretrained: bool = True):
                      int32_bias=cfg.int32_bias, target_cpu=cfg.target_cpu, layer_bits=cfg.layer_bits)
     calibrated = set(ckpt["calibrated"])
     for name, q in quantizers(qmodel):
-        q.calibrated = name in calibrated
-        q.state = "quant" if q.calibrated else "off"
+        q.set_calibrated(name in calibrated)
     qmodel.load_state_dict(ckpt["state_dict"])
     return qmodel, model, info
 

@@ -19,7 +19,6 @@ original function, BN folded), so no pretrained download is needed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -71,20 +70,11 @@ def find_runs(paths, only: dict | None = None) -> list[Path]:
     return runs
 
 
-@contextlib.contextmanager
 def _states(qmodel, weights_on, acts_on):
-    """Set quantizer states by predicate (name, quantizer) -> bool; restores afterwards."""
-    from ..graph.prepare import quantizers
+    """Quantizers on by predicate (name, quantizer) -> bool, per role; restored afterwards."""
+    from ..quant.state import switched
 
-    saved = [(q, q.state) for _, q in quantizers(qmodel)]
-    for name, q in quantizers(qmodel):
-        on = (weights_on if q.role == "weight" else acts_on)(name, q)
-        q.state = "quant" if (on and q.calibrated) else "off"
-    try:
-        yield
-    finally:
-        for q, s in saved:
-            q.state = s
+    return switched(qmodel, lambda name, q: (weights_on if q.role == "weight" else acts_on)(name, q))
 
 
 @torch.no_grad()
@@ -118,7 +108,7 @@ def unit_errors(qmodel, x, fp_out, device, batch_size) -> list[dict]:
         with _states(qmodel, lambda n, q: n in w_names, lambda n, q: n in a_names):
             out = _outputs(qmodel, x, device, batch_size)
         rows.append(dict(unit=b.name, layers=list(b.layers), alone_mse=float((out - fp_out).pow(2).mean())))
-    from ..graph.prepare import quantizers
+    from ..quant.state import quantizers
 
     rest = {n for n, q in quantizers(qmodel) if q.calibrated} - owned
     if rest:  # e.g. a quantized network input (tensorrt/onnxruntime presets): no unit owns it

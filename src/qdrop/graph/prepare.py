@@ -1,7 +1,6 @@
 """qdrop.prepare: trace any model, fold BN, and insert quantizers as a backend preset says."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import operator
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from torch import fx, nn
 from ..quant.layers import QUANTIZABLE, QuantLayer
 from ..quant.quantizer import Quantizer
 from ..quant.scheme import QScheme, parse_bits
+from ..quant.state import quant_mode, quantizers, set_quant_state  # noqa: F401 (re-exported: qdrop.graph API)
 from .capture import record_values, trace
 from .fold import fold_batchnorm
 from ..errors import ModelError, UsageError
@@ -140,10 +140,8 @@ def prepare(
     `quantize_inputs_of`. One quantizer per value: all users of the value see its
     quantized version. Quantizers start 'off': call qdrop.calibrate next.
 
-    Hugging Face transformers (a transformers.PreTrainedModel) go to qdrop.nlp.prepare_transformer
-    instead (module swap; fx cannot trace them reliably): every nn.Linear quantized, per-channel
-    weights, per-tensor static inputs; `leaf_modules` are Linear-name patterns kept in FP and
-    example_inputs is not needed. Calibrate the result with qdrop.calibrate as usual.
+    This is the torch.fx path; qdrop.prepare (qdrop.api) sends Hugging Face models to
+    qdrop.nlp.prepare_transformer instead.
 
     int32_bias (default: the preset's choice - on for onnxruntime and qnn, off for academic, as
     in the papers' code, and tensorrt, which adds a float bias): layers fed directly by a per-tensor
@@ -162,10 +160,6 @@ def prepare(
     """
     if backend not in PRESETS:
         raise UsageError(f"unknown backend preset {backend!r}; choose from {sorted(PRESETS)}")
-    if is_hf_model(model):
-        if target_cpu is not None:
-            raise UsageError("target_cpu applies to the onnxruntime preset's fx path, not to Hugging Face models")
-        return _prepare_hf(model, backend, bits, leaf_modules, w_observer, a_observer, int32_bias)
     preset = PRESETS[backend]
     target_cpu = resolve_target_cpu(backend, target_cpu)
     w_bits, a_bits = parse_bits(bits)
@@ -258,23 +252,6 @@ def resolve_target_cpu(backend: str, target_cpu: str | None) -> str | None:
     return target_cpu
 
 
-def is_hf_model(model: nn.Module) -> bool:
-    """A Hugging Face transformers model (checked by class, without importing transformers)."""
-    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
-
-
-def _prepare_hf(model, backend, bits, leaf_modules, w_observer, a_observer, int32_bias):
-    from ..nlp.prepare import prepare_transformer
-
-    if backend != "academic":
-        raise UsageError(f"backend {backend!r} places quantizers in an fx graph; Hugging Face models are prepared by "
-                         "module swap with the academic scheme (per-channel weights, per-tensor activations)")
-    if int32_bias:
-        raise UsageError("int32_bias applies to fx-prepared models with a runtime preset, not to Hugging Face models")
-    return prepare_transformer(model, bits=bits, w_observer=w_observer or "mse", a_observer=a_observer or "minmax",
-                               skip=tuple(m for m in leaf_modules if isinstance(m, str)))
-
-
 def layer_input_quantizers(gm: fx.GraphModule) -> dict[str, Quantizer | None]:
     """QuantLayer name -> the activation quantizer that directly feeds it (None when its input is
     not quantized, or when it is called on differently quantized inputs)."""
@@ -290,36 +267,6 @@ def layer_input_quantizers(gm: fx.GraphModule) -> dict[str, Quantizer | None]:
 def _set_module(gm: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, attr, module)
-
-
-def quantizers(gm: nn.Module) -> list[tuple[str, Quantizer]]:
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, Quantizer)]
-
-
-def set_quant_state(gm: nn.Module, state: str, role: str | None = None) -> None:
-    """Set every quantizer (or those of one role: 'weight'/'act') to observe/quant/off."""
-    if state not in ("observe", "quant", "off"):
-        raise UsageError(f"unknown quantizer state {state!r}")
-    for _, q in quantizers(gm):
-        if role is None or q.role == role:
-            if state == "quant" and not q.calibrated:
-                raise UsageError("model is not calibrated: run qdrop.calibrate first")
-            q.state = state
-
-
-@contextlib.contextmanager
-def quant_mode(gm: nn.Module, weights: bool, acts: bool):
-    """Temporarily set calibrated quantizers on/off by role; restores the previous states."""
-    saved = [(q, q.state) for _, q in quantizers(gm)]
-    for q, _ in saved:
-        if q.calibrated:
-            on = weights if q.role == "weight" else acts
-            q.state = "quant" if on else "off"
-    try:
-        yield
-    finally:
-        for q, s in saved:
-            q.state = s
 
 
 def describe(gm: fx.GraphModule) -> dict:

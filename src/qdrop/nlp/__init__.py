@@ -5,7 +5,8 @@
     calibrate_transformer(qmodel, batches)                    # padding never enters a range
     token_wise_clipping(qmodel, batches)                      # Outlier Suppression, optional
 
-or all at once: quantize_transformer(...), run_nlp_quantize(...). See docs/nlp.md.
+or all at once: quantize_transformer(...); block reconstruction through qdrop.reconstruct, and the
+whole job (load, quantize, evaluate) in qdrop.nlp_pipeline.run_nlp_quantize. See docs/nlp.md.
 """
 from .adapters import Adapter, LinearPair, NormGroup, find_adapter
 from .clipping import coarse_clipping, fine_clipping, token_wise_clipping
@@ -13,12 +14,13 @@ from .equalize import channel_stats, gamma_migration, osplus, smoothquant
 from .errors import DataError, ModelError, TokenizerMissingError, UnsupportedModelError
 from .layers import QuantLinear, per_token_fake_quant
 from .mask import current_mask, token_mask
-from .pipeline import NLP_ALGOS, quantize_transformer, run_nlp_quantize
+from .pipeline import NLP_ALGOS, quantize_transformer
+from .units import ScopePartition, find_blocks
 from .prepare import calibrate_transformer, prepare_transformer, quant_linears
 
 __all__ = [
     "Adapter", "DataError", "LinearPair", "ModelError", "NLP_ALGOS", "NormGroup", "QuantLinear", "TokenizerMissingError",
     "UnsupportedModelError", "calibrate_transformer", "channel_stats", "coarse_clipping", "fine_clipping", "current_mask", "find_adapter",
     "gamma_migration", "osplus", "per_token_fake_quant", "prepare_transformer", "quant_linears", "quantize_transformer",
-    "run_nlp_quantize", "smoothquant", "token_mask", "token_wise_clipping",
+    "ScopePartition", "find_blocks", "smoothquant", "token_mask", "token_wise_clipping",
 ]

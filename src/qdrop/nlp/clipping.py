@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..eval.nlp_metrics import mean_pool, model_output
-from ..graph.prepare import quant_mode
+from ..quant.state import quant_mode
 from ..quant.scheme import qparams_from_range
 from .layers import QuantLinear
 from .mask import real_tokens, token_mask
@@ -89,9 +89,7 @@ def _set_ratio(model, ranges, alpha: float) -> None:
         lo = torch.quantile(tmin, 1 - alpha) if alpha < 1 else tmin.min()
         hi = torch.quantile(tmax, alpha) if alpha < 1 else tmax.max()
         scale, zp = qparams_from_range(lo, hi, q.scheme)
-        q.scale.copy_(scale.reshape(q.scale.shape))
-        q.zero_point.copy_(zp.reshape(q.zero_point.shape))
-        q.observer, q.calibrated, q.state = None, True, "quant"
+        q.set_range(scale, zp)
 
 
 def output_loss(model, batches, targets, loss_on: str = "tokens") -> float:
@@ -168,8 +166,7 @@ def fine_clipping(qmodel: nn.Module, batches, epochs: int = 3, lr: float = 1e-2,
     if not kept:
         with torch.no_grad():
             for q, (sc, zp) in zip(quants, start):
-                q.scale.copy_(sc)
-                q.zero_point.copy_(zp)
+                q.set_range(sc, zp)
     return dict(fine_epochs=epochs, fine_lr=lr, fine_start_loss=start_loss, fine_loss=fine_loss, fine_kept=kept)
 
 

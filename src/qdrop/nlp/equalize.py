@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from ..graph.prepare import quant_mode
+from ..quant.state import quant_mode
 from ..quant.layers import QuantLayer
 from ..quant.scheme import qparams_from_range
 from .adapters import Adapter, LinearPair, NormGroup, find_adapter

@@ -37,7 +37,7 @@ class QuantLinear(QuantLayer):
         self.per_token = per_token
         self.input_quant = Quantizer(a_scheme, role=DYNAMIC if per_token else "act")
         if per_token:
-            self.input_quant.calibrated = True  # nothing to calibrate: ranges are computed per call
+            self.input_quant.mark_dynamic()  # nothing to calibrate: ranges are computed per call
 
     def forward(self, x):
         q = self.input_quant

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import calibrate_observers
-from ..graph.prepare import quantizers, set_quant_state
+from ..quant.calibration import calibrate_observers
+from ..quant.state import quantizers, set_quant_state
 from ..quant.observers import mse_search, rows
 from ..quant.scheme import QScheme, parse_bits, qparams_from_range
 from .errors import UnsupportedModelError
@@ -106,9 +106,7 @@ def calibrate_weights(qmodel: nn.Module) -> None:
         r = rows(m.layer.weight, 0)
         lo, hi = mse_search(r, r.amin(1), r.amax(1), wq.scheme)
         scale, zp = qparams_from_range(lo, hi, wq.scheme)
-        wq.scale.copy_(scale.reshape(wq.scale.shape))
-        wq.zero_point.copy_(zp.reshape(wq.zero_point.shape))
-        wq.observer, wq.calibrated, wq.state = None, True, "quant"
+        wq.set_range(scale, zp)
 
 
 @torch.no_grad()
@@ -120,7 +118,7 @@ def calibrate_transformer(qmodel: nn.Module, batches) -> nn.Module:
     calibrate_observers(qmodel, batches)
     for _, q in quantizers(qmodel):
         if q.role == DYNAMIC:
-            q.state = "quant"
+            q.set_state("quant")
     return qmodel
 
 

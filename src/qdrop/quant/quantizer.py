@@ -25,6 +25,7 @@ from .scheme import QScheme, qparams_from_range
 from ..errors import UsageError
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch
+STATES = ("observe", "quant", "off")
 
 
 def _bshape(x: torch.Tensor, ch_axis: int | None, t: torch.Tensor) -> torch.Tensor:
@@ -136,6 +137,48 @@ class Quantizer(nn.Module):
     def observe(self) -> None:
         self.observer = make_observer(self.scheme)
         self.state = "observe"
+
+    # ---- state: other modules change a quantizer only through these methods ---------------
+    def set_state(self, state: str) -> None:
+        """observe / quant / off. 'quant' needs a range (calibrated or set)."""
+        if state not in STATES:
+            raise UsageError(f"unknown quantizer state {state!r}; choose from {STATES}")
+        if state == "quant" and not self.calibrated:
+            raise UsageError("model is not calibrated: run qdrop.calibrate first")
+        if state == "observe" and self.observer is None:
+            self.observer = make_observer(self.scheme)
+        self.state = state
+
+    def set_range(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Use this scale and zero point (reshaped to this quantizer's) and start quantizing."""
+        with torch.no_grad():
+            self.scale.copy_(torch.as_tensor(scale).reshape(self.scale.shape))
+            self.zero_point.copy_(torch.as_tensor(zero_point).reshape(self.zero_point.shape))
+        self.observer = None
+        self.calibrated = True
+        self.state = "quant"
+
+    def mark_dynamic(self) -> None:
+        """Ranges computed per call by the caller (per-token quantization): nothing to calibrate."""
+        self.observer = None
+        self.calibrated = True
+
+    def saw_nothing(self) -> None:
+        """Calibration ended without data for this quantizer: it stays off, uncalibrated."""
+        self.observer = None
+        self.state = "off"
+
+    def set_drop(self, prob: float) -> None:
+        """QDrop: in training mode each element is quantized with probability `prob` (1: always)."""
+        if not 0.0 <= prob <= 1.0:
+            raise UsageError(f"drop probability must be in [0, 1], got {prob}")
+        self.prob = float(prob)
+
+    def set_calibrated(self, calibrated: bool) -> None:
+        """For loading a checkpoint: whether the saved state holds a range for this quantizer
+        (it quantizes when it does, else stays off)."""
+        self.calibrated = bool(calibrated)
+        self.state = "quant" if calibrated else "off"
 
     def freeze(self) -> None:
         """Turn what the observer saw into scale and zero point, and start quantizing."""

@@ -9,6 +9,13 @@ a pass of the full model per unit.
 
 The FP model is the prepared model with every quantizer off (it computes the original
 function; tested), so the FP and quantized passes share modules and code.
+
+Where the units come from is a partition (duck-typed, see GraphPartition): torch.fx graphs
+here (graph/units.py), transformer blocks by module scope in qdrop.nlp.units. A partition
+gives the first unit's inputs as groups of samples (one tensor for a CNN; per calibration
+batch for a transformer, with its token mask), each unit's extra arguments per group (attention
+masks, position embeddings: whatever the block's forward receives besides the hidden states),
+and callables that run a unit or one layer. The loop below is the same for both.
 """
 from __future__ import annotations
 
@@ -23,8 +30,10 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, ReconstructionError, UsageError
 from ..io import atomic_torch_save, load_torch_file
-from ..graph.prepare import quant_mode, quantizers  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
+from torch.utils._pytree import tree_map
+
 from ..graph.units import Unit, block_units, layer_units, subgraph
+from ..quant.state import quant_mode, quantizers  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
 from ..quant.layers import QuantLayer
 from .configs import Algorithm, ReconConfig, Stage, get_algorithm
 
@@ -45,12 +54,67 @@ def default_lambda(qmodel: nn.Module) -> float:
 
 
 @torch.no_grad()
-def run_chunks(module: nn.Module, x: torch.Tensor, device, chunk: int = 128, out_dtype=None) -> torch.Tensor:
+def run_chunks(module, x: torch.Tensor, device, chunk: int = 128, out_dtype=None, args=(), kwargs=None) -> torch.Tensor:
+    """module(x, *args, **kwargs) over x in chunks of rows; per-sample arguments (tensors whose
+    first dimension is x's) are sliced along with x, the others passed whole."""
     outs = []
-    for i in range(0, x.shape[0], chunk):
-        y = module(x[i : i + chunk].to(device, non_blocking=True).float())
+    n = x.shape[0]
+    for i in range(0, n, chunk):
+        a, kw = rows_of((args, kwargs or {}), n, slice(i, i + chunk))
+        y = module(x[i : i + chunk].to(device, non_blocking=True).float(), *a, **kw)
         outs.append(y.to(out_dtype or y.dtype) if x.device == y.device else y.to(x.device, out_dtype or y.dtype))
     return torch.cat(outs)
+
+
+def rows_of(tree, n: int, index):
+    """The rows `index` of every tensor in `tree` whose first dimension is n (per-sample)."""
+    return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t, tree)
+
+
+def run_groups(fn, xs: list, extras: list, device, out_dtype=None) -> list:
+    return [run_chunks(fn, x, device, out_dtype=out_dtype, args=a, kwargs=kw) for x, (a, kw) in zip(xs, extras)]
+
+
+class GraphPartition:
+    """The torch.fx path: block and layer units of graph/units.py; the calibration set is one
+    tensor (one group), units take one tensor, the reconstruction error sums channels (dim 1)."""
+
+    feature_dim = 1
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.blocks = block_units(gm)
+
+    def start(self, calib: torch.Tensor, device):
+        if not isinstance(calib, torch.Tensor):
+            raise UsageError("calib_data must be a tensor of calibration inputs [N, ...]")
+        if not torch.isfinite(calib).all():
+            raise DataError("calibration data contains NaN or Inf values")
+        return [calib], [None]
+
+    def extras(self, k: int) -> list:
+        return [((), {})]
+
+    def block_fn(self, k: int):
+        b = self.blocks[k]
+        return subgraph(self.gm, b.nodes, b.input, [b.output])
+
+    def layer_units(self, k: int) -> list:
+        return layer_units(self.gm, self.blocks[k])
+
+    def layer_fn(self, k: int, lu: Unit):
+        return subgraph(self.gm, lu.nodes, lu.input, [lu.output])
+
+    def layer_io(self, k: int, lu: Unit, xs: list, extras: list, device, out_dtype, with_output: bool, run_groups=None):
+        """The layer's inputs (and FP outputs) inside block k, from the block's inputs xs."""
+        b = self.blocks[k]
+        if not with_output:
+            to_in = subgraph(self.gm, b.nodes, b.input, [lu.input])
+            return [run_chunks(to_in, xs[0], device, out_dtype=out_dtype)], None
+        to_in_out = subgraph(self.gm, b.nodes, b.input, [lu.input, lu.output])
+        with torch.no_grad():
+            pairs = [to_in_out(xs[0][i : i + 128].to(device).float()) for i in range(0, xs[0].shape[0], 128)]
+        return [torch.cat([p[0] for p in pairs]).to(out_dtype)], [torch.cat([p[1] for p in pairs]).to(out_dtype)]
 
 
 def _unit_seed(seed: int, stage: int, unit: int, sub: int = 0) -> int:
@@ -82,21 +146,25 @@ class _Cache:
         self.device, self.n, self.max_bytes = device, n, max_bytes
 
     def placement(self, sample_shape, copies: int = 3):
-        per = math.prod(sample_shape) * self.n * copies
+        return self.placement_of(math.prod(sample_shape) * self.n, copies, f"of shape {tuple(sample_shape)} for {self.n} samples")
+
+    def placement_of(self, numel: int, copies: int = 3, what: str = ""):
+        """Where `copies` tensors of `numel` elements each go."""
+        per = numel * copies
         if self.max_bytes is None or per * 4 <= self.max_bytes:
             return self.device, torch.float32
         if per * 2 <= self.max_bytes:
             return torch.device("cpu") if self.device.type == "cuda" else self.device, torch.float16
         raise ReconstructionError(
-            f"memory cap {self.max_bytes} bytes is too small: caching {copies} tensors of shape "
-            f"{tuple(sample_shape)} for {self.n} samples needs at least {per * 2} bytes in half precision"
+            f"memory cap {self.max_bytes} bytes is too small: caching {copies} tensors "
+            f"{what or f'of {numel} elements'} needs at least {per * 2} bytes in half precision"
         )
 
 
 def reconstruct(
-    qmodel: fx.GraphModule,
+    qmodel: nn.Module,
     fp_model: nn.Module | None,
-    calib_data: torch.Tensor,
+    calib_data,
     algo: str | Algorithm = "qdrop",
     iters: int = 20000,
     batch_size: int = 32,
@@ -108,38 +176,41 @@ def reconstruct(
     compile: bool = False,
     max_cache_bytes: int | None = None,
     on_unit_done=None,
+    partition=None,
 ) -> dict:
     """Reconstruct `qmodel` (prepared and calibrated) in place; returns a report.
 
     fp_model is optional: when given it is only checked against the prepared model with
     quantizers off (the FP reference the loop uses). state_path: a file where the model
     state is saved after every unit; rerunning the same call resumes after the last
-    finished unit and gives the same result as an uninterrupted run.
+    finished unit and gives the same result as an uninterrupted run. partition: where the
+    units come from (default: the torch.fx graph; qdrop.reconstruct passes the transformer
+    one for Hugging Face models, with calib_data a list of tokenized batches).
     """
     algorithm = get_algorithm(algo) if isinstance(algo, str) else algo
     cfg = ReconConfig(iters=iters, batch_size=batch_size, lam=lam, seed=seed, compile=compile,
                       max_cache_bytes=max_cache_bytes)
     if not isinstance(iters, int) or iters <= 0:
         raise UsageError(f"iters must be a positive integer, got {iters!r}")
-    if not isinstance(calib_data, torch.Tensor):
-        raise UsageError("calib_data must be a tensor of calibration inputs [N, ...]")
-    if calib_data.shape[0] < batch_size:
-        raise DataError(f"calibration set has {calib_data.shape[0]} samples, fewer than the batch size {batch_size}")
-    if not torch.isfinite(calib_data).all():
-        raise DataError("calibration data contains NaN or Inf values")
     qs = quantizers(qmodel)
     if not qs or not all(q.calibrated for _, q in qs if q.role == "weight") or not any(q.calibrated for _, q in qs if q.role == "act"):
         raise ReconstructionError("model is not calibrated: run qdrop.calibrate(qmodel, batches) before reconstruct")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     qmodel.to(device).eval()
+    part = GraphPartition(qmodel) if partition is None else partition
+    with quant_mode(qmodel, weights=False, acts=False):
+        xs0, masks = part.start(calib_data, device)
+    n_calib = sum(int(x.shape[0]) for x in xs0)
+    if len(xs0) == 1 and n_calib < batch_size:  # (groups of a transformer's batches may be smaller: one group a step)
+        raise DataError(f"calibration set has {n_calib} samples, fewer than the batch size {batch_size}")
     lam = default_lambda(qmodel) if cfg.lam is None else cfg.lam
     if fp_model is not None:
         _check_fp(qmodel, fp_model, calib_data[: min(8, len(calib_data))], device)
 
-    blocks = block_units(qmodel)
+    blocks = part.blocks
     total_units = len(blocks) * len(algorithm.stages)
     meta = dict(algo=algorithm.name, iters=iters, batch_size=batch_size, lam=lam, seed=seed, units=[u.name for u in blocks],
-                n_calib=int(calib_data.shape[0]))
+                n_calib=n_calib)
     done = -1
     report = dict(meta, lam=lam, unit_reports=[], device=str(device))
     saved = _load_state(state_path, device) if state_path and os.path.exists(state_path) else None
@@ -150,8 +221,8 @@ def reconstruct(
         done = saved["done"]
         report["unit_reports"] = saved["unit_reports"]
 
-    cache = _Cache(device, calib_data.shape[0], max_cache_bytes)
-    per_block = [len(layer_units(qmodel, b)) if algorithm.units == "layer" else 1 for b in blocks]
+    cache = _Cache(device, n_calib, max_cache_bytes)
+    per_block = [len(part.layer_units(k)) if algorithm.units == "layer" else 1 for k in range(len(blocks))]
     bar = tqdm(total=sum(max(1, int(round(iters * s.iters_scale))) for s in algorithm.stages) * sum(per_block),
                disable=not progress,
                desc=f"{algorithm.name}", unit="it", dynamic_ncols=True)
@@ -160,33 +231,34 @@ def reconstruct(
         step = 0
         for s_idx, stage in enumerate(algorithm.stages):
             stage_iters = max(1, int(round(iters * stage.iters_scale)))
-            x_dev, x_dtype = cache.placement(calib_data.shape[1:])
-            x_fp = calib_data.to(x_dev, x_dtype)
+            x_dev, x_dtype = cache.placement_of(sum(x.numel() for x in xs0))
+            x_fp = [x.to(x_dev, x_dtype) for x in xs0]
             x_q = x_fp
             for k, block in enumerate(blocks):
-                mod = subgraph(qmodel, block.nodes, block.input, [block.output])
+                fn = part.block_fn(k)
+                extras = part.extras(k)
                 if step <= done:  # finished before a restart: only move the caches along
                     with quant_mode(qmodel, weights=False, acts=False):
-                        y_fp = run_chunks(mod, x_fp, device, out_dtype=x_dtype)
+                        y_fp = run_groups(fn, x_fp, extras, device, out_dtype=x_dtype)
                 else:
-                    y_fp = _reconstruct_block(qmodel, block, mod, x_q, x_fp, algorithm, stage, s_idx, k, stage_iters,
-                                              cfg, lam, device, cache, bar, report, total_units, step)
+                    y_fp = _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
+                                              stage_iters, cfg, lam, device, bar, report, total_units, step)
                     if state_path:
                         atomic_torch_save(dict(meta=meta, done=step, state_dict=qmodel.state_dict(),
                                           unit_reports=report["unit_reports"]), state_path)
                     if on_unit_done is not None:
                         on_unit_done(step, block.name)
                 with quant_mode(qmodel, weights=True, acts=stage.act_quant):
-                    x_q = run_chunks(mod, x_q, device, out_dtype=x_dtype)
+                    x_q = run_groups(fn, x_q, extras, device, out_dtype=x_dtype)
                 x_fp = y_fp
                 step += 1
     finally:
         bar.close()
-    # every activation quantizer on, probabilities back to 1
+    # every calibrated quantizer on, probabilities back to 1
     for _, q in quantizers(qmodel):
         if q.calibrated:
-            q.state = "quant"
-        q.prob = 1.0
+            q.set_state("quant")
+        q.set_drop(1.0)
     report["seconds"] = sum(r["seconds"] for r in report["unit_reports"])
     return report
 
@@ -199,41 +271,48 @@ def _check_fp(qmodel, fp_model, x, device):
         raise ReconstructionError("fp_model does not compute the same function as the prepared model with quantizers off")
 
 
-def _reconstruct_block(qmodel, block: Unit, mod, x_q, x_fp, algorithm: Algorithm, stage: Stage, s_idx, k, stage_iters,
-                       cfg: ReconConfig, lam, device, cache, bar, report, total_units, step):
+def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm: Algorithm, stage: Stage, s_idx,
+                       stage_iters, cfg: ReconConfig, lam, device, bar, report, total_units, step):
     """Reconstruct one block (as a block unit, or layer by layer); returns its FP output."""
+    block = part.blocks[k]
+    dtype = x_fp[0].dtype
     with quant_mode(qmodel, weights=False, acts=False):
-        y_fp = run_chunks(mod, x_fp, device, out_dtype=x_fp.dtype)
+        y_fp = run_groups(fn, x_fp, extras, device, out_dtype=dtype)
     label = f"{step + 1}/{total_units} {block.name}"
+    fdim = part.feature_dim
     if algorithm.units == "block":
         with quant_mode(qmodel, weights=True, acts=stage.act_quant):
-            r = _optimize(qmodel, block, mod, x_q, x_fp, y_fp, stage, stage_iters, cfg, lam, device,
-                          _unit_seed(cfg.seed, s_idx, k), bar, label)
+            r = _optimize(qmodel, block, fn, x_q, x_fp, y_fp, stage, stage_iters, cfg, lam, device,
+                          _unit_seed(cfg.seed, s_idx, k), bar, label, extras=extras, masks=masks, feature_dim=fdim)
         report["unit_reports"].append(r)
         return y_fp
-    for j, lu in enumerate(layer_units(qmodel, block)):
+    for j, lu in enumerate(part.layer_units(k)):
         # the layer's inputs and FP output, computed inside the block from the cached block inputs
-        to_in = subgraph(qmodel, block.nodes, block.input, [lu.input])
-        to_in_out = subgraph(qmodel, block.nodes, block.input, [lu.input, lu.output])
         with quant_mode(qmodel, weights=True, acts=stage.act_quant):
-            lx_q = run_chunks(to_in, x_q, device, out_dtype=x_q.dtype)
+            lx_q, _ = part.layer_io(k, lu, x_q, extras, device, dtype, False, run_groups)
         with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
-            pairs = [to_in_out(x_fp[i : i + 128].to(device).float()) for i in range(0, x_fp.shape[0], 128)]
-        lx_fp = torch.cat([p[0] for p in pairs]).to(x_fp.dtype)
-        ly_fp = torch.cat([p[1] for p in pairs]).to(x_fp.dtype)
-        lmod = subgraph(qmodel, lu.nodes, lu.input, [lu.output])
+            lx_fp, ly_fp = part.layer_io(k, lu, x_fp, extras, device, dtype, True, run_groups)
         with quant_mode(qmodel, weights=True, acts=stage.act_quant):
-            r = _optimize(qmodel, lu, lmod, lx_q, lx_fp, ly_fp, stage, stage_iters, cfg, lam, device,
-                          _unit_seed(cfg.seed, s_idx, k, j + 1), bar, f"{label} [{lu.name}]")
+            r = _optimize(qmodel, lu, part.layer_fn(k, lu), lx_q, lx_fp, ly_fp, stage, stage_iters, cfg, lam, device,
+                          _unit_seed(cfg.seed, s_idx, k, j + 1), bar, f"{label} [{lu.name}]", masks=masks, feature_dim=fdim)
         report["unit_reports"].append(r)
     return y_fp
 
 
-def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg: ReconConfig, lam, device, seed, bar, label):
+def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg: ReconConfig, lam, device, seed, bar, label,
+              extras=None, masks=None, feature_dim: int = 1):
+    """Learn one unit. x_q / x_fp / y_fp: its quantized input, FP input and FP output over the
+    calibration set, as one tensor or as groups (lists of tensors; a step samples its batch from
+    one group, chosen in proportion to size). extras: per group, the unit's other arguments;
+    masks: per group, which positions count in the error (None: all)."""
+    if isinstance(x_q, torch.Tensor):
+        x_q, x_fp, y_fp = [x_q], [x_fp], [y_fp]
+    extras = extras or [((), {})] * len(x_q)
+    masks = masks or [None] * len(x_q)
     torch.manual_seed(seed)
     layers = [qmodel.get_submodule(t) for t in unit.layers]
     acts = [qmodel.get_submodule(t) for t in unit.act_quants]
-    acts = [q for q in acts if q.state == "quant"]
+    acts = [q for q in acts if q.state == "quant" and q.role == "act"]  # static ranges only (not per-token dynamic)
     w_params, a_params = [], []
     if stage.learn_weights:
         for layer in layers:
@@ -244,28 +323,36 @@ def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg
             q.learn_scale()
             a_params.append(q.scale)
     for q in acts:
-        q.prob = stage.drop_prob
+        q.set_drop(stage.drop_prob)
         q.train()
     opt_w = torch.optim.Adam(w_params, lr=stage.w_lr) if w_params else None
     opt_a = torch.optim.Adam(a_params, lr=stage.act_lr) if a_params else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0.0) if opt_a else None
-    run = torch.compile(mod) if cfg.compile else mod
+    run = torch.compile(fn) if cfg.compile else fn
     warm = int(cfg.warmup * iters)
-    n = x_q.shape[0]
+    sizes = [x.shape[0] for x in x_q]
+    weights = torch.tensor(sizes, dtype=torch.float)
     # row 0: the reconstruction error; row 1: the objective (+ lambda * rounding regulariser)
     log_losses = torch.zeros(2, cfg.log_every, device=device)
     curve, curve_total = [], []
     t0 = time.perf_counter()
     try:
         for it in range(iters):
-            idx = torch.randperm(n, device=x_q.device)[: cfg.batch_size]
-            xb = x_q[idx].to(device, non_blocking=True).float()
+            g = 0 if len(sizes) == 1 else int(torch.multinomial(weights, 1))
+            idx = torch.randperm(sizes[g], device=x_q[g].device)[: cfg.batch_size]
+            xb = x_q[g][idx].to(device, non_blocking=True).float()
             if stage.input_mix < 1.0:
-                xf = x_fp[idx].to(device, non_blocking=True).float()
+                xf = x_fp[g][idx].to(device, non_blocking=True).float()
                 xb = torch.where(torch.rand_like(xb) < stage.input_mix, xb, xf)
-            yb = y_fp[idx].to(device, non_blocking=True).float()
-            out = run(xb)
-            rec = (out - yb).pow(2).sum(1).mean()
+            yb = y_fp[g][idx].to(device, non_blocking=True).float()
+            a, kw = rows_of(extras[g], sizes[g], idx)
+            out = run(xb, *a, **kw)
+            err = (out - yb).pow(2).sum(feature_dim)
+            if masks[g] is None:
+                rec = err.mean()
+            else:  # padding positions do not count
+                m = masks[g][idx].to(device, err.dtype)
+                rec = (err * m).sum() / m.sum().clamp(min=1)
             loss = rec
             if w_params and it >= warm:
                 beta = cfg.b_end + (cfg.b_start - cfg.b_end) * max(0.0, 1.0 - (it - warm) / max(1, iters - warm))
@@ -295,7 +382,7 @@ def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg
                 bar.set_postfix_str(f"unit {label} loss {mean:.4g}")
     finally:
         for q in acts:
-            q.prob = 1.0
+            q.set_drop(1.0)
             q.eval()
             if stage.learn_acts:
                 q.stop_learning()

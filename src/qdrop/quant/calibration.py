@@ -1,4 +1,4 @@
-"""qdrop.calibrate: run the observers over calibration batches and freeze the ranges."""
+"""Calibration: run the observers over calibration batches and freeze the ranges (naive PTQ)."""
 from __future__ import annotations
 
 import warnings
@@ -7,9 +7,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .graph.prepare import quantizers
-from .quant.layers import QuantLayer
-from .errors import DataError, UsageError
+from .state import quantizers
+from .layers import QuantLayer
+from ..errors import DataError, UsageError
 
 
 def _as_tuple(batch):
@@ -30,28 +30,13 @@ def check_finite(batch, index: int) -> None:
 
 
 @torch.no_grad()
-def calibrate(qmodel: nn.Module, batches: Iterable, device: str | torch.device | None = None) -> nn.Module:
-    """Observe activations on `batches` (tensors, or tuples of model inputs) and freeze
-    every quantizer's scale and zero point. Weights are observed directly.
+def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torch.device | None = None) -> nn.Module:
+    """Observe activations on `batches` (tensors, tuples or dicts of model inputs) and freeze
+    every quantizer's scale and zero point; weights are observed directly. Any module holding
+    qdrop quantizers (qdrop.calibrate in qdrop.api is the public entry).
 
     Observers see floating-point values everywhere (all quantizers pass through while
-    observing), as in the official BRECQ/QDrop calibration. A Hugging Face model prepared by
-    qdrop.prepare takes dicts of model inputs with attention_mask (padding never enters a range)
-    and is calibrated by qdrop.nlp.calibrate_transformer.
-    """
-    if getattr(qmodel, "qdrop_nlp", None) is not None:
-        from .nlp.prepare import calibrate_transformer
-
-        batches = list(batches)
-        if device is not None:
-            batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        return calibrate_transformer(qmodel, batches)
-    return calibrate_observers(qmodel, batches, device)
-
-
-@torch.no_grad()
-def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torch.device | None = None) -> nn.Module:
-    """The observer pass itself, for any module holding qdrop quantizers (see calibrate)."""
+    observing), as in the official BRECQ/QDrop calibration."""
     for _, m in qmodel.named_modules():
         if isinstance(m, QuantLayer) and not m.weight_quant.calibrated:
             m.weight_quant.calibrate_on(m.layer.weight)
@@ -60,7 +45,7 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
         q.observe()
     weights = [q for _, q in quantizers(qmodel) if q.role == "weight"]
     for q in weights:
-        q.state = "off"
+        q.set_state("off")
     qmodel.eval()
     seen = 0
     for i, batch in enumerate(batches):
@@ -75,12 +60,11 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
     for name, q in acts:
         if q.observer is None or q.observer.min is None:
             warnings.warn(f"activation quantizer {name} saw no data during calibration; it stays off")
-            q.state = "off"
-            q.observer = None
+            q.saw_nothing()
             continue
         q.freeze()
     for q in weights:
-        q.state = "quant"
+        q.set_state("quant")
     return qmodel
 
 
