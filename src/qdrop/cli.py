@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from .api import is_transformer_spec
 from .errors import QdropError, UsageError
 from .recon.configs import ALGORITHMS, VISION_ALGOS
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.x86 import EMULATED_CPUS
     from .graph.prepare import PRESETS, TARGET_CPUS
     from .nlp.pipeline import NLP_ALGOS
+    from .nlp_pipeline import INITS
     from .pipeline import EXPORT_FORMATS
 
     parser = argparse.ArgumentParser(prog="qdrop", description="Post-training quantization: naive, AdaRound, BRECQ, QDrop")
@@ -74,7 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: per-layer sensitivity measure (default output: error at the unit's output; "
                    "hessian: HAWQ-v2 trace x perturbation)")
     q.add_argument("--algo", choices=VISION_ALGOS + tuple(a for a in NLP_ALGOS if a not in VISION_ALGOS), default="naive",
-                   help="vision: naive|adaround|brecq|qdrop; transformers (--model hf:...): naive|os|smoothquant|osplus")
+                   help="vision: naive|adaround|brecq|qdrop; transformers (--model hf:...): naive|os|smoothquant|osplus, "
+                   "or adaround|brecq|qdrop (block reconstruction, after --init)")
+    q.add_argument("--init", choices=INITS, default=None,
+                   help="transformers with adaround|brecq|qdrop: what runs before reconstruction (naive: observers only; "
+                   "smoothquant|osplus|os: that equivalent transform and its calibration; default naive)")
+    q.add_argument("--units", default=None, metavar="MODULE",
+                   help="transformers: the container of the repeated blocks, one reconstruction unit each (default: found "
+                   "from the structure, e.g. model.layers)")
     q.add_argument("--task", choices=("sts", "lm"), default=None,
                    help="transformers: sts (sentence embeddings, Spearman on STS-B) or lm (perplexity on WikiText-2)")
     q.add_argument("--act-granularity", choices=("per_tensor", "per_token"), default="per_tensor",
@@ -178,10 +187,11 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    if args.model.startswith("hf:") or args.task:
+    if is_transformer_spec(args.model) or args.task:
         return _quantize_transformer(args, out)
     if args.algo not in VISION_ALGOS:
         raise UsageError(f"--algo {args.algo} is for transformers: give --model hf:PATH_OR_NAME --task sts|lm")
+    _refuse(args, _TRANSFORMER_ONLY, "to vision models (they are transformer options); drop them")
     job = QuantizeJob(args.model, args.bits, args.algo, args.backend, data=args.data, calib=args.calib or 1024,
                       seed=args.seed, iters=args.iters, batch_size=args.batch_size, lam=args.lam, device=args.device,
                       leaf_modules=tuple(args.leaf), eval_limit=args.eval_limit, compile=args.compile,
@@ -194,20 +204,45 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _quantize_transformer(args, out: Path) -> int:
-    from .nlp import run_nlp_quantize
+# flags of the fx (vision) path: given with an hf: model they would be ignored, so they are refused
+_VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--target-cpu"), ("int32_bias", None, "--int32-bias"),
+                ("budget", None, "--budget"), ("sensitivity", None, "--sensitivity"), ("leaf", [], "--leaf"),
+                ("eval_limit", None, "--eval-limit"), ("compile", False, "--compile"), ("device", None, "--device"))
+# and the transformer path's flags, refused with a vision model
+_TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
+                     ("fine_lr", None, "--fine-lr"), ("down_proj", False, "--down-proj"), ("init", None, "--init"),
+                     ("units", None, "--units"))
 
-    if not args.model.startswith("hf:"):
+
+def _refuse(args, flags, why: str) -> None:
+    given = [flag for attr, default, flag in flags if getattr(args, attr) != default]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}")
+
+
+def _quantize_transformer(args, out: Path) -> int:
+    from .nlp_pipeline import run_nlp_quantize
+    from .quant.scheme import is_average_bits
+
+    if not is_transformer_spec(args.model):
         raise UsageError(f"--task {args.task} needs a Hugging Face model: --model hf:PATH_OR_NAME (got {args.model!r})")
     if not args.task:
         raise UsageError("a Hugging Face model needs --task sts|lm")
-    if args.algo in ALGORITHMS:
-        raise UsageError(f"--algo {args.algo} is for vision models; transformers take naive|os|smoothquant|osplus")
+    _refuse(args, _VISION_ONLY, "to Hugging Face models (they are vision-path options); drop them")
+    if is_average_bits(args.bits):
+        raise UsageError(f"--bits {args.bits}: mixed precision is for vision models; give whole bits, e.g. w4a8")
+    recon = args.algo in ALGORITHMS
+    extra = dict(init=args.init, iters=args.iters, lam=args.lam, units=args.units, max_cache_mb=args.max_cache_mb) if recon else {}
+    if not recon:
+        _refuse(args, (("init", None, "--init"), ("units", None, "--units"), ("lam", None, "--lambda"),
+                       ("max_cache_mb", None, "--max-cache-mb")), f"to --algo {args.algo}: they are for adaround|brecq|qdrop")
     m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
-                         calib=args.calib or 256, seed=args.seed,
+                         calib=args.calib or 256, seed=args.seed, batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
-                         **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), progress=True)
-    print(f"{m['model']} {m['bits']} {m['algo']}: FP {m['fp']:.2f}  quantized {m['quant']:.2f} ({m['metric']}) "
+                         w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
+                         **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)
+    init = f" (init {m['init']}, {m['iters']} it/block)" if recon else ""
+    print(f"{m['model']} {m['bits']} {m['algo']}{init}: FP {m['fp']:.2f}  quantized {m['quant']:.2f} ({m['metric']}) "
           f"-> {out / 'metrics.json'}")
     return 0
 

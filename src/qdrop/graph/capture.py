@@ -72,6 +72,9 @@ def record_values(gm: fx.GraphModule, example_inputs: tuple) -> None:
 
     with torch.no_grad():
         _Recorder(gm).run(*example_inputs)
+    # inputs beyond the examples ran at their defaults (optional arguments such as attn_mask=None)
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        n.meta["default_used"] = i >= len(example_inputs)
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, type]]:

@@ -96,7 +96,7 @@ def block_units(gm: fx.GraphModule) -> list[Unit]:
 
     # walk positions: live values after node i (a batch size is not a value that must
     # flow between units: subgraph() recomputes it from the unit's own input)
-    live = {n for n in placeholders if last_use[n] >= 0}
+    live = {n for n in placeholders if last_use[n] >= 0 and not _is_constant_input(n)}
     pieces, cur, cur_in = [], [], (next(iter(live)) if len(live) == 1 else None)
     for i, n in enumerate(body):
         cur.append(n)
@@ -155,6 +155,12 @@ def layer_units(gm: fx.GraphModule, block: Unit) -> list[Unit]:
     return units
 
 
+def _is_constant_input(n: fx.Node) -> bool:
+    """An input the model was traced without (an optional argument left at its default, e.g. a
+    ViT's attn_mask=None): its default is a constant for every unit, not a value that flows."""
+    return n.op == "placeholder" and n.meta.get("tensor") is False and n.meta.get("default_used", False)
+
+
 def _is_batch_size(n: fx.Node) -> bool:
     """x.size(0): every activation of the chain shares the batch dimension."""
     if n.op != "call_method" or n.target != "size":
@@ -182,6 +188,8 @@ def subgraph(gm: fx.GraphModule, nodes: list, inp: fx.Node, outputs: list) -> fx
         if a not in env:
             if a.op == "get_attr":
                 env[a] = g.node_copy(a, lookup)
+            elif _is_constant_input(a):
+                env[a] = a.args[0] if a.args else None
             elif _is_batch_size(a):
                 env[a] = g.call_method("size", (env[inp], 0))
             else:

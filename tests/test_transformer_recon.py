@@ -1,0 +1,236 @@
+"""Block reconstruction of transformers: units by module scope, inputs captured with hooks,
+padding out of the loss, the one engine (adaround / brecq / qdrop), resume, and the public API.
+
+Tiny randomly initialised BERT / Llama models built from configs (no downloads); the real
+MiniLM on STS-B is in benchmarks/transformer_recon.py and the README's table."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import qdrop  # noqa: E402
+from qdrop.errors import PartitionError, UsageError  # noqa: E402
+from qdrop.export import ExportError  # noqa: E402
+from qdrop.nlp.units import ScopePartition, find_blocks  # noqa: E402
+from qdrop.quant.state import quant_mode  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_bert(layers=3):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, initializer_range=0.3)
+    return BertModel(cfg).eval()  # (wide init: the blocks' Linears, not the embeddings, dominate the output)
+
+
+def tiny_llama(layers=3):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def padded_batch(n=24, t=12, seed=0, pad_id=0):
+    """Sentences of random lengths, right-padded with pad_id (attention_mask 0 there)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (n, t), generator=g)
+    lengths = torch.randint(4, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    return {"input_ids": torch.where(mask.bool(), ids, torch.full_like(ids, pad_id)), "attention_mask": mask}
+
+
+def prepared(make, bits="w3a4", batch=None):
+    q = qdrop.prepare(make(), bits=bits)
+    qdrop.calibrate(q, [batch or padded_batch()])
+    return q
+
+
+def last_hidden(model, batch):
+    """The last hidden state (a causal LM's before its head: the head is outside the blocks)."""
+    base = model.model if isinstance(model, LlamaForCausalLM) else model
+    return base(**batch).last_hidden_state
+
+
+def masked_error(q, batch):
+    """Mean squared error of the quantized model's output against its FP self, real tokens only."""
+    with torch.no_grad():
+        y = last_hidden(q, batch)
+        with quant_mode(q, weights=False, acts=False):
+            y_fp = last_hidden(q, batch)
+    m = batch["attention_mask"].bool()
+    return (y - y_fp)[m].pow(2).mean().item()
+
+
+# ---- units by module scope ------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,expected", [(tiny_bert, "encoder.layer"), (tiny_llama, "model.layers")])
+def test_blocks_are_found_structurally(make, expected):
+    q = qdrop.prepare(make(), bits="w8a8")
+    names = [n for n, _ in find_blocks(q)]
+    assert names == [f"{expected}.{i}" for i in range(3)]
+    part = ScopePartition(q)
+    # every Linear of a block is one of its layers; its input quantizers are the unit's activations
+    assert len(part.blocks[0].layers) == len([m for m in q.get_submodule(names[0]).modules()
+                                               if isinstance(m, qdrop.nlp.QuantLinear)])
+    assert all(a.endswith("input_quant") for a in part.blocks[0].act_quants)
+
+
+def test_units_option_names_the_blocks_and_bad_names_are_refused():
+    q = qdrop.prepare(tiny_llama(), bits="w8a8")
+    assert [n for n, _ in find_blocks(q, "model.layers")] == [f"model.layers.{i}" for i in range(3)]
+    with pytest.raises(PartitionError, match="has no module 'model.blocks'"):
+        find_blocks(q, "model.blocks")
+    with pytest.raises(PartitionError, match="no children holding quantized layers"):
+        find_blocks(q, "model.embed_tokens")
+    with pytest.raises(PartitionError, match="units='path.to.blocks'"):
+        find_blocks(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_captured_inputs_are_what_each_block_receives():
+    """Block k run on the captured hidden states with its captured arguments gives block k+1's
+    captured hidden states: the chain the engine carries is the model's own."""
+    q = prepared(tiny_llama, "w8a8")
+    part = ScopePartition(q)
+    batch = padded_batch()
+    with quant_mode(q, weights=False, acts=False), torch.no_grad():
+        xs, masks = part.start([batch], "cpu")
+        x = xs[0]
+        states = []
+        hooks = [m.register_forward_pre_hook(lambda mod, a, kw: states.append(a[0] if a else kw["hidden_states"]),
+                                             with_kwargs=True) for m in part.modules]
+        q(**batch)
+        for h in hooks:
+            h.remove()
+        for k in range(len(part.blocks)):
+            assert torch.allclose(x, states[k], atol=1e-5)
+            args, kwargs = part.extras(k)[0]
+            x = part.block_fn(k)(x, *args, **kwargs)
+    assert torch.equal(masks[0], batch["attention_mask"].float())
+    assert "position_embeddings" in part.extras(0)[0][1]  # rotary embeddings reach the block as a keyword
+
+
+# ---- reconstruction ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
+@pytest.mark.parametrize("algo", ["adaround", "brecq", "qdrop"])
+def test_reconstruction_reduces_the_output_error(make, algo):
+    batch = padded_batch()
+    # adaround learns only the weights' rounding: 8-bit activations keep its gain measurable
+    q = prepared(make, "w3a8" if algo == "adaround" else "w3a4", batch)
+    before = masked_error(q, batch)
+    rep = qdrop.reconstruct(q, None, [batch], algo=algo, iters=300, batch_size=8, progress=False)
+    after = masked_error(q, batch)
+    assert after < 0.9 * before, (before, after)
+    n_blocks = 3
+    if algo == "adaround":  # layer units: every Linear of every block
+        assert len(rep["unit_reports"]) == sum(len(ScopePartition(q).layer_units(k)) for k in range(n_blocks))
+    else:
+        assert len(rep["unit_reports"]) == n_blocks * (2 if algo == "brecq" else 1)
+    # learned rounding is fixed and every quantizer is back on
+    assert all(m.weight_quant.round_up is not None for n, m in q.named_modules()
+               if isinstance(m, qdrop.nlp.QuantLinear) and n.startswith(find_blocks(q)[0][0].rsplit(".", 1)[0]))
+
+
+def test_padding_does_not_enter_the_loss():
+    """Two calibration sets that differ only in the token ids at padded positions give the same
+    reconstructed model: what padding computes never reaches the error."""
+    a = padded_batch(pad_id=0)
+    b = dict(a, input_ids=torch.where(a["attention_mask"].bool(), a["input_ids"], torch.full_like(a["input_ids"], 77)))
+    models = []
+    for batch in (a, b):
+        q = prepared(tiny_bert, "w3a4", a)  # same calibration ranges
+        qdrop.reconstruct(q, None, [batch], algo="qdrop", iters=30, batch_size=8, progress=False)
+        models.append(q.state_dict())
+    for k in models[0]:
+        assert torch.equal(models[0][k], models[1][k]), k
+
+
+def test_batches_of_different_lengths_are_groups():
+    q = prepared(tiny_llama, "w3a4")
+    batches = [padded_batch(12, 10, seed=1), padded_batch(8, 16, seed=2)]
+    before = sum(masked_error(q, b) for b in batches)
+    rep = qdrop.reconstruct(q, None, batches, algo="qdrop", iters=40, batch_size=8, progress=False)
+    assert rep["n_calib"] == 20
+    assert sum(masked_error(q, b) for b in batches) < before
+
+
+def test_resume_after_a_kill_is_exact(tmp_path):
+    batch = padded_batch()
+    state = tmp_path / "recon_state.pt"
+    ref = prepared(tiny_llama, "w3a4", batch)
+    qdrop.reconstruct(ref, None, [batch], algo="qdrop", iters=20, batch_size=8, progress=False)
+
+    class Kill(Exception):
+        pass
+
+    def die(step, name):
+        if step == 1:
+            raise Kill
+
+    q = prepared(tiny_llama, "w3a4", batch)
+    with pytest.raises(Kill):
+        qdrop.reconstruct(q, None, [batch], algo="qdrop", iters=20, batch_size=8, progress=False,
+                          state_path=str(state), on_unit_done=die)
+    q = prepared(tiny_llama, "w3a4", batch)
+    rep = qdrop.reconstruct(q, None, [batch], algo="qdrop", iters=20, batch_size=8, progress=False, state_path=str(state))
+    assert len(rep["unit_reports"]) == 3
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, q.state_dict()[k]), k
+
+
+def test_equivalent_transform_then_reconstruction():
+    """--init osplus: the transform first (FP-exact), then reconstruction on the transformed model."""
+    from qdrop.nlp import quantize_transformer
+
+    batch = padded_batch()
+    q, report = quantize_transformer(tiny_llama(), [batch], bits="w3a4", algo="osplus")
+    before = masked_error(q, batch)
+    qdrop.reconstruct(q, None, [batch], algo="qdrop", iters=40, batch_size=8, progress=False)
+    assert masked_error(q, batch) < before
+    assert "osplus" in report
+
+
+# ---- one API ----------------------------------------------------------------------------------
+
+def test_api_refuses_what_does_not_apply():
+    q = prepared(tiny_bert, "w8a8")
+    with pytest.raises(UsageError, match="fp_model is not used for transformers"):
+        qdrop.reconstruct(q, tiny_bert(), [padded_batch()], algo="qdrop", iters=1, progress=False)
+    with pytest.raises(UsageError, match="list of tokenized batches"):
+        qdrop.reconstruct(q, None, torch.randn(4, 8), algo="qdrop", iters=1, progress=False)
+    with pytest.raises(ExportError, match="not exported yet"):
+        qdrop.export_onnx(q, "x.onnx", None)
+    with pytest.raises(UsageError, match="target_cpu applies to the fx path"):
+        qdrop.prepare(tiny_bert(), bits="w8a8", target_cpu="avx2")
+    with pytest.raises(UsageError, match="apply to Hugging Face models"):
+        qdrop.prepare(torch.nn.Linear(2, 2), (torch.randn(1, 2),), act_granularity="per_token")
+    fx = qdrop.prepare(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(2, 4),), bits="w8a8")
+    qdrop.calibrate(fx, [torch.randn(8, 4)])
+    with pytest.raises(UsageError, match="units= names a transformer's blocks"):
+        qdrop.reconstruct(fx, None, torch.randn(8, 4), units="0", iters=1, progress=False)
+
+
+def test_cli_refuses_vision_flags_with_a_hugging_face_model(tmp_path, capsys):
+    from qdrop.cli import main
+
+    rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--backend", "onnxruntime",
+               "--target-cpu", "avx2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "--backend, --target-cpu do not apply to Hugging Face models" in err[0]
+    rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--init", "osplus", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--init does not apply to vision models" in capsys.readouterr().err
+    rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--algo", "os", "--init", "osplus",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--init does not apply to --algo os" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
