@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--threads", type=_positive, default=None)
 
     # bench / report / analyze have their own parsers (qdrop.bench); listed here for --help
-    for name, text in (("bench", "run a sweep from a YAML config (resumable): qdrop bench CONFIG.yaml [--dry-run] [--only k=v,...]"),
+    for name, text in (("bench", "run a sweep from a YAML config (resumable): qdrop bench CONFIG.yaml [--dry-run] [--only k=v,...] [--ray [ADDRESS]]"),
                        ("report", "render a sweep's results as Markdown tables and plots: qdrop report RESULTS_DIR"),
                        ("analyze", "per-unit error and loss-flatness view of quantized checkpoints: qdrop analyze RUN_DIR ...")):
         sub.add_parser(name, help=text, add_help=False)

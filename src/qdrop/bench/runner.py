@@ -10,7 +10,9 @@ Layout of a results folder::
 
 A run whose latest record has status "ok" is skipped; failed runs are retried by the next
 invocation. With `deploy: onnxruntime`, a finished run whose record has no deployment (or a failed
-one) is exported and scored again from its model.pt, without quantizing it again. Exit status of
+one) is exported and scored again from its model.pt, without quantizing it again. With `--ray`, the
+pending runs are Ray tasks instead (ray_runner.py); the planning, the lock and the records stay
+here, written by this process alone. Exit status of
 bench_main: 0 every selected run is done, 1 some run or deployment failed, 2 the config or the
 command line is invalid (nothing ran).
 """
@@ -378,6 +380,15 @@ def execute_run(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | N
     return record
 
 
+def run_job(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | None = None, progress: bool = False,
+            recorded: dict | None = None) -> dict:
+    """One pending run of a sweep, here or on a Ray worker: its record. recorded: the run's ok
+    record, when it is pending only to be deployed (it is not quantized again)."""
+    if recorded is not None:
+        return deploy_record(run, recorded, results_dir)
+    return execute_run(run, results_dir, sweep_name, fp_top1=fp_top1, progress=progress)
+
+
 def _used_device(run_dir: Path, c: dict) -> str:
     cfg = run_dir / "config.json"
     if cfg.exists():
@@ -440,17 +451,25 @@ def _plan(selected: list, results_dir: Path, limit: int | None, warn: bool = Tru
 
 def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: bool = False, only=None,
               limit: int | None = None, force: bool = False, set_values=None, progress: bool = True,
-              verbose: bool = False, stream=None) -> dict:
+              verbose: bool = False, stream=None, ray: bool | str | None = None) -> dict:
     """Run (or, with dry_run, list) the sweep in `config_path`.
 
     only: {'model': 'cifar10_resnet20', 'algo': ['qdrop', 'brecq']} or 'model=a,algo=b|c';
     limit: run at most this many of the pending runs; force: write into a results folder made by
-    another config; set_values: {'iters': 500} or 'iters=500' replaces defaults (or a grid key).
+    another config; set_values: {'iters': 500} or 'iters=500' replaces defaults (or a grid key);
+    ray: run the pending runs as Ray tasks: True or '' on a local Ray (the one this process already
+    initialised, else a new one from ray.init()), or a cluster address ('auto', 'host:port', 'ray://...').
     Returns {'results_dir', 'runs' (selected), 'ran', 'skipped', 'failed', 'deployed' (finished runs only
     deployed now), 'deploy_failed', 'records', 'plan'}.
-    Raises ConfigError (bad config, nothing ran) or SweepRefused (folder of another sweep).
+    Raises ConfigError (bad config, nothing ran), SweepRefused (folder of another sweep) or
+    RayUnavailable (Ray not installed, or its cluster does not answer; nothing written).
     """
     stream = stream or sys.stdout
+    use_ray = ray is not None and ray is not False
+    if use_ray:
+        from . import ray_runner
+
+        ray_runner.require_ray()
     if isinstance(only, (str, list, tuple)):
         only = parse_assignments([only] if isinstance(only, str) else only, "--only")
     if isinstance(set_values, (str, list, tuple)):
@@ -488,8 +507,12 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
     if no_checkpoint:
         print(f"note: {len(no_checkpoint)} finished runs cannot be deployed: their model.pt was deleted "
               f"(keep_checkpoint: false); run them again in another results folder to deploy them", file=sys.stderr)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    with _lock(results_dir):
+    with contextlib.ExitStack() as stack:
+        # Ray is reached before anything is written: a cluster that does not answer leaves no trace
+        address = ray if isinstance(ray, str) and ray else None
+        cluster = stack.enter_context(ray_runner.session(address)) if use_ray and pending else None
+        results_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(_lock(results_dir))
         _claim(results_dir, sweep, force)
         # planned again under the lock: another process may have finished runs since the first read
         latest, status, to_deploy, no_checkpoint, pending, skipped = _plan(selected, results_dir, limit, warn=False)
@@ -501,17 +524,29 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(pending), desc=f"bench {sweep.name}", unit="run", disable=not progress, dynamic_ncols=True)
-        for run in pending:
-            bar.set_postfix_str(run.run_id)
+
+        def job(run: Run) -> dict:
+            """run_job's arguments for a pending run, as of now (the FP score of a run before it)."""
             if run.run_id in to_deploy:
-                rec = deploy_record(run, latest[run.run_id], results_dir)
-                summary["deployed"] += 1
-            else:
-                fp = fp_cache.get(_fp_key(run.config))
-                rec = execute_run(run, results_dir, sweep.name, fp_top1=fp, progress=verbose)
-                summary["ran"] += 1
+                return dict(recorded=latest[run.run_id])
+            return dict(fp_top1=fp_cache.get(_fp_key(run.config)), progress=verbose)
+
+        def here():
+            for run in pending:
+                bar.set_postfix_str(run.run_id)
+                yield run, run_job(run, results_dir, sweep.name, **job(run))
+
+        finished = here() if cluster is None else ray_runner.run_tasks(cluster, pending, job, results_dir, sweep.name)
+        stack.enter_context(contextlib.closing(finished))  # a stop cancels the Ray tasks still running
+        for run, rec in finished:  # as each run finishes: only this process writes results.jsonl
+            if cluster is not None:
+                bar.set_postfix_str(run.run_id)
             append_line(results_dir / RESULTS, json.dumps(rec, default=str))
             summary["records"].append(rec)
+            if run.run_id in to_deploy:
+                summary["deployed"] += 1
+            else:
+                summary["ran"] += 1
             if "error" in rec.get("deploy", {}):
                 summary["deploy_failed"] += 1
             if rec["status"] == "ok":
@@ -520,7 +555,7 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
                     fp_cache.setdefault(_fp_key(run.config), m["fp"])
                 if run.run_id in to_deploy:
                     msg = (f"deploy {run.label()}: simulated {m.get('quant')}{_deploy_note(rec['deploy'])} "
-                           f"({rec['deploy']['seconds']:.0f} s)")
+                           f"({rec['deploy'].get('seconds', 0):.0f} s)")
                 else:
                     msg = (f"ok     {run.label()}: FP {m.get('fp')} -> {m.get('quant')} ({rec['wall_seconds']:.0f} s)"
                            f"{_deploy_note(rec.get('deploy'))}")
@@ -547,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a default (or a grid key) of the config, e.g. --set iters=500 (changes the config hash)")
     p.add_argument("--verbose", "-v", action="store_true", help="show each run's own progress bars")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over the runs")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the pending runs as Ray tasks (one GPU each where the cluster has GPUs), on a new local "
+                        "Ray or on the cluster at ADDRESS (auto, host:port, ray://host:port); needs "
+                        "pip install 'qdrop[ray]' and a filesystem the nodes share (put --ray after CONFIG)")
     return p
 
 
@@ -556,7 +595,7 @@ def bench_main(argv=None) -> int:
     try:
         summary = run_sweep(args.config, out=args.out, dry_run=args.dry_run, only=args.only or None, limit=args.limit,
                             force=args.force, set_values=args.set or None, progress=not args.no_progress,
-                            verbose=args.verbose)
+                            verbose=args.verbose, ray=args.ray)
     except QdropError as err:  # ConfigError, SweepRefused, WriteError, ...
         print(f"qdrop: error: {err}", file=sys.stderr)
         return 2
