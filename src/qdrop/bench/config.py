@@ -47,7 +47,7 @@ VISION_KEYS = {
 }
 # deploy: the runtimes a finished vision run can be exported to and scored in.
 DEPLOY_RUNTIMES = ("onnxruntime",)
-# Keys of one transformer run, for qdrop.nlp.run_nlp_quantize(model, task, data, bits, algo, out, calib, seed, ...):
+# Keys of one transformer run, for qdrop.nlp_pipeline.run_nlp_quantize(model, task, data, bits, algo, out, calib, seed, ...):
 # these, plus every other argument of that function once it exists (its defaults win), see nlp_keys().
 NLP_KEYS = {
     "model": None, "task": None, "bits": "w8a8", "algo": "naive", "data": None, "calib": 256, "seed": 0,
@@ -61,7 +61,7 @@ def nlp_keys() -> dict:
     """Settings of a transformer run with their defaults: NLP_KEYS plus run_nlp_quantize's arguments."""
     import inspect
 
-    from ..nlp import run_nlp_quantize
+    from ..nlp_pipeline import run_nlp_quantize
 
     keys = dict(NLP_KEYS)
     for name, p in inspect.signature(run_nlp_quantize).parameters.items():
@@ -72,11 +72,11 @@ def nlp_keys() -> dict:
 
 
 def nlp_choices() -> tuple[tuple, tuple]:
-    """(tasks, algorithms) of qdrop.nlp."""
-    from ..nlp import NLP_ALGOS
+    """(tasks, algorithms) of the transformer path."""
     from ..nlp.models import TASKS
+    from ..nlp_pipeline import TRANSFORMER_ALGOS
 
-    return tuple(TASKS), tuple(NLP_ALGOS)
+    return tuple(TASKS), tuple(TRANSFORMER_ALGOS)
 
 
 def run_keys() -> list[str]:
@@ -143,7 +143,9 @@ def _expand_env(value, where: str, warnings: list):
 
 
 def _is_nlp(settings: dict) -> bool:
-    return settings.get("task") is not None or str(settings.get("model") or "").startswith("hf:")
+    from ..api import is_transformer_spec
+
+    return settings.get("task") is not None or is_transformer_spec(settings.get("model"))
 
 
 def parse_assignments(items, what: str) -> dict:

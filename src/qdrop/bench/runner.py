@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 
 from .config import ConfigError, Run, Sweep, check_paths, filter_runs, job_of, load_sweep, parse_assignments
+from ..api import is_transformer_spec
 from ..errors import QdropError
 from ..io import PeakMemory, append_line, atomic_write_json, environment, git_info, package_versions
 
@@ -155,7 +156,7 @@ def _threads(n: int | None):
 def _fp_key(c: dict) -> str:
     """What the FP score depends on: runs with the same key share one FP evaluation."""
     dev = (c.get("device") or "auto").split(":")[0]
-    if c.get("task") is not None or str(c.get("model", "")).startswith("hf:"):
+    if c.get("task") is not None or is_transformer_spec(c.get("model")):
         return json.dumps(["nlp", c["model"], c.get("task"), c.get("data"), c.get("window"), c.get("max_windows"), dev])
     return json.dumps([c["model"], c.get("data"), c.get("eval_limit"), c.get("pretrained"), c.get("weights"), dev])
 
@@ -179,7 +180,7 @@ def _call_vision(c: dict, run_dir: Path, fp_top1, progress: bool) -> dict:
 
 
 def _call_nlp(c: dict, run_dir: Path, fp, progress: bool) -> dict:
-    from ..nlp import run_nlp_quantize as fn
+    from ..nlp_pipeline import run_nlp_quantize as fn
 
     params = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in c.items() if k in params and k not in ("out", "progress", "fp")}
