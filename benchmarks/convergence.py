@@ -42,6 +42,12 @@ VARIANTS = {
     # last 10 % of the iterations with the rounding hard: step sizes adapt to the kept model
     "qdrop-hard10": ("qdrop", dict(hard_tail=0.1)),
     "qdrop-lr2000-hard10": ("qdrop", dict(lr_iters=2000, hard_tail=0.1)),
+    "qdrop-lr4000": ("qdrop", dict(lr_iters=4000)),
+    "qdrop-lr8000": ("qdrop", dict(lr_iters=8000)),
+    "qdrop-wlr8x": ("qdrop", dict(w_lr=8e-3)),
+    # rounding-loss schedule: shorter warm-up, gentler beta start
+    "qdrop-lr2000-warm5": ("qdrop", dict(lr_iters=2000, warmup=0.05)),
+    "qdrop-lr2000-b10": ("qdrop", dict(lr_iters=2000, b_start=10.0)),
 }
 
 
@@ -67,7 +73,7 @@ class RoundingProbe:
     """Records, when each unit's rounding is fixed, how far the soft h(V) still was from 0/1."""
 
     def __init__(self):
-        from qdrop.quant.quantizer import Quantizer
+        from qdrop.quant.quantizer import GAMMA, ZETA, Quantizer
 
         self.records = []
         self._orig = Quantizer.fix_rounding
@@ -75,7 +81,8 @@ class RoundingProbe:
 
         def fix_rounding(q):
             with torch.no_grad():
-                h = q.rounding().detach()
+                # the soft h(V) even where the loop made the rounding hard (Stage.hard_tail)
+                h = torch.clamp(torch.sigmoid(q.alpha.detach()) * (ZETA - GAMMA) + GAMMA, 0, 1)
                 probe.records.append((h.numel(), ((h > 0.01) & (h < 0.99)).sum().item(),
                                       (h - (q.alpha >= 0).float()).abs().sum().item()))
             return probe._orig(q)

@@ -31,7 +31,7 @@ class Stage:
     w_lr: float = 1e-3
     act_lr: float = 4e-5  # cosine-decayed to 0 over the stage
     # Convergence options (None / 0: the paper's loop, as above). See docs/algorithms/qdrop-plus.md.
-    lr_iters: int | None = None  # w_lr and act_lr are meant for this many iterations: scaled by lr_iters / iters
+    lr_iters: int | None = None  # w_lr, act_lr meant for >= this many iterations: fewer scale them by lr_iters / iters
     warmup: float | None = None  # overrides ReconConfig.warmup (fraction of iterations without rounding loss)
     b_start: float | None = None  # overrides ReconConfig.b_start (rounding-loss beta, annealed to b_end)
     b_end: float | None = None  # overrides ReconConfig.b_end

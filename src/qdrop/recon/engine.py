@@ -246,7 +246,8 @@ def _optimize(qmodel, unit: Unit, mod, x_q, x_fp, y_fp, stage: Stage, iters, cfg
     for q in acts:
         q.prob = stage.drop_prob
         q.train()
-    lr_scale = stage.lr_iters / iters if stage.lr_iters else 1.0  # learning rates meant for lr_iters iterations
+    # w_lr / act_lr are meant for at least lr_iters iterations: a shorter budget gets them scaled up
+    lr_scale = max(1.0, stage.lr_iters / iters) if stage.lr_iters else 1.0
     opt_w = torch.optim.Adam(w_params, lr=stage.w_lr * lr_scale) if w_params else None
     opt_a = torch.optim.Adam(a_params, lr=stage.act_lr * lr_scale) if a_params else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0.0) if opt_a else None
