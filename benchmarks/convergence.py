@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -125,7 +125,8 @@ def run_one(variant: str, bits: str, iters: int, seed: int, data: str, model: st
              for r in report["unit_reports"]]
     for u, rec in zip(units, probe.records):  # learned-rounding units fix their rounding in order
         u.update(soft=round(rec[1] / rec[0], 4), gap=round(rec[2] / rec[0], 4))
-    return dict(variant=variant, base=VARIANTS[variant][0], overrides=VARIANTS[variant][1], model=model, bits=bits,
+    return dict(variant=variant, base=VARIANTS[variant][0], overrides=VARIANTS[variant][1],
+                stages=[asdict(s) for s in algo.stages], model=model, bits=bits,
                 iters=iters, seed=seed, top1=round(acc, 2), recon_seconds=round(recon_s, 1),
                 soft=round(sum(r[1] for r in probe.records) / max(1, n), 4),
                 gap=round(sum(r[2] for r in probe.records) / max(1, n), 4),
@@ -147,6 +148,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def summary(rows: list[dict]) -> str:
+    """Mean top-1 over the seeds measured, per variant, bits and iterations."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["bits"], r["iters"]), []).append(r)
+    out = ["| variant | iters | bits | seeds | top-1 per seed | mean | mean recon s |", "|---|---|---|---|---|---|---|"]
+    for (v, bits, iters), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        out.append(f"| {v} | {iters} | {bits} | {','.join(str(r['seed']) for r in rs)} | "
+                   f"{' / '.join('%.2f' % r['top1'] for r in rs)} | {sum(r['top1'] for r in rs) / len(rs):.2f} | "
+                   f"{sum(r['recon_seconds'] for r in rs) / len(rs):.0f} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("variants", nargs="*")
@@ -161,6 +176,9 @@ def main(argv=None):
     if args.list:
         for k, (base, ov) in VARIANTS.items():
             print(f"{k}: {base} {ov}")
+        return
+    if args.table:
+        print(table(load_results()) + "\n\n" + summary(load_results()))
         return
     torch.set_num_threads(args.threads)
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -177,6 +195,8 @@ def main(argv=None):
             f.write(json.dumps(row) + "\n")
         print(table([row]).splitlines()[-1], flush=True)
     print(table(load_results()))
+    print()
+    print(summary(load_results()))
 
 
 if __name__ == "__main__":

@@ -189,6 +189,8 @@ def _soft_fraction_probe(monkeypatch):
 
 
 def test_paper_configurations_are_unchanged():
+    from dataclasses import replace
+
     from qdrop.recon.configs import ALGORITHMS, Stage
 
     for name in ("adaround", "brecq", "qdrop"):
@@ -196,6 +198,9 @@ def test_paper_configurations_are_unchanged():
             assert (s.w_lr, s.lr_iters, s.warmup, s.b_start, s.b_end, s.hard_tail) == (1e-3, None, None, None, None, 0.0)
     assert [s.act_lr for s in ALGORITHMS["qdrop"].stages] == [4e-5]
     assert Stage().act_lr == 4e-5
+    # qdrop-plus is qdrop with the learning rates scaled for short budgets, nothing else
+    assert ALGORITHMS["qdrop-plus"].units == "block"
+    assert [replace(s, lr_iters=None) for s in ALGORITHMS["qdrop-plus"].stages] == list(ALGORITHMS["qdrop"].stages)
 
 
 def test_options_at_their_neutral_values_give_the_paper_result():
