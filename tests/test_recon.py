@@ -168,3 +168,101 @@ def test_quant_mode_restores_states():
     with quant_mode(qmodel, weights=False, acts=False):
         assert all(q.state == "off" for _, q in quantizers(qmodel))
     assert all(q.state == "quant" for _, q in quantizers(qmodel))
+
+
+# ---- convergence options (Stage.lr_iters, warmup / b_start / b_end, hard_tail) ------------------
+
+def _soft_fraction_probe(monkeypatch):
+    """Records, for every unit, the fraction of rounding variables h(V) not yet at 0 or 1 when fixed."""
+    from qdrop.quant.quantizer import Quantizer
+
+    seen = []
+    orig = Quantizer.fix_rounding
+
+    def fix_rounding(q):
+        h = q.rounding().detach()
+        seen.append(((h > 0.01) & (h < 0.99)).float().mean().item())
+        orig(q)
+
+    monkeypatch.setattr(Quantizer, "fix_rounding", fix_rounding)
+    return seen
+
+
+def test_paper_configurations_are_unchanged():
+    from dataclasses import replace
+
+    from qdrop.recon.configs import ALGORITHMS, Stage
+
+    for name in ("adaround", "brecq", "qdrop"):
+        for s in ALGORITHMS[name].stages:
+            assert (s.w_lr, s.lr_iters, s.warmup, s.b_start, s.b_end, s.hard_tail) == (1e-3, None, None, None, None, 0.0)
+    assert [s.act_lr for s in ALGORITHMS["qdrop"].stages] == [4e-5]
+    assert Stage().act_lr == 4e-5
+    # qdrop-plus is qdrop with the learning rates scaled for short budgets, nothing else
+    assert ALGORITHMS["qdrop-plus"].units == "block"
+    assert [replace(s, lr_iters=None) for s in ALGORITHMS["qdrop-plus"].stages] == list(ALGORITHMS["qdrop"].stages)
+
+
+def test_options_at_their_neutral_values_give_the_paper_result():
+    from qdrop.recon import get_algorithm
+
+    _, ref, x = small_setup()
+    reconstruct(ref, None, x, algo="qdrop", iters=40, batch_size=16, progress=False)
+    # lr_iters <= iters never scales the learning rates; the overrides spell out ReconConfig's warmup and beta
+    for lr_iters in (40, 10):
+        spelled = get_algorithm("qdrop", lr_iters=lr_iters, warmup=0.2, b_start=20.0, b_end=2.0, hard_tail=0.0)
+        _, qmodel, x = small_setup()
+        reconstruct(qmodel, None, x, algo=spelled, iters=40, batch_size=16, progress=False)
+        a, b = int_state(ref), int_state(qmodel)
+        assert all(torch.equal(a[k], b[k]) for k in a), lr_iters
+
+
+def test_lr_iters_scales_the_learning_rates_and_decides_more_rounding(monkeypatch):
+    from qdrop.recon import get_algorithm
+
+    seen = _soft_fraction_probe(monkeypatch)
+    _, base, x = small_setup()
+    reconstruct(base, None, x, algo="qdrop", iters=40, batch_size=16, progress=False)
+    soft_base, seen[:] = sum(seen) / len(seen), []
+    _, scaled, x = small_setup()
+    reconstruct(scaled, None, x, algo=get_algorithm("qdrop", lr_iters=400), iters=40, batch_size=16, progress=False)
+    soft_scaled = sum(seen) / len(seen)
+    assert soft_scaled < 0.8 * soft_base, (soft_base, soft_scaled)  # 10x the steps: V reaches 0/1 more often
+    a, b = int_state(base), int_state(scaled)
+    assert any(not torch.equal(a[k], b[k]) for k in a if not k.endswith(".scale"))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scale"))  # step sizes' lr scaled too
+
+
+def test_warmup_and_beta_overrides_change_the_result():
+    from qdrop.recon import get_algorithm
+
+    _, ref, x = small_setup()
+    reconstruct(ref, None, x, algo=get_algorithm("adaround", lr_iters=400), iters=40, batch_size=16, progress=False)
+    for override in (dict(warmup=0.0), dict(b_start=4.0), dict(b_end=8.0)):
+        _, qmodel, x = small_setup()
+        reconstruct(qmodel, None, x, algo=get_algorithm("adaround", lr_iters=400, **override), iters=40, batch_size=16,
+                    progress=False)
+        a, b = int_state(ref), int_state(qmodel)
+        assert any(not torch.equal(a[k], b[k]) for k in a), override
+
+
+def test_hard_tail_freezes_the_rounding_and_keeps_learning_step_sizes():
+    from qdrop.recon import get_algorithm
+
+    # the whole stage hard: V never moves, so the kept rounding is round-to-nearest ...
+    _, naive, x = small_setup()
+    nearest = {n: m.weight_quant.int_repr(m.layer.weight) for n, m in naive.named_modules() if isinstance(m, QuantLayer)}
+    for algo in ("qdrop", "adaround"):  # adaround: nothing left to learn, the loop still runs
+        _, qmodel, x = small_setup()
+        before = {n: q.scale.item() for n, q in quantizers(qmodel) if q.role == "act"}
+        reconstruct(qmodel, None, x, algo=get_algorithm(algo, hard_tail=1.0), iters=30, batch_size=16, progress=False)
+        got = int_state(qmodel)
+        assert all(torch.equal(got[n], nearest[n]) for n in nearest), algo
+        after = {n: q.scale.item() for n, q in quantizers(qmodel) if q.role == "act"}
+        assert (before != after) == (algo == "qdrop")  # ... while qdrop's step sizes still learn
+    # a partial tail: the rounding learned in the soft part is kept, and differs from nearest
+    _, qmodel, x = small_setup()
+    reconstruct(qmodel, None, x, algo=get_algorithm("qdrop", hard_tail=0.25, lr_iters=400), iters=40, batch_size=16,
+                progress=False)
+    got = int_state(qmodel)
+    assert any(not torch.equal(got[n], nearest[n]) for n in nearest)

@@ -225,6 +225,10 @@ class Quantizer(nn.Module):
             return (self.alpha >= 0).to(self.alpha.dtype)
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
+    def harden(self) -> None:
+        """Use the hard decisions (V >= 0) from now on, V no longer learned (a hard tail)."""
+        self.hard_round = True
+
     def round_loss(self, beta: float) -> torch.Tensor:
         h = self.rounding()
         return (1 - (2 * h - 1).abs().pow(beta)).sum()

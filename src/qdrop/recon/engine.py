@@ -325,11 +325,16 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     for q in acts:
         q.set_drop(stage.drop_prob)
         q.train()
-    opt_w = torch.optim.Adam(w_params, lr=stage.w_lr) if w_params else None
-    opt_a = torch.optim.Adam(a_params, lr=stage.act_lr) if a_params else None
+    # w_lr / act_lr are meant for at least lr_iters iterations: a shorter budget gets them scaled up
+    lr_scale = max(1.0, stage.lr_iters / iters) if stage.lr_iters else 1.0
+    opt_w = torch.optim.Adam(w_params, lr=stage.w_lr * lr_scale) if w_params else None
+    opt_a = torch.optim.Adam(a_params, lr=stage.act_lr * lr_scale) if a_params else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0.0) if opt_a else None
     run = torch.compile(fn) if cfg.compile else fn
-    warm = int(cfg.warmup * iters)
+    warm = int((cfg.warmup if stage.warmup is None else stage.warmup) * iters)
+    b_start = cfg.b_start if stage.b_start is None else stage.b_start
+    b_end = cfg.b_end if stage.b_end is None else stage.b_end
+    soft_end = iters - int(stage.hard_tail * iters)  # from here on the rounding is hard and V frozen
     sizes = [x.shape[0] for x in x_q]
     weights = torch.tensor(sizes, dtype=torch.float)
     # row 0: the reconstruction error; row 1: the objective (+ lambda * rounding regulariser)
@@ -345,6 +350,9 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
                 xf = x_fp[g][idx].to(device, non_blocking=True).float()
                 xb = torch.where(torch.rand_like(xb) < stage.input_mix, xb, xf)
             yb = y_fp[g][idx].to(device, non_blocking=True).float()
+            if w_params and it == soft_end:
+                for layer in layers:
+                    layer.weight_quant.harden()
             a, kw = rows_of(extras[g], sizes[g], idx)
             out = run(xb, *a, **kw)
             err = (out - yb).pow(2).sum(feature_dim)
@@ -354,14 +362,15 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
                 m = masks[g][idx].to(device, err.dtype)
                 rec = (err * m).sum() / m.sum().clamp(min=1)
             loss = rec
-            if w_params and it >= warm:
-                beta = cfg.b_end + (cfg.b_start - cfg.b_end) * max(0.0, 1.0 - (it - warm) / max(1, iters - warm))
+            if w_params and warm <= it < soft_end:
+                beta = b_end + (b_start - b_end) * max(0.0, 1.0 - (it - warm) / max(1, soft_end - warm))
                 loss = loss + lam * sum(layer.weight_quant.round_loss(beta) for layer in layers)
             if opt_w:
                 opt_w.zero_grad(set_to_none=True)
             if opt_a:
                 opt_a.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # not in a hard tail with nothing but V to learn
+                loss.backward()
             if opt_w:
                 opt_w.step()
             if opt_a:

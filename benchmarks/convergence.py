@@ -1,0 +1,203 @@
+"""Convergence benchmark: reconstruction variants at a fixed iteration budget (issue #13).
+
+Runs named variants of the reconstruction loop (an algorithm from qdrop.recon.configs with some
+Stage fields overridden) on CIFAR-10 ResNet-20 and appends one JSON line per finished run to
+benchmarks/results/convergence.jsonl. A run already in that file (same variant, bits, iters, seed)
+is skipped, so the script can be killed and rerun. The steps are those of `qdrop quantize`
+(qdrop.pipeline.run_quantize): load, prepare (academic preset), calibrate activations on 256
+samples, reconstruct on 1024 calibration samples, top-1 on all 10,000 test images.
+
+  OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/convergence.py qdrop qdrop-plus --bits w2a4 --iters 500
+  python benchmarks/convergence.py --table          # the table of everything measured so far
+  python benchmarks/convergence.py --list           # the variants
+
+Besides top-1 and time, each line records, per unit, how undecided the rounding still was when the
+loop ended (`soft`: fraction of weights with h(V) strictly between 0.01 and 0.99; `gap`: mean
+|h(V) - hard decision|): a large gap means the hard model that is kept differs from the soft one
+that was trained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "convergence.jsonl"
+
+# name -> (base algorithm, Stage overrides applied to every stage)
+VARIANTS = {
+    "qdrop": ("qdrop", {}),
+    "brecq": ("brecq", {}),
+    "qdrop-plus": ("qdrop-plus", {}),
+    # learning rates scaled with the budget: both (x 2000/iters) or the rounding's alone
+    "qdrop-lr2000": ("qdrop", dict(lr_iters=2000)),
+    "qdrop-wlr4x": ("qdrop", dict(w_lr=4e-3)),
+    # last 10 % of the iterations with the rounding hard: step sizes adapt to the kept model
+    "qdrop-hard10": ("qdrop", dict(hard_tail=0.1)),
+    "qdrop-lr2000-hard10": ("qdrop", dict(lr_iters=2000, hard_tail=0.1)),
+    "qdrop-lr4000": ("qdrop", dict(lr_iters=4000)),
+    "qdrop-lr8000": ("qdrop", dict(lr_iters=8000)),
+    "qdrop-wlr8x": ("qdrop", dict(w_lr=8e-3)),
+    # rounding-loss schedule: shorter warm-up, gentler beta start
+    "qdrop-lr2000-warm5": ("qdrop", dict(lr_iters=2000, warmup=0.05)),
+    "qdrop-lr2000-b10": ("qdrop", dict(lr_iters=2000, b_start=10.0)),
+}
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def build_algorithm(variant: str):
+    from qdrop.recon.configs import ALGORITHMS
+
+    base, overrides = VARIANTS[variant]
+    algo = ALGORITHMS[base]
+    return replace(algo, name=variant, stages=tuple(replace(s, **overrides) for s in algo.stages))
+
+
+class RoundingProbe:
+    """Records, when each unit's rounding is fixed, how far the soft h(V) still was from 0/1."""
+
+    def __init__(self):
+        from qdrop.quant.quantizer import GAMMA, ZETA, Quantizer
+
+        self.records = []
+        self._orig = Quantizer.fix_rounding
+        probe = self
+
+        def fix_rounding(q):
+            with torch.no_grad():
+                # the soft h(V) even where the loop made the rounding hard (Stage.hard_tail)
+                h = torch.clamp(torch.sigmoid(q.alpha.detach()) * (ZETA - GAMMA) + GAMMA, 0, 1)
+                probe.records.append((h.numel(), ((h > 0.01) & (h < 0.99)).sum().item(),
+                                      (h - (q.alpha >= 0).float()).abs().sum().item()))
+            return probe._orig(q)
+
+        Quantizer.fix_rounding = fix_rounding
+
+    def close(self):
+        from qdrop.quant.quantizer import Quantizer
+
+        Quantizer.fix_rounding = self._orig
+
+
+def run_one(variant: str, bits: str, iters: int, seed: int, data: str, model: str = "cifar10_resnet20") -> dict:
+    from qdrop.calibrate import batched, calibrate
+    from qdrop.data import load_split
+    from qdrop.eval.metrics import top1
+    from qdrop.graph.prepare import prepare
+    from qdrop.models import load_model
+    from qdrop.pipeline import ACT_CALIB
+    from qdrop.recon import reconstruct
+
+    algo = build_algorithm(variant)
+    torch.manual_seed(seed)
+    fp_model, info = load_model(model, data=data)
+    calib = load_split(info.dataset, "calib", data=data, preprocess=info.preprocess, limit=1024, seed=seed)
+    test = load_split(info.dataset, "test", data=data, preprocess=info.preprocess)
+    qmodel = prepare(fp_model, (calib.x[:2],), backend="academic", bits=bits)
+    calibrate(qmodel, batched(calib.x[:ACT_CALIB], 64), device="cpu")
+    probe = RoundingProbe()
+    t = time.perf_counter()
+    try:
+        report = reconstruct(qmodel, None, calib.x, algo=algo, iters=iters, batch_size=32, seed=seed, device="cpu",
+                             progress=False)
+    finally:
+        probe.close()
+    recon_s = time.perf_counter() - t
+    acc = top1(qmodel, test.x, test.y, device="cpu")
+    n = sum(r[0] for r in probe.records)
+    units = [dict(unit=r["unit"], final_loss=round(r["final_loss"], 5), seconds=round(r["seconds"], 1))
+             for r in report["unit_reports"]]
+    for u, rec in zip(units, probe.records):  # learned-rounding units fix their rounding in order
+        u.update(soft=round(rec[1] / rec[0], 4), gap=round(rec[2] / rec[0], 4))
+    return dict(variant=variant, base=VARIANTS[variant][0], overrides=VARIANTS[variant][1],
+                stages=[asdict(s) for s in algo.stages], model=model, bits=bits,
+                iters=iters, seed=seed, top1=round(acc, 2), recon_seconds=round(recon_s, 1),
+                soft=round(sum(r[1] for r in probe.records) / max(1, n), 4),
+                gap=round(sum(r[2] for r in probe.records) / max(1, n), 4),
+                cpu=cpu_model(), threads=torch.get_num_threads(), units=units,
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def load_results() -> list[dict]:
+    if not RESULTS.exists():
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| variant | iters | bits | seed | top-1 | recon s | soft | gap | CPU |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['variant']} | {r['iters']} | {r['bits']} | {r['seed']} | {r['top1']:.2f} | {r['recon_seconds']:.0f} "
+                   f"| {r['soft']:.3f} | {r['gap']:.3f} | {r['cpu']} |")
+    return "\n".join(out)
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean top-1 over the seeds measured, per variant, bits and iterations."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["bits"], r["iters"]), []).append(r)
+    out = ["| variant | iters | bits | seeds | top-1 per seed | mean | mean recon s |", "|---|---|---|---|---|---|---|"]
+    for (v, bits, iters), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        out.append(f"| {v} | {iters} | {bits} | {','.join(str(r['seed']) for r in rs)} | "
+                   f"{' / '.join('%.2f' % r['top1'] for r in rs)} | {sum(r['top1'] for r in rs) / len(rs):.2f} | "
+                   f"{sum(r['recon_seconds'] for r in rs) / len(rs):.0f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("variants", nargs="*")
+    p.add_argument("--bits", default="w2a4")
+    p.add_argument("--iters", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=os.environ.get("QDROP_DATA", str(HERE.parent.parent / "shared" / "data" / "cifar10")))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--table", action="store_true")
+    args = p.parse_args(argv)
+    if args.list:
+        for k, (base, ov) in VARIANTS.items():
+            print(f"{k}: {base} {ov}")
+        return
+    if args.table:
+        print(table(load_results()) + "\n\n" + summary(load_results()))
+        return
+    torch.set_num_threads(args.threads)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; see --list")
+    for v in args.variants:
+        key = (v, args.bits, args.iters, args.seed)
+        if any((r["variant"], r["bits"], r["iters"], r["seed"]) == key for r in load_results()):
+            print(f"skip {v} {args.bits} {args.iters} it seed {args.seed}: already in {RESULTS}")
+            continue
+        row = run_one(v, args.bits, args.iters, args.seed, args.data)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(table([row]).splitlines()[-1], flush=True)
+    print(table(load_results()))
+    print()
+    print(summary(load_results()))
+
+
+if __name__ == "__main__":
+    main()
