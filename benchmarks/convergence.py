@@ -62,10 +62,10 @@ def cpu_model() -> str:
 
 
 def build_algorithm(variant: str):
-    from qdrop.recon.configs import ALGORITHMS
+    from qdrop.recon.configs import ALGORITHMS, CANDIDATES
 
     base, overrides = VARIANTS[variant]
-    algo = ALGORITHMS[base]
+    algo = {**ALGORITHMS, **CANDIDATES}[base]
     return replace(algo, name=variant, stages=tuple(replace(s, **overrides) for s in algo.stages))
 
 

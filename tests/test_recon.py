@@ -191,7 +191,7 @@ def _soft_fraction_probe(monkeypatch):
 def test_paper_configurations_are_unchanged():
     from dataclasses import replace
 
-    from qdrop.recon.configs import ALGORITHMS, Stage
+    from qdrop.recon.configs import ALGORITHMS, CANDIDATES, Stage
 
     for name in ("adaround", "brecq", "qdrop"):
         for s in ALGORITHMS[name].stages:
@@ -199,8 +199,8 @@ def test_paper_configurations_are_unchanged():
     assert [s.act_lr for s in ALGORITHMS["qdrop"].stages] == [4e-5]
     assert Stage().act_lr == 4e-5
     # qdrop-plus is qdrop with the learning rates scaled for short budgets, nothing else
-    assert ALGORITHMS["qdrop-plus"].units == "block"
-    assert [replace(s, lr_iters=None) for s in ALGORITHMS["qdrop-plus"].stages] == list(ALGORITHMS["qdrop"].stages)
+    assert CANDIDATES["qdrop-plus"].units == "block"
+    assert [replace(s, lr_iters=None) for s in CANDIDATES["qdrop-plus"].stages] == list(ALGORITHMS["qdrop"].stages)
 
 
 def test_options_at_their_neutral_values_give_the_paper_result():

@@ -67,15 +67,20 @@ ALGORITHMS = {
     "qdrop": Algorithm(
         "qdrop", "block", (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5),)
     ),
+}
+# Every algorithm name a vision model takes: observers only, then the reconstruction algorithms.
+# (Transformers take qdrop.nlp.NLP_ALGOS.) The one list the CLI, the pipeline and the benchmarks read.
+VISION_ALGOS = ("naive", *ALGORITHMS)
+# Candidates: configurations measured better in some settings but not yet at every bit-width and at the
+# full budget (issue #13's bar: ResNet-20, 3 seeds, 2,000 it/unit, and ResNet-32). Reachable by name
+# through get_algorithm / benchmarks/convergence.py, not offered by the CLI or the sweeps until they pass.
+CANDIDATES = {
     "qdrop-plus": Algorithm(
         "qdrop-plus",
         "block",
         (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5, lr_iters=8000),),
     ),
 }
-# Every algorithm name a vision model takes: observers only, then the reconstruction algorithms.
-# (Transformers take qdrop.nlp.NLP_ALGOS.) The one list the CLI, the pipeline and the benchmarks read.
-VISION_ALGOS = ("naive", *ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,9 @@ class ReconConfig:
 
 
 def get_algorithm(name: str, **overrides) -> Algorithm:
-    if name not in ALGORITHMS:
+    if name not in ALGORITHMS and name not in CANDIDATES:
         raise UsageError(f"unknown algorithm {name!r}; choose from {sorted(ALGORITHMS)} (or 'naive')")
-    algo = ALGORITHMS[name]
+    algo = ALGORITHMS.get(name) or CANDIDATES[name]
     if overrides:
         algo = replace(algo, stages=tuple(replace(s, **overrides) for s in algo.stages))
     return algo
