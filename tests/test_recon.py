@@ -225,9 +225,9 @@ def test_lr_iters_scales_the_learning_rates_and_decides_more_rounding(monkeypatc
     reconstruct(base, None, x, algo="qdrop", iters=40, batch_size=16, progress=False)
     soft_base, seen[:] = sum(seen) / len(seen), []
     _, scaled, x = small_setup()
-    reconstruct(scaled, None, x, algo=get_algorithm("qdrop", lr_iters=400), iters=40, batch_size=16, progress=False)
+    reconstruct(scaled, None, x, algo=get_algorithm("qdrop", lr_iters=4000), iters=40, batch_size=16, progress=False)
     soft_scaled = sum(seen) / len(seen)
-    assert soft_scaled < 0.8 * soft_base, (soft_base, soft_scaled)  # 10x the steps: V reaches 0/1 more often
+    assert soft_scaled < 0.5 * soft_base, (soft_base, soft_scaled)  # 100x the steps: V reaches 0/1 far more often
     a, b = int_state(base), int_state(scaled)
     assert any(not torch.equal(a[k], b[k]) for k in a if not k.endswith(".scale"))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scale"))  # step sizes' lr scaled too
