@@ -105,30 +105,29 @@ def session(address: str | None):
 
 # ---- tasks --------------------------------------------------------------------------------
 
-def _task(run, results_dir: str, sweep_name: str, kwargs: dict, cwd: str, env: dict) -> dict:
-    """Runs on a Ray worker: the run in the driver's working folder and QDROP_* settings."""
+def _task(execute, run, results_dir: str, sweep_name: str, kwargs: dict, cwd: str, env: dict) -> dict:
+    """Runs on a Ray worker: the run in the driver's working folder and QDROP_* settings.
+    execute is the runner's run_job (passed in: this module does not import the runner, which
+    imports it)."""
     os.environ.update(env)
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative data or model paths of the config mean what they mean to the driver
-    from .runner import run_job
-
-    return run_job(run, Path(results_dir), sweep_name, **kwargs)
+    return execute(run, Path(results_dir), sweep_name, **kwargs)
 
 
-def _failed(run, sweep_name: str, kwargs: dict, err: BaseException) -> dict:
+def _failed(run, sweep_name: str, kwargs: dict, err: BaseException, schema: int, now) -> dict:
     """The record of a task Ray gave up on (its worker died MAX_RETRIES + 1 times, qdrop missing
-    on the node, ...): a failed run, or a failed deployment of a finished one."""
-    from .runner import SCHEMA, _now
-
+    on the node, ...): a failed run, or a failed deployment of a finished one (schema and now():
+    the runner's record format)."""
     lines = str(err).strip().splitlines()
     message = lines[0] if lines else ""
     recorded = kwargs.get("recorded")
     if recorded is not None:
         c = run.config
         return dict(recorded, config={**recorded["config"], "deploy": c["deploy"]},
-                    deploy=dict(runtime=c["deploy"], error=f"{type(err).__name__}: {message}", finished=_now()))
-    return dict(schema=SCHEMA, run_id=run.run_id, sweep=sweep_name, kind=run.kind, config=run.config,
-                out_dir=str(Path("runs") / run.run_id), finished=_now(), status="failed",
+                    deploy=dict(runtime=c["deploy"], error=f"{type(err).__name__}: {message}", finished=now()))
+    return dict(schema=schema, run_id=run.run_id, sweep=sweep_name, kind=run.kind, config=run.config,
+                out_dir=str(Path("runs") / run.run_id), finished=now(), status="failed",
                 error=dict(type=type(err).__name__, message=str(err)[:4000], traceback=""))
 
 
@@ -142,9 +141,10 @@ def _options(run, kwargs: dict, max_cpus: float, has_gpu: bool) -> dict:
                 retry_exceptions=False, name=f"qdrop bench {run.run_id}")
 
 
-def run_tasks(ray, runs: list, job, results_dir: Path, sweep_name: str):
-    """Submit every run as a task (job(run): its run_job arguments); yield (run, record) as each
-    finishes. Tasks still running when the caller stops (interrupt, error) are cancelled."""
+def run_tasks(ray, runs: list, job, results_dir: Path, sweep_name: str, execute, schema: int, now):
+    """Submit every run as a task (job(run): the arguments of execute, the runner's run_job); yield
+    (run, record) as each finishes. Tasks still running when the caller stops (interrupt, error) are
+    cancelled. schema, now: the runner's record format, for runs Ray gave up on."""
     remote = ray.remote(_task)
     env = {k: v for k, v in os.environ.items() if k.startswith("QDROP_")}
     cwd = os.getcwd()
@@ -155,7 +155,7 @@ def run_tasks(ray, runs: list, job, results_dir: Path, sweep_name: str):
     waiting = {}
     for run in runs:
         kwargs = job(run)
-        ref = remote.options(**_options(run, kwargs, max_cpus, has_gpu)).remote(run, results, sweep_name, kwargs, cwd, env)
+        ref = remote.options(**_options(run, kwargs, max_cpus, has_gpu)).remote(execute, run, results, sweep_name, kwargs, cwd, env)
         waiting[ref] = (run, kwargs)
     try:
         while waiting:
@@ -165,7 +165,7 @@ def run_tasks(ray, runs: list, job, results_dir: Path, sweep_name: str):
                 try:
                     record = ray.get(ref)
                 except ray.exceptions.RayError as err:
-                    record = _failed(run, sweep_name, kwargs, err)
+                    record = _failed(run, sweep_name, kwargs, err, schema, now)
                 yield run, record
     finally:
         for ref in waiting:

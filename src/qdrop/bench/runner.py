@@ -537,7 +537,8 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
                 bar.set_postfix_str(run.run_id)
                 yield run, run_job(run, results_dir, sweep.name, **job(run))
 
-        finished = here() if cluster is None else ray_runner.run_tasks(cluster, pending, job, results_dir, sweep.name)
+        finished = here() if cluster is None else ray_runner.run_tasks(cluster, pending, job, results_dir, sweep.name,
+                                                                       run_job, SCHEMA, _now)
         stack.enter_context(contextlib.closing(finished))  # a stop cancels the Ray tasks still running
         for run, rec in finished:  # as each run finishes: only this process writes results.jsonl
             if cluster is not None:
