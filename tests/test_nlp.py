@@ -460,6 +460,27 @@ def test_run_nlp_quantize_sts_and_lm(tmp_path):
     assert m["quant"] > 1 and m["fp"] > 1
 
 
+def test_run_nlp_quantize_with_block_reconstruction(tmp_path):
+    """algo qdrop after init osplus: the transform, then one unit per block; recon.json written, the
+    resume state removed once metrics.json is there; a rerun with the same output starts afresh."""
+    g = torch.Generator().manual_seed(0)
+    d, words = _tiny_hf_dir(tmp_path, "llama")
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(words[j] for j in torch.randint(0, 100, (600,), generator=g)))
+    out = tmp_path / "out"
+    m = run_nlp_quantize(f"hf:{d}", "lm", data=text, bits="w4a8", algo="qdrop", init="osplus", iters=5, lr_iters=20,
+                         calib=4, calib_len=32, window=64, max_windows=2, out=out)
+    rec = m["report"]["reconstruction"]
+    assert m["init"] == "osplus" and "osplus" in m["report"] and m["iters"] == 5 and m["lr_iters"] == 20
+    assert rec["units"] == 2 and [r["unit"] for r in rec["unit_reports"]] == ["model.layers.0", "model.layers.1"]
+    assert rec["stages"][0]["lr_iters"] == 20 and rec["stages"][0]["drop_prob"] == 0.5
+    assert (out / "recon.json").exists() and not (out / "recon_state.pt").exists()
+    with pytest.raises(ValueError, match="init applies to the reconstruction algorithms"):
+        run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="osplus", init="naive")
+    with pytest.raises(ValueError, match="lr_iters apply to the reconstruction algorithms"):
+        run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="naive", lr_iters=100)
+
+
 def test_run_nlp_quantize_errors(tmp_path):
     with pytest.raises(ValueError, match="algo"):
         run_nlp_quantize("hf:x", "sts", data=tmp_path, algo="nope")

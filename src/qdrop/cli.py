@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--iters", type=_positive, default=20000, help="reconstruction iterations per unit")
     q.add_argument("--batch-size", type=_positive, default=32)
+    q.add_argument("--lr-iters", type=_positive, default=None, metavar="N",
+                   help="engine option for any reconstruction algorithm: below N iterations per unit both learning rates "
+                   "are scaled by N/iters, so that a short budget can finish the rounding (docs/algorithms/qdrop-plus.md; "
+                   "default: the paper's rates)")
     q.add_argument("--lambda", dest="lam", type=float, default=None, help="rounding-loss weight (default: from the architecture)")
     q.add_argument("--leaf", action="append", default=[], help="module to keep in FP as a traced leaf (repeatable)")
     q.add_argument("--w-observer", default=None, help="override the preset's weight observer (minmax|ema_minmax|percentile|mse)")
@@ -197,7 +201,7 @@ def cmd_quantize(args) -> int:
                       leaf_modules=tuple(args.leaf), eval_limit=args.eval_limit, compile=args.compile,
                       max_cache_mb=args.max_cache_mb, w_observer=args.w_observer, a_observer=args.a_observer,
                       int32_bias=args.int32_bias, target_cpu=args.target_cpu, budget=args.budget,
-                      sensitivity=args.sensitivity)
+                      sensitivity=args.sensitivity, lr_iters=args.lr_iters)
     metrics = run_quantize(job, out=out)
     print(f"{metrics['model']} {metrics['bits']} {metrics['algo']}: FP {metrics['fp']:.2f}  quantized {metrics['quant']:.2f} "
           f"({metrics['metric']}, {metrics['eval_size']} test samples) -> {out / 'metrics.json'}")
@@ -232,10 +236,12 @@ def _quantize_transformer(args, out: Path) -> int:
     if is_average_bits(args.bits):
         raise UsageError(f"--bits {args.bits}: mixed precision is for vision models; give whole bits, e.g. w4a8")
     recon = args.algo in ALGORITHMS
-    extra = dict(init=args.init, iters=args.iters, lam=args.lam, units=args.units, max_cache_mb=args.max_cache_mb) if recon else {}
+    extra = dict(init=args.init, iters=args.iters, lam=args.lam, units=args.units, max_cache_mb=args.max_cache_mb,
+                 lr_iters=args.lr_iters) if recon else {}
     if not recon:
         _refuse(args, (("init", None, "--init"), ("units", None, "--units"), ("lam", None, "--lambda"),
-                       ("max_cache_mb", None, "--max-cache-mb")), f"to --algo {args.algo}: they are for adaround|brecq|qdrop")
+                       ("max_cache_mb", None, "--max-cache-mb"), ("lr_iters", None, "--lr-iters")),
+                f"to --algo {args.algo}: they are for adaround|brecq|qdrop")
     m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
                          calib=args.calib or 256, seed=args.seed, batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,

@@ -21,7 +21,7 @@ from .nlp.data import lm_splits, read_tokens, segment_batches, sentence_calib_ba
 from .nlp.models import TASKS, load_hf
 from .nlp.pipeline import FINE_LR, NLP_ALGOS, quantize_transformer
 from .quant.scheme import parse_bits
-from .recon.configs import ALGORITHMS
+from .recon.configs import ALGORITHMS, get_algorithm
 
 DEFAULT_DATA = {"sts": "nlp/stsb_dev.tsv", "lm": "nlp/wikitext2_valid.txt"}
 METRIC = {"sts": "stsb_spearman_x100", "lm": "wikitext2_ppl"}
@@ -37,7 +37,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
-                     max_cache_mb: int | None = None, fp: float | None = None, progress: bool = False) -> dict:
+                     max_cache_mb: int | None = None, lr_iters: int | None = None, fp: float | None = None,
+                     progress: bool = False) -> dict:
     """Quantize a Hugging Face model and evaluate it; returns the metrics dict (also written
     atomically to OUT/metrics.json when `out` is given).
 
@@ -70,8 +71,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if recon and init not in INITS:
         raise UsageError(f"init must be one of {INITS}, got {init!r}")
     transform = init if recon else algo
-    if (lam is not None or units is not None or max_cache_mb is not None) and not recon:
-        raise UsageError(f"lam, units and max_cache_mb apply to the reconstruction algorithms {tuple(ALGORITHMS)}, not to {algo!r}")
+    if (lam is not None or units is not None or max_cache_mb is not None or lr_iters is not None) and not recon:
+        raise UsageError(f"lam, units, max_cache_mb and lr_iters apply to the reconstruction algorithms {tuple(ALGORITHMS)}, not to {algo!r}")
     if recon and (not isinstance(iters, int) or iters < 1):
         raise UsageError(f"iters must be a positive integer, got {iters!r}")
     parse_bits(bits)
@@ -94,7 +95,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         calib_batches = sentence_calib_batches(tokenizer, calib_sentences, batch_size)
         # reconstruction: the whole calibration set as one group (one padded batch), steps of batch_size
         recon_data = [sentence_calib_batches(tokenizer, calib_sentences, len(calib_sentences))[0]] if recon else None
-        recon_batch = batch_size
+        recon_batch = min(batch_size, len(calib_sentences))
         calib_size, eval_size = len(calib_sentences), len(eval_set)
 
         def evaluate(m):
@@ -104,7 +105,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         eval_tokens, cal = lm_splits(tokens, calib, calib_len, window, max_windows)
         calib_batches = segment_batches(cal, batch_size=max(1, min(batch_size, 8)))
         recon_data = segment_batches(cal, batch_size=cal.shape[0]) if recon else None
-        recon_batch = max(1, min(batch_size, 8))
+        recon_batch = max(1, min(batch_size, 8, cal.shape[0]))
         calib_size, eval_size = cal.shape[0], eval_tokens.numel()
         calib_source = f"last {cal.numel()} tokens of {data.name} ({cal.shape[0]} segments of {calib_len})"
         lm_info = {}
@@ -124,15 +125,16 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
     if recon:
-        report["reconstruction"] = _reconstruct(qmodel, tokenizer, recon_data, algo, iters, recon_batch, lam, seed, units,
-                                                max_cache_mb, out, progress)
+        algorithm = get_algorithm(algo, lr_iters=lr_iters) if lr_iters else algo
+        report["reconstruction"] = _reconstruct(qmodel, tokenizer, recon_data, algorithm, iters, recon_batch, lam, seed,
+                                                units, max_cache_mb, out, progress)
     seconds["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     quant = evaluate(qmodel)
     seconds["eval_quant"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
 
-    metrics = dict(model=model, task=task, bits=bits, algo=algo, init=init, iters=iters if recon else 0,
+    metrics = dict(model=model, task=task, bits=bits, algo=algo, init=init, iters=iters if recon else 0, lr_iters=lr_iters,
                    backend="academic" if act_granularity == "per_tensor" else "academic-per-token",
                    act_granularity=act_granularity, w_observer=w_observer, a_observer=a_observer,
                    down_proj=down_proj, calib_size=calib_size, calib_source=calib_source, seed=seed, metric=METRIC[task],
@@ -165,7 +167,7 @@ def _reconstruct(qmodel: nn.Module, tokenizer, batches, algo, iters, batch_size,
     if out is not None:
         atomic_write_json(Path(out) / "recon.json", rep)
     keep = ("unit", "iters", "seconds", "ms_per_iter", "final_loss")
-    return dict(algo=algo, iters=iters, batch_size=batch_size, lam=rep["lam"], units=len(rep["units"]),
+    return dict(algo=rep["algo"], stages=rep["stages"], iters=iters, batch_size=batch_size, lam=rep["lam"], units=len(rep["units"]),
                 seconds=rep["seconds"], unit_reports=[{k: r[k] for k in keep} for r in rep["unit_reports"]])
 
 

@@ -15,7 +15,7 @@ from .graph.prepare import PRESETS, TARGET_CPUS, PrepareConfig, prepare, quantiz
 from .quant.scheme import is_average_bits, parse_mixed_bits
 from .recon.mixed import CANDIDATE_BITS, SENSITIVITIES, parse_budget, search
 from .recon import reconstruct
-from .recon.configs import VISION_ALGOS
+from .recon.configs import VISION_ALGOS, get_algorithm
 from .errors import CheckpointError, ModelError, UsageError
 from .io import atomic_torch_save, atomic_write_json, environment, load_torch_file, remove_stale_temps
 
@@ -90,6 +90,9 @@ class QuantizeJob:
     # or a budget "size=MB" / "bops=G" (then `bits` gives the activation bits); see qdrop.recon.mixed
     budget: str | None = None
     sensitivity: str | None = None  # output (default) | hessian
+    # engine option (Stage.lr_iters, any reconstruction algorithm): below this many iterations per unit the
+    # learning rates are scaled by lr_iters / iters, so that short budgets can finish the rounding
+    lr_iters: int | None = None
 
     @property
     def mixed(self) -> bool:
@@ -109,6 +112,9 @@ class QuantizeJob:
                 raise UsageError(f"give either fractional weight bits ({self.bits}) or --budget {self.budget}, not both")
             if parse_budget(self.budget)[0] == "bits":
                 raise UsageError(f"an average-bits budget is written in --bits (e.g. w2.5a4), not --budget {self.budget}")
+        if self.lr_iters is not None and (self.algo == "naive" or not isinstance(self.lr_iters, int) or self.lr_iters < 1):
+            raise UsageError(f"lr_iters must be a positive integer and needs a reconstruction algorithm, got "
+                             f"{self.lr_iters!r} with algo {self.algo!r}")
         if self.sensitivity is not None and self.sensitivity not in SENSITIVITIES:
             raise UsageError(f"unknown sensitivity {self.sensitivity!r}; choose from {SENSITIVITIES}")
         if self.backend not in PRESETS:
@@ -186,7 +192,8 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     recon_report = None
     if job.algo != "naive":
         t = time.perf_counter()
-        recon_report = reconstruct(qmodel, None, calib_split.x, algo=job.algo, iters=job.iters, batch_size=job.batch_size,
+        algo = get_algorithm(job.algo, lr_iters=job.lr_iters) if job.lr_iters else job.algo
+        recon_report = reconstruct(qmodel, None, calib_split.x, algo=algo, iters=job.iters, batch_size=job.batch_size,
                                    lam=job.lam, seed=job.seed, device=device, progress=progress, compile=job.compile,
                                    max_cache_bytes=job.max_cache_mb * 2**20 if job.max_cache_mb else None,
                                    state_path=str(out_dir / "recon_state.pt") if out_dir else None)

@@ -20,6 +20,7 @@ and callables that run a unit or one layer. The loop below is the same for both.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 import os
 import sys
 import time
@@ -209,8 +210,9 @@ def reconstruct(
 
     blocks = part.blocks
     total_units = len(blocks) * len(algorithm.stages)
+    # the stages too: a resumed run must be the same configuration, not just the same name
     meta = dict(algo=algorithm.name, iters=iters, batch_size=batch_size, lam=lam, seed=seed, units=[u.name for u in blocks],
-                n_calib=n_calib)
+                n_calib=n_calib, stages=[asdict(s) for s in algorithm.stages])
     done = -1
     report = dict(meta, lam=lam, unit_reports=[], device=str(device))
     saved = _load_state(state_path, device) if state_path and os.path.exists(state_path) else None
