@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qdrop"
 # (The design: quant <- graph/nlp <- recon/export <- api <- cli/bench; the small helpers at the
 # bottom import nothing of qdrop's higher layers.)
 LAYERS = [
-    {"errors", "io"},
+    {"errors", "io", "distributed"},
     {"quant", "models", "data", "eval"},
     {"graph", "nlp"},
     {"recon", "export"},

@@ -2,6 +2,10 @@
 
 Every error that is the user's (bad flag value, missing data, untraceable model) is
 printed as one line 'qdrop: error: ...' with exit status 2; nothing half-written is left.
+
+`torchrun --nproc-per-node N -m qdrop quantize ...` runs a vision quantization data-parallel
+(qdrop.distributed): rank 0 prints and writes; the other ranks print nothing, not even the
+errors every rank meets alike (qdrop's checks see the same arguments and data on every rank).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from . import distributed as qdist
 from .api import is_transformer_spec
 from .errors import QdropError, UsageError
 from .recon.configs import ALGORITHMS, VISION_ALGOS
@@ -167,21 +172,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if qdist.launched():
+        if not qdist.is_main():  # one copy of every message: rank 0's
+            import warnings
+
+            warnings.simplefilter("ignore")
+        if not argv or argv[0] != "quantize":
+            if qdist.is_main():
+                print("qdrop: error: under torchrun only `qdrop quantize` runs data-parallel; run other commands as one "
+                      "process", file=sys.stderr)
+            return 2
+        try:
+            return _main(argv)
+        finally:
+            qdist.shutdown()
+    return _main(argv)
+
+
+def _main(argv) -> int:
     if argv and argv[0] in ("bench", "report", "analyze"):
         from . import bench
 
         return {"bench": bench.bench_main, "report": bench.report_main, "analyze": bench.analyze_main}[argv[0]](argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if qdist.is_main():
+        args = parser.parse_args(argv)
+    else:  # argparse's own messages: rank 0's copy is enough
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("qdrop: interrupted", file=sys.stderr)
+        if qdist.is_main():
+            print("qdrop: interrupted", file=sys.stderr)
         return 130
     except QdropError as e:  # the errors qdrop raises on purpose: one line, exit 2; anything else is a bug
-        print(f"qdrop: error: {e}", file=sys.stderr)
+        if qdist.is_main():
+            print(f"qdrop: error: {e}", file=sys.stderr)
         return 2
 
 
@@ -203,6 +235,8 @@ def cmd_quantize(args) -> int:
                       int32_bias=args.int32_bias, target_cpu=args.target_cpu, budget=args.budget,
                       sensitivity=args.sensitivity, lr_iters=args.lr_iters)
     metrics = run_quantize(job, out=out)
+    if not qdist.is_main():
+        return 0
     print(f"{metrics['model']} {metrics['bits']} {metrics['algo']}: FP {metrics['fp']:.2f}  quantized {metrics['quant']:.2f} "
           f"({metrics['metric']}, {metrics['eval_size']} test samples) -> {out / 'metrics.json'}")
     return 0

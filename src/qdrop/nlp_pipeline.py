@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed as qdist
 from .data.paths import data_root
 from .errors import DataError, UsageError
 from .eval.nlp_metrics import perplexity, sts_spearman
@@ -60,6 +61,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     `out`, a killed run resumes at the first unfinished block (OUT/recon_state.pt).
     """
     t0 = time.perf_counter()
+    if qdist.launched():
+        raise UsageError("Hugging Face models are quantized in one process: run without torchrun (data-parallel "
+                         "runs cover the vision models)")
     if task not in TASKS:
         raise UsageError(f"task must be one of {TASKS}, got {task!r}")
     if algo not in TRANSFORMER_ALGOS:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as qdist
 from .api import calibrate
 from .quant.calibration import batched
-from .eval.metrics import top1
+from .eval.metrics import count_correct, top1
 from .graph.prepare import PRESETS, TARGET_CPUS, PrepareConfig, prepare, quantizers, resolve_target_cpu
 from .quant.scheme import is_average_bits, parse_mixed_bits
 from .recon.mixed import CANDIDATE_BITS, SENSITIVITIES, parse_budget, search
@@ -131,6 +132,12 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     With `out`, writes model.pt, config.json, recon.json and (last) metrics.json there;
     reconstruction saves its progress to recon_state.pt and resumes from it. fp_top1: the FP
     model's top-1 when the caller already measured it (a sweep), else it is evaluated.
+
+    Launched by torchrun (N processes), it runs data-parallel (qdrop.distributed): every rank
+    loads the data and calibrates the activation ranges on the same ACT_CALIB samples (the MSE
+    and percentile observers need the values, not only their min/max); reconstruction splits
+    the calibration samples, their caches and each batch across the ranks; evaluation splits
+    the test samples. Rank 0 alone writes files and shows progress; every rank returns the metrics.
     """
     from .data import load_split
     from .models import load_model
@@ -138,6 +145,10 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     job.check()
     target_cpu = resolve_target_cpu(job.backend, job.target_cpu)
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if qdist.launched():  # torchrun: one process of N (a plain run skips this)
+        device = str(qdist.init_from_env(device))
+    main = qdist.is_main()
+    progress = progress and main
     torch.manual_seed(job.seed)
     seconds = {}
     t = time.perf_counter()
@@ -148,6 +159,8 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
                              seed=job.seed)
     test_split = load_split(info.dataset, "test", data=job.data, preprocess=info.preprocess, limit=job.eval_limit)
     seconds["load"] = time.perf_counter() - t
+    if job.algo != "naive":  # a world the samples or the batch cannot be split over: refused before anything is written
+        qdist.check_shards(len(calib_split), job.batch_size)
 
     # mixed precision: choose every layer's weight bits first (a budget it cannot meet is refused
     # before anything is written), then quantize as usual
@@ -167,16 +180,18 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
         seconds["search"] = time.perf_counter() - t
 
     out_dir = Path(out) if out else None
-    if out_dir:
+    if out_dir and main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir)  # a run killed mid-write left them; the rerun replaces what they were
     config = dict(asdict(job), data=str(job.data) if job.data is not None else None, leaf_modules=list(job.leaf_modules),
                   calib_size=len(calib_split), iters=job.iters if job.algo != "naive" else 0, device=device,
                   target_cpu=target_cpu, calib_data=calib_split.description, eval_data=test_split.description,
                   act_calib=ACT_CALIB)
+    if qdist.world_size() > 1:
+        config["world"] = qdist.world_size()
     if allocation:
         config["allocation"] = {k: v for k, v in allocation.items() if k != "table"}
-    if out_dir:
+    if out_dir and main:
         atomic_write_json(out_dir / "config.json", config)
         if allocation:
             atomic_write_json(out_dir / "sensitivity.json", allocation["table"])
@@ -198,12 +213,12 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
                                    max_cache_bytes=job.max_cache_mb * 2**20 if job.max_cache_mb else None,
                                    state_path=str(out_dir / "recon_state.pt") if out_dir else None)
         seconds["reconstruct"] = time.perf_counter() - t
-        if out_dir:
+        if out_dir and main:
             atomic_write_json(out_dir / "recon.json", recon_report, indent=1)
 
     t = time.perf_counter()
-    fp = fp_top1 if fp_top1 is not None else top1(fp_model, test_split.x, test_split.y, device=device, progress=progress, desc="eval fp")
-    quant = top1(qmodel, test_split.x, test_split.y, device=device, progress=progress, desc="eval quant")
+    fp = fp_top1 if fp_top1 is not None else _top1(fp_model, test_split.x, test_split.y, device, progress, "eval fp")
+    quant = _top1(qmodel, test_split.x, test_split.y, device, progress, "eval quant")
     seconds["evaluate"] = time.perf_counter() - t
 
     metrics = dict(model=job.model, bits=job.bits, algo=job.algo, backend=job.backend, target_cpu=target_cpu,
@@ -213,13 +228,24 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
                    if recon_report else None,
                    lam=recon_report["lam"] if recon_report else None, weight_bytes=_weight_bytes(qmodel),
                    allocation=config.get("allocation"), environment=environment())
-    if out_dir:
+    if recon_report and "ranks" in recon_report:  # data-parallel: each rank's share, cache and peak memory
+        metrics.update(world=len(recon_report["ranks"]), ranks=recon_report["ranks"])
+    if out_dir and main:
         save_checkpoint(qmodel, job.model, out_dir / "model.pt", calib_split.x[:1].shape)
         atomic_write_json(out_dir / "metrics.json", metrics)
         state = out_dir / "recon_state.pt"
         if state.exists():
             state.unlink()  # the finished model is in model.pt
+    qdist.barrier()  # the other ranks return once rank 0 has written everything
     return metrics
+
+
+def _top1(model, x, y, device, progress: bool, desc: str) -> float:
+    """Top-1 in percent; in a process group each rank evaluates its share of the samples."""
+    if not qdist.active():
+        return top1(model, x, y, device=device, progress=progress, desc=desc)
+    n = count_correct(model, qdist.shard(x), qdist.shard(y), device=device, progress=progress, desc=desc)
+    return 100.0 * int(qdist.all_reduce(torch.tensor([n], dtype=torch.float64)).item()) / len(y)
 
 
 def _weight_bytes(qmodel) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..distributed import is_main  # under torchrun, rank 0 alone shows progress
 from ..errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -60,7 +61,7 @@ def load_images(paths: list[Path], preprocess: str, progress: bool = True) -> to
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         decoded = pool.map(decode, paths)
         for i, pixels in enumerate(tqdm(decoded, total=len(paths), desc="decoding images", unit="img", leave=False,
-                                        disable=not progress)):
+                                        disable=not progress or not is_main())):
             out[i] = torch.from_numpy(pixels).permute(2, 0, 1)
     if preprocess == "tf_inception":
         return out.sub_(127.0).div_(128.0)

@@ -9,6 +9,7 @@ from torch import nn
 
 from .state import quantizers
 from .layers import QuantLayer
+from .. import distributed as qdist
 from ..errors import DataError, UsageError
 
 
@@ -36,7 +37,14 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
     qdrop quantizers (qdrop.calibrate in qdrop.api is the public entry).
 
     Observers see floating-point values everywhere (all quantizers pass through while
-    observing), as in the official BRECQ/QDrop calibration."""
+    observing), as in the official BRECQ/QDrop calibration.
+
+    In a process group (torchrun, qdrop.distributed) each observer's min and max are reduced
+    over the ranks, which makes min/max observers exact whatever batches each rank saw. MSE and
+    percentile observers (every preset's activation default) need the values themselves, so
+    data-parallel runs calibrate on the same batches on every rank (qdrop.pipeline does); the
+    ranks' ranges are then compared, and if they differ anyway (different batches, or
+    non-deterministic kernels) rank 0's are used everywhere, with a warning."""
     for _, m in qmodel.named_modules():
         if isinstance(m, QuantLayer) and not m.weight_quant.calibrated:
             m.weight_quant.calibrate_on(m.layer.weight)
@@ -57,6 +65,8 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
         seen += 1
     if seen == 0:
         raise DataError("calibration got no batches")
+    if qdist.active():
+        _reduce_min_max(acts)
     for name, q in acts:
         if q.observer is None or q.observer.min is None:
             warnings.warn(f"activation quantizer {name} saw no data during calibration; it stays off")
@@ -65,7 +75,51 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
         q.freeze()
     for q in weights:
         q.set_state("quant")
+    if qdist.active():
+        _same_ranges(acts)
     return qmodel
+
+
+def _reduce_min_max(acts) -> None:
+    """Every rank's observers get the min and max over all ranks' data (two all-reduces in all)."""
+    seen = torch.tensor([q.observer is not None and q.observer.min is not None for _, q in acts], dtype=torch.float)
+    anywhere = qdist.all_reduce(seen.clone(), "max")
+    if not torch.equal(qdist.all_reduce(seen.clone(), "min"), anywhere):
+        names = [n for (n, _), a, s in zip(acts, anywhere, seen) if a != s]
+        raise DataError(f"activation quantizers {names[:3]} saw data on some ranks only: give every rank the same "
+                        "kind of calibration batches")
+    obs = [q.observer for (_, q), s in zip(acts, seen) if s]
+    if not obs:
+        return
+    dev = obs[0].min.device
+    lo = qdist.all_reduce(torch.cat([o.min.reshape(-1).to(dev) for o in obs]), "min")
+    hi = qdist.all_reduce(torch.cat([o.max.reshape(-1).to(dev) for o in obs]), "max")
+    i = 0
+    for o in obs:
+        n = o.min.numel()
+        o.min, o.max = lo[i : i + n].view_as(o.min).to(o.min.device), hi[i : i + n].view_as(o.max).to(o.max.device)
+        i += n
+
+
+def _same_ranges(acts) -> None:
+    """Check that every rank froze the same activation ranges; where they differ, rank 0's win."""
+    qs = [q for _, q in acts if q.calibrated]
+    if not qs:
+        return
+    dev = qs[0].scale.device
+    mine = torch.cat([t.detach().reshape(-1).float().to(dev) for q in qs for t in (q.scale, q.zero_point)])
+    if torch.equal(qdist.all_reduce(mine.clone(), "max"), qdist.all_reduce(mine.clone(), "min")):
+        return
+    ref = qdist.broadcast(mine.clone(), 0)
+    worst = float(qdist.all_reduce((ref - mine).abs().max().reshape(1), "max"))
+    if qdist.rank() == 0:
+        warnings.warn(f"activation ranges differ across ranks (by up to {worst:.3g}): rank 0's are used on every rank. "
+                      "Data-parallel calibration needs the same batches on every rank for the mse and percentile observers")
+    i = 0
+    for q in qs:
+        n = q.scale.numel()
+        q.set_range(ref[i : i + n], ref[i + n : i + 2 * n])
+        i += 2 * n
 
 
 def batched(x: torch.Tensor, batch_size: int):

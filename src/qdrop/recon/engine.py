@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from .. import distributed as qdist
 from ..errors import DataError, ReconstructionError, UsageError
 from ..io import atomic_torch_save, load_torch_file
 from torch.utils._pytree import tree_map
@@ -187,6 +188,12 @@ def reconstruct(
     finished unit and gives the same result as an uninterrupted run. partition: where the
     units come from (default: the torch.fx graph; qdrop.reconstruct passes the transformer
     one for Hugging Face models, with calib_data a list of tokenized batches).
+
+    Inside an initialised process group of N ranks (torchrun, qdrop.distributed), every rank
+    passes the same calib_data and keeps 1/N of it (a contiguous shard, with its caches);
+    batch_size is the global batch, split across the ranks, and the gradients are averaged
+    every iteration, so the ranks keep identical parameters. Rank 0 alone writes state_path;
+    every rank resumes from it. The torch.fx path only.
     """
     algorithm = get_algorithm(algo) if isinstance(algo, str) else algo
     cfg = ReconConfig(iters=iters, batch_size=batch_size, lam=lam, seed=seed, compile=compile,
@@ -199,11 +206,20 @@ def reconstruct(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     qmodel.to(device).eval()
     part = GraphPartition(qmodel) if partition is None else partition
+    world, rank = qdist.world_size(), qdist.rank()
+    if world > 1 and not isinstance(part, GraphPartition):
+        raise ReconstructionError("data-parallel reconstruction (torchrun) covers the torch.fx path only; "
+                                  "reconstruct transformers in one process")
     with quant_mode(qmodel, weights=False, acts=False):
         xs0, masks = part.start(calib_data, device)
     n_calib = sum(int(x.shape[0]) for x in xs0)
     if len(xs0) == 1 and n_calib < batch_size:  # (groups of a transformer's batches may be smaller: one group a step)
         raise DataError(f"calibration set has {n_calib} samples, fewer than the batch size {batch_size}")
+    n_rank = n_calib
+    if world > 1:  # this rank's shard of the samples; every cache below holds only it
+        qdist.check_shards(n_calib, batch_size, world)
+        xs0 = [qdist.shard(xs0[0])]
+        n_rank = int(xs0[0].shape[0])
     lam = default_lambda(qmodel) if cfg.lam is None else cfg.lam
     if fp_model is not None:
         _check_fp(qmodel, fp_model, calib_data[: min(8, len(calib_data))], device)
@@ -213,9 +229,15 @@ def reconstruct(
     # the stages too: a resumed run must be the same configuration, not just the same name
     meta = dict(algo=algorithm.name, iters=iters, batch_size=batch_size, lam=lam, seed=seed, units=[u.name for u in blocks],
                 n_calib=n_calib, stages=[asdict(s) for s in algorithm.stages])
+    if world > 1:
+        meta["world"] = world  # a resumed run must split the samples and batches the same way
     done = -1
     report = dict(meta, lam=lam, unit_reports=[], device=str(device))
-    saved = _load_state(state_path, device) if state_path and os.path.exists(state_path) else None
+    if world == 1:
+        saved = _load_state(state_path, device) if state_path and os.path.exists(state_path) else None
+    else:  # rank 0 reads (and may discard) the file; every rank gets what it read
+        saved = _load_state(state_path, "cpu") if state_path and rank == 0 and os.path.exists(state_path) else None
+        saved = qdist.broadcast_object(saved)
     if saved is not None:
         if saved["meta"] != meta:
             raise ReconstructionError(f"{state_path} was written by a different run ({saved['meta']}); remove it or use another output")
@@ -226,14 +248,17 @@ def reconstruct(
     cache = _Cache(device, n_calib, max_cache_bytes)
     per_block = [len(part.layer_units(k)) if algorithm.units == "layer" else 1 for k in range(len(blocks))]
     bar = tqdm(total=sum(max(1, int(round(iters * s.iters_scale))) for s in algorithm.stages) * sum(per_block),
-               disable=not progress,
+               disable=not progress or rank != 0,
                desc=f"{algorithm.name}", unit="it", dynamic_ncols=True)
     bar.update(sum(r["iters"] for r in report["unit_reports"]) if done >= 0 else 0)
+    cache_bytes = 0  # the most bytes of cached unit inputs/outputs held at once
     try:  # the bar is closed on errors too, so that an error message starts on its own line
         step = 0
         for s_idx, stage in enumerate(algorithm.stages):
             stage_iters = max(1, int(round(iters * stage.iters_scale)))
-            x_dev, x_dtype = cache.placement_of(sum(x.numel() for x in xs0))
+            # (with shards, sized for the largest one: every rank caches in the same place and precision)
+            x_dev, x_dtype = cache.placement_of(sum(x.numel() for x in xs0) if world == 1 else
+                                                xs0[0][:1].numel() * max(qdist.shard_sizes(n_calib, world)))
             x_fp = [x.to(x_dev, x_dtype) for x in xs0]
             x_q = x_fp
             for k, block in enumerate(blocks):
@@ -245,11 +270,12 @@ def reconstruct(
                 else:
                     y_fp = _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
                                               stage_iters, cfg, lam, device, bar, report, total_units, step)
-                    if state_path:
+                    if state_path and rank == 0:
                         atomic_torch_save(dict(meta=meta, done=step, state_dict=qmodel.state_dict(),
                                           unit_reports=report["unit_reports"]), state_path)
                     if on_unit_done is not None:
                         on_unit_done(step, block.name)
+                cache_bytes = max(cache_bytes, _nbytes(x_q, x_fp, y_fp))
                 with quant_mode(qmodel, weights=True, acts=stage.act_quant):
                     x_q = run_groups(fn, x_q, extras, device, out_dtype=x_dtype)
                 x_fp = y_fp
@@ -262,7 +288,18 @@ def reconstruct(
             q.set_state("quant")
         q.set_drop(1.0)
     report["seconds"] = sum(r["seconds"] for r in report["unit_reports"])
+    report["cache_bytes"] = cache_bytes
+    if world > 1:
+        report.update(rank=rank, n_calib_rank=n_rank)
+        report["ranks"] = qdist.gather_objects(dict(rank=rank, n_calib=n_rank, cache_bytes=cache_bytes,
+                                                    seconds=round(report["seconds"], 2), **qdist.peak_memory_mb(device)))
     return report
+
+
+def _nbytes(*groups) -> int:
+    """Bytes of the distinct tensors in lists of tensors (the first unit's x_q is x_fp)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for g in groups for t in g}
+    return sum(seen.values())
 
 
 def _check_fp(qmodel, fp_model, x, device):
@@ -311,6 +348,12 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         x_q, x_fp, y_fp = [x_q], [x_fp], [y_fp]
     extras = extras or [((), {})] * len(x_q)
     masks = masks or [None] * len(x_q)
+    world = qdist.world_size()
+    batch, share = cfg.batch_size, 1.0
+    if world > 1:  # this rank's part of the global batch, drawn from its shard with its own seed
+        batch = qdist.shard_sizes(cfg.batch_size, world)[qdist.rank()]
+        share = batch / cfg.batch_size
+        seed = (seed + 1_000_033 * qdist.rank()) % (2**31)
     torch.manual_seed(seed)
     layers = [qmodel.get_submodule(t) for t in unit.layers]
     acts = [qmodel.get_submodule(t) for t in unit.act_quants]
@@ -346,7 +389,7 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     try:
         for it in range(iters):
             g = 0 if len(sizes) == 1 else int(torch.multinomial(weights, 1))
-            idx = torch.randperm(sizes[g], device=x_q[g].device)[: cfg.batch_size]
+            idx = torch.randperm(sizes[g], device=x_q[g].device)[:batch]
             xb = x_q[g][idx].to(device, non_blocking=True).float()
             if stage.input_mix < 1.0:
                 xf = x_fp[g][idx].to(device, non_blocking=True).float()
@@ -373,6 +416,8 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
                 opt_a.zero_grad(set_to_none=True)
             if loss.requires_grad:  # not in a hard tail with nothing but V to learn
                 loss.backward()
+            if world > 1:  # the global batch's gradient on every rank: identical steps, identical parameters
+                qdist.average_gradients(w_params + a_params, share)
             if opt_w:
                 opt_w.step()
             if opt_a:
@@ -383,6 +428,8 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
             if (it + 1) % cfg.log_every == 0 or it + 1 == iters:
                 m = (it % cfg.log_every) + 1
                 window = log_losses[:, :m]
+                if world > 1:  # the global batch's losses; a NaN on any rank stops every rank at once
+                    window = qdist.all_reduce(window * share)
                 if not torch.isfinite(window).all():  # one host sync per log window
                     bad = int(torch.nonzero(~torch.isfinite(window).all(0))[0]) + it + 1 - m
                     raise ReconstructionError(f"unit {unit.name}: loss became NaN/Inf at iteration {bad}")
