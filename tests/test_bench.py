@@ -347,8 +347,9 @@ def test_nlp_runs_dispatch_lazily(tmp_path, monkeypatch):
     assert s["ran"] == 2 and s["failed"] == 0
     assert calls[0] == ("hf:tiny", "sts", "w8a8", "naive", 256, 0, True)
     assert s["records"][1]["fp_reused"] is False  # the fake takes no fp= argument
-    bad = dict(cfg, grid=dict(cfg["grid"], algo=["qdrop"]))
-    with pytest.raises(ConfigError, match="algo='qdrop'"):
+    build_sweep(dict(cfg, grid=dict(cfg["grid"], algo=["qdrop"])))  # block reconstruction takes transformers too
+    bad = dict(cfg, grid=dict(cfg["grid"], algo=["nope"]))
+    with pytest.raises(ConfigError, match="algo='nope'"):
         build_sweep(bad)
 
 

@@ -183,11 +183,16 @@ def git_info(path: str | Path | None = None) -> dict | None:
 
 def package_versions() -> dict:
     out = {"python": sys.version.split()[0]}
-    modules = {"pillow": "PIL", "pyyaml": "yaml"}
     for name in PACKAGES:
-        module = sys.modules.get(modules.get(name, name).replace("-", "_"))
-        version = getattr(module, "__version__", None)  # the running module's own (e.g. torch 2.x+cu130)
-        if version is None:
+        # torch: the running build's own version (2.x+cu130 vs +cpu matters), always imported here; the
+        # others from their installed metadata, so that a record does not depend on what this process
+        # happened to import (a Ray worker and the driver wrote different torchvision strings otherwise)
+        version = None
+        if name == "torch":
+            import torch
+
+            version = torch.__version__
+        else:
             try:
                 version = metadata.version(name)
             except metadata.PackageNotFoundError:
