@@ -13,12 +13,7 @@ from qdrop.graph.units import block_units  # noqa: E402
 from qdrop.quant.state import quant_mode  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def make(name, **kw):

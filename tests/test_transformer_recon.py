@@ -18,12 +18,7 @@ from qdrop.nlp.units import ScopePartition, find_blocks  # noqa: E402
 from qdrop.quant.state import quant_mode  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def tiny_bert(layers=3):
