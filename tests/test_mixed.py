@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import qdrop
 from qdrop.errors import UsageError
 from qdrop.quant.layers import QuantLayer
-from qdrop.recon.mixed import LayerCost, allocate, layer_costs, output_sensitivity, parse_budget
+from qdrop.recon.mixed import BUDGET_TOL, LayerCost, allocate, layer_costs, output_sensitivity, parse_budget
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export import CIFAR, _model, needs_cifar  # noqa: E402
@@ -29,7 +29,7 @@ def _brute_force(sens, costs, kind, budget, bits):
     best = None
     for combo in itertools.product(bits, repeat=len(free)):
         alloc = dict(zip((c.name for c in free), combo))
-        if _total(costs, kind, alloc) <= budget + 1e-9:
+        if _total(costs, kind, alloc) <= budget + BUDGET_TOL * max(abs(budget), 1.0):
             obj = sum(sens[n][b] for n, b in alloc.items())
             best = obj if best is None else min(best, obj)
     return best
@@ -52,8 +52,24 @@ def test_allocation_is_the_exact_optimum(data):
     lo, hi = _bounds(costs, kind, BITS)
     budget = lo + data.draw(st.floats(0.0, 1.0)) * (hi - lo)
     result = allocate(sens, costs, kind, budget, BITS)
-    assert result["used"] <= budget * (1 + 1e-9) + 1e-9
+    assert result["used"] <= budget + BUDGET_TOL * max(abs(budget), 1.0)
     assert result["objective"] == pytest.approx(_brute_force(sens, costs, kind, budget, BITS), rel=1e-9, abs=1e-12)
+
+
+def test_a_budget_a_rounding_error_below_the_maximum_admits_the_maximum():
+    """Found by hypothesis: budget = lo + 0.9999999999999999 * (hi - lo) is hi less float rounding (~1e-9 of
+    ~1e7 BOPs); the all-8-bit allocation costs exactly hi and must count as feasible (relative tolerance)."""
+    from qdrop.recon.mixed import _bounds
+
+    costs = [LayerCost("l0", 10, 100, 4, None), LayerCost("l1", 10, 100, 4, None), LayerCost("l2", 10, 100, 4, None),
+             LayerCost("l3", 10, 464680, 8, None), LayerCost("pinned", 300, 1000, 8, 8)]
+    vals = iter([9.0, 10.0, 10.0, 8.0, 10.0, 10.0, 1.0, 3.0, 2.0, 1.0, 2.0, 2.0, 9.0, 1.0, 1.0])
+    sens = {c.name: dict(zip(BITS, sorted((next(vals) for _ in BITS), reverse=True))) for c in costs}
+    lo, hi = _bounds(costs, "bops", BITS)
+    budget = lo + 0.9999999999999999 * (hi - lo)
+    result = allocate(sens, costs, "bops", budget, BITS)
+    assert result["used"] <= budget + BUDGET_TOL * budget
+    assert result["objective"] == _brute_force(sens, costs, "bops", budget, BITS) == 19.0
 
 
 def test_budgets_outside_the_feasible_range_name_it():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..errors import ReconstructionError, UsageError
 from ..graph.prepare import quant_mode
 from ..graph.units import block_units, subgraph
 from ..quant.layers import QuantLayer
@@ -178,6 +178,9 @@ def _total(costs: list[LayerCost], kind: str, alloc: dict) -> float:
     return sum(c.macs * b(c) * c.input_bits for c in costs)
 
 
+BUDGET_TOL = 1e-12  # relative: an allocation may exceed the budget by this much (float rounding), no more
+
+
 def allocate(sens: dict, costs: list[LayerCost], kind: str, budget: float, bits=CANDIDATE_BITS) -> dict:
     """The bit-width of every searchable layer minimising total sensitivity under the budget,
     exactly (0/1 integer program). Returns {'bits': {layer: b}, 'objective', 'used', 'budget',
@@ -209,12 +212,23 @@ def allocate(sens: dict, costs: list[LayerCost], kind: str, budget: float, bits=
         row = np.array([per(f, b) for f in free for b in bits], dtype=np.float64)
         fixed = [x for x in costs if x.fixed_bits is not None]
         limit = budget - _total(fixed, kind, {}) if fixed else budget
-    res = milp(c / scale, integrality=np.ones_like(c), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(row[None], -np.inf, limit)])
-    if not res.success:
-        raise UsageError(f"no allocation meets the {kind} budget ({res.message})")
-    x = np.round(res.x).reshape(len(free), nb)
-    alloc = {f.name: int(bits[int(x[i].argmax())]) for i, f in enumerate(free)}
+    # The solver meets constraints only to its feasibility tolerance (relative ~1e-7 of a row that can reach
+    # 1e12 BOPs), so a solution a hair over the budget is possible: the budget row is normalised, the
+    # solution checked in exact arithmetic, and the limit tightened by any overshoot (hypothesis found one).
+    norm = max(abs(limit), 1.0)
+    for _ in range(8):
+        res = milp(c / scale, integrality=np.ones_like(c), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(row[None] / norm, -np.inf, limit / norm)])
+        if not res.success:
+            raise UsageError(f"no allocation meets the {kind} budget ({res.message})")
+        x = np.round(res.x).reshape(len(free), nb)
+        alloc = {f.name: int(bits[int(x[i].argmax())]) for i, f in enumerate(free)}
+        over = _total(costs, kind, alloc) - budget
+        if over <= BUDGET_TOL * max(abs(budget), 1.0):
+            break
+        limit -= over + BUDGET_TOL * max(abs(budget), 1.0)
+    else:
+        raise ReconstructionError(f"the integer program kept exceeding the {kind} budget by {over:.3g}")
     return dict(bits=alloc, objective=float(sum(sens[n][b] for n, b in alloc.items())), kind=kind,
                 budget=budget, used=_total(costs, kind, alloc), seconds=round(time.perf_counter() - t, 4))
 
