@@ -53,7 +53,10 @@ def test_allocation_is_the_exact_optimum(data):
     budget = lo + data.draw(st.floats(0.0, 1.0)) * (hi - lo)
     result = allocate(sens, costs, kind, budget, BITS)
     assert result["used"] <= budget + BUDGET_TOL * max(abs(budget), 1.0)
-    assert result["objective"] == pytest.approx(_brute_force(sens, costs, kind, budget, BITS), rel=1e-9, abs=1e-12)
+    # optimal up to the solver's absolute gap: 1e-6 of the largest sensitivity (allocate's docstring)
+    largest = max(v for per in sens.values() for v in per.values())
+    best = _brute_force(sens, costs, kind, budget, BITS)
+    assert best - 1e-12 <= result["objective"] <= best + 1e-6 * largest
 
 
 def test_a_budget_a_rounding_error_below_the_maximum_admits_the_maximum():
