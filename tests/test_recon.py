@@ -10,7 +10,8 @@ from qdrop.recon import ReconstructionError, default_lambda, quant_mode, reconst
 from qdrop.recon.engine import _Cache
 
 
-def small_setup(bits="w2a4", seed=0, n=64):
+def small_setup(bits="w2a4", seed=0, n=64, a_observer=None, calib=None):
+    """A small CNN (BN with statistics), n random inputs; calibrated on `calib(x)` (default x[:32])."""
     torch.manual_seed(seed)
     model = SmallResNet().eval()
     # give BN some statistics so that folding matters
@@ -19,8 +20,8 @@ def small_setup(bits="w2a4", seed=0, n=64):
             m.running_var.uniform_(0.5, 1.5)
             m.running_mean.uniform_(-0.2, 0.2)
     x = torch.randn(n, 1, 28, 28)
-    qmodel = qdrop.prepare(model, (x[:2],), bits=bits)
-    qdrop.calibrate(qmodel, [x[:32]])
+    qmodel = qdrop.prepare(model, (x[:2],), bits=bits, a_observer=a_observer)
+    qdrop.calibrate(qmodel, [x[:32] if calib is None else calib(x)])
     return model, qmodel, x
 
 
@@ -147,9 +148,9 @@ def test_nan_during_optimisation_names_unit_and_iteration():
 
 
 def test_cache_falls_back_to_half_precision_under_a_cap():
-    cache = _Cache(torch.device("cpu"), 100, max_bytes=3 * 100 * 10 * 3)
-    assert cache.placement((10,))[1] == torch.float16
-    assert _Cache(torch.device("cpu"), 100, None).placement((10,))[1] == torch.float32
+    cache = _Cache(torch.device("cpu"), max_bytes=3 * 100 * 10 * 3)
+    assert cache.placement_of(10 * 100)[1] == torch.float16
+    assert _Cache(torch.device("cpu"), None).placement_of(10 * 100)[1] == torch.float32
 
 
 def test_default_lambda_from_structure():

@@ -143,11 +143,22 @@ def average_gradients(params, weight: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or not active():
         return
-    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]).mul_(weight))
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, total in zip(grads, all_reduce_each([g * weight for g in grads])):
+        g.copy_(total)
+
+
+def all_reduce_each(tensors: list, op: str = "sum") -> list:
+    """Each tensor reduced over the ranks (sum | min | max), in one all-reduce of their
+    concatenation: new tensors shaped and placed like the inputs."""
+    if not tensors:
+        return []
+    dev = tensors[0].device
+    flat = all_reduce(torch.cat([t.reshape(-1).to(dev) for t in tensors]), op)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.device))
+        offset += t.numel()
+    return out
 
 
 def _on_comm_device(t: torch.Tensor, collective) -> torch.Tensor:

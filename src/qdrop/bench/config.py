@@ -142,7 +142,8 @@ def _expand_env(value, where: str, warnings: list):
     return value
 
 
-def _is_nlp(settings: dict) -> bool:
+def is_nlp(settings: dict) -> bool:
+    """A transformer run: a `task` key or an hf: model."""
     from ..api import is_transformer_spec
 
     return settings.get("task") is not None or is_transformer_spec(settings.get("model"))
@@ -270,7 +271,7 @@ def build_sweep(raw: dict, source: str | None = None, check_models: bool = True)
                 settings.update(o["set"])
         if any(_matches(settings, e) for e in expanded["exclude"]):
             continue
-        kind = "nlp" if _is_nlp(settings) else "vision"
+        kind = "nlp" if is_nlp(settings) else "vision"
         base = nlp_keys() if kind == "nlp" else VISION_KEYS
         bad = [k for k in settings if k not in base]
         if bad:

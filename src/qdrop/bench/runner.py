@@ -29,8 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, Run, Sweep, check_paths, filter_runs, job_of, load_sweep, parse_assignments
-from ..api import is_transformer_spec
+from .config import ConfigError, Run, Sweep, check_paths, filter_runs, is_nlp, job_of, load_sweep, parse_assignments
 from ..errors import QdropError
 from ..io import PeakMemory, append_line, atomic_write_json, environment, git_info, package_versions
 
@@ -156,7 +155,7 @@ def _threads(n: int | None):
 def _fp_key(c: dict) -> str:
     """What the FP score depends on: runs with the same key share one FP evaluation."""
     dev = (c.get("device") or "auto").split(":")[0]
-    if c.get("task") is not None or is_transformer_spec(c.get("model")):
+    if is_nlp(c):
         return json.dumps(["nlp", c["model"], c.get("task"), c.get("data"), c.get("window"), c.get("max_windows"), dev])
     return json.dumps([c["model"], c.get("data"), c.get("eval_limit"), c.get("pretrained"), c.get("weights"), dev])
 

@@ -19,8 +19,9 @@ nearest rounding.
 """
 from __future__ import annotations
 
-from torch import nn
 import torch
+from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..errors import DataError, PartitionError, UsageError
 from ..graph.units import Unit
@@ -63,7 +64,7 @@ def find_blocks(model: nn.Module, units: str | None = None) -> list[tuple[str, n
     return [(f"{name}.{n}" if name else n, c) for n, c in kids]
 
 
-def _block_unit(model: nn.Module, name: str, block: nn.Module) -> Unit:
+def _block_unit(name: str, block: nn.Module) -> Unit:
     layers = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, QuantLayer)]
     acts = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, Quantizer) and m.role == "act"]
     return Unit(name, "block", [], None, None, layers, acts)
@@ -78,7 +79,7 @@ class ScopePartition:
         self.model = model
         found = find_blocks(model, units)
         self.modules = [m for _, m in found]
-        self.blocks = [_block_unit(model, n, m) for n, m in found]
+        self.blocks = [_block_unit(n, m) for n, m in found]
         self._extras: list[list] = []
         self._x_key: list = []
 
@@ -110,7 +111,7 @@ class ScopePartition:
                     raise PartitionError(f"block {self.blocks[k].name} was called without hidden states "
                                          f"(keyword arguments: {sorted(kwargs)})")
                 self._x_key[k] = key
-                self._extras[k].append((tuple(_detach(a) for a in args), {kk: _detach(v) for kk, v in kwargs.items()}))
+                self._extras[k].append(tree_map(_detach, (tuple(args), kwargs)))
                 if k == 0:
                     xs.append(x.detach())
                 if k == n - 1:
@@ -188,8 +189,4 @@ class ScopePartition:
 
 
 def _detach(v):
-    if isinstance(v, torch.Tensor):
-        return v.detach()
-    if isinstance(v, tuple):
-        return tuple(_detach(t) for t in v)
-    return v
+    return v.detach() if isinstance(v, torch.Tensor) else v

@@ -91,14 +91,10 @@ def _reduce_min_max(acts) -> None:
     obs = [q.observer for (_, q), s in zip(acts, seen) if s]
     if not obs:
         return
-    dev = obs[0].min.device
-    lo = qdist.all_reduce(torch.cat([o.min.reshape(-1).to(dev) for o in obs]), "min")
-    hi = qdist.all_reduce(torch.cat([o.max.reshape(-1).to(dev) for o in obs]), "max")
-    i = 0
-    for o in obs:
-        n = o.min.numel()
-        o.min, o.max = lo[i : i + n].view_as(o.min).to(o.min.device), hi[i : i + n].view_as(o.max).to(o.max.device)
-        i += n
+    lows = qdist.all_reduce_each([o.min for o in obs], "min")
+    highs = qdist.all_reduce_each([o.max for o in obs], "max")
+    for o, lo, hi in zip(obs, lows, highs):
+        o.min, o.max = lo, hi
 
 
 def _same_ranges(acts) -> None:

@@ -183,13 +183,7 @@ class Quantizer(nn.Module):
     def freeze(self) -> None:
         """Turn what the observer saw into scale and zero point, and start quantizing."""
         lo, hi = self.observer.compute_range()
-        scale, zp = qparams_from_range(lo, hi, self.scheme)
-        with torch.no_grad():
-            self.scale.copy_(scale.reshape(self.scale.shape))
-            self.zero_point.copy_(zp.reshape(self.zero_point.shape))
-        self.observer = None
-        self.calibrated = True
-        self.state = "quant"
+        self.set_range(*qparams_from_range(lo, hi, self.scheme))
 
     def calibrate_on(self, x: torch.Tensor) -> None:
         """Observe one tensor and freeze (weights: the tensor is the whole population)."""

@@ -20,20 +20,19 @@ and callables that run a unit or one layer. The loop below is the same for both.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .. import distributed as qdist
 from ..errors import DataError, ReconstructionError, UsageError
 from ..io import atomic_torch_save, load_torch_file
-from torch.utils._pytree import tree_map
-
 from ..graph.units import Unit, block_units, layer_units, subgraph
 from ..quant.state import quant_mode, quantizers  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
 from ..quant.layers import QuantLayer
@@ -144,13 +143,10 @@ class _Cache:
     """Where unit inputs/outputs live: the compute device when they fit under the cap,
     otherwise CPU (pinned when computing on CUDA), in half precision if needed."""
 
-    def __init__(self, device: torch.device, n: int, max_bytes: int | None):
-        self.device, self.n, self.max_bytes = device, n, max_bytes
+    def __init__(self, device: torch.device, max_bytes: int | None):
+        self.device, self.max_bytes = device, max_bytes
 
-    def placement(self, sample_shape, copies: int = 3):
-        return self.placement_of(math.prod(sample_shape) * self.n, copies, f"of shape {tuple(sample_shape)} for {self.n} samples")
-
-    def placement_of(self, numel: int, copies: int = 3, what: str = ""):
+    def placement_of(self, numel: int, copies: int = 3):
         """Where `copies` tensors of `numel` elements each go."""
         per = numel * copies
         if self.max_bytes is None or per * 4 <= self.max_bytes:
@@ -159,7 +155,7 @@ class _Cache:
             return torch.device("cpu") if self.device.type == "cuda" else self.device, torch.float16
         raise ReconstructionError(
             f"memory cap {self.max_bytes} bytes is too small: caching {copies} tensors "
-            f"{what or f'of {numel} elements'} needs at least {per * 2} bytes in half precision"
+            f"of {numel} elements needs at least {per * 2} bytes in half precision"
         )
 
 
@@ -245,7 +241,7 @@ def reconstruct(
         done = saved["done"]
         report["unit_reports"] = saved["unit_reports"]
 
-    cache = _Cache(device, n_calib, max_cache_bytes)
+    cache = _Cache(device, max_cache_bytes)
     per_block = [len(part.layer_units(k)) if algorithm.units == "layer" else 1 for k in range(len(blocks))]
     bar = tqdm(total=sum(max(1, int(round(iters * s.iters_scale))) for s in algorithm.stages) * sum(per_block),
                disable=not progress or rank != 0,
