@@ -26,24 +26,11 @@ import qdrop
 from qdrop import distributed as qdist
 from qdrop.errors import UsageError
 from qdrop.graph import quantizers
-from qdrop.models import SmallResNet
+from test_bench import TINY_MODEL  # noqa: E402
+from test_recon import small_setup  # noqa: E402 (the same small CNN)
 
 ROOT = Path(__file__).resolve().parents[1]
 N, ITERS, BATCH = 64, 60, 16
-
-
-def small_setup(n=N, a_observer=None, calib=None):
-    """test_recon's small CNN (BN with statistics), n random inputs; calibrated on `calib` (default x[:32])."""
-    torch.manual_seed(0)
-    model = SmallResNet().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 1.5)
-            m.running_mean.uniform_(-0.2, 0.2)
-    x = torch.randn(n, 1, 28, 28)
-    qmodel = qdrop.prepare(model, (x[:2],), bits="w2a4", a_observer=a_observer)
-    qdrop.calibrate(qmodel, [x[:32] if calib is None else calib(x)])
-    return model, qmodel, x
 
 
 def act_ranges(qmodel) -> dict:
@@ -212,29 +199,6 @@ def test_transformers_and_other_commands_refuse_torchrun(monkeypatch, capsys):
 
 
 # ---- the command line under torchrun ----------------------------------------------------------
-TINY_MODEL = '''
-import torch
-from torch import nn
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=4, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv = nn.Conv2d(8, 8, 3, stride=2, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.stem(x)))
-        x = torch.relu(self.conv(x)) + x[:, :, ::2, ::2]
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-def make():
-    torch.manual_seed(0)
-    return Tiny().eval(), {"dataset": "imagefolder", "preprocess": "imagenet", "num_classes": 3}
-'''
-
 # crash rank 0 right after it saved the reconstruction state of the first unit (torchrun then stops rank 1)
 CRASHER = '''
 import os, sys

@@ -20,10 +20,10 @@ import time
 from collections import Counter
 
 import pytest
-import torch
 
 from qdrop.bench import bench_main, read_results, run_sweep
-from test_bench import TINY_MODEL, make_imagefolder, tiny_config, write_config
+# test_bench's fixtures: _env (autouse: offline, one thread) and tiny (an image folder and a tiny model file)
+from test_bench import TINY_MODEL, _env, tiny, tiny_config, write_config  # noqa: F401
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed (pip install 'qdrop[ray]')")
@@ -57,25 +57,6 @@ def make_slow():
         time.sleep(0.2)
     return make()
 '''
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("QDROP_OFFLINE", "1")
-    monkeypatch.setenv("QDROP_CACHE", str(tmp_path_factory.mktemp("cache")))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    data = make_imagefolder(base / "imagenet")
-    model_file = base / "tiny_model.py"
-    model_file.write_text(TINY_MODEL)
-    return dict(data=str(data), model=f"module:{model_file}:make", base=base)
 
 
 @pytest.fixture(scope="module")
