@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from qdrop.quant import QScheme, Quantizer, parse_bits, qparams_from_range
 from qdrop.quant.observers import make_observer, mse_search, rows
+from qdrop.quant.quantizer import _fake_quant_per_tensor, bernoulli_mask
 
 schemes = st.builds(
     QScheme,
@@ -83,7 +84,7 @@ def test_lsq_gradients_match_closed_form(ch_axis, prob):
     g = torch.randn_like(y)
     y.backward(g)
     torch.manual_seed(1)
-    keep = torch.rand_like(x) < prob if prob < 1 else torch.ones_like(x, dtype=torch.bool)
+    keep = bernoulli_mask(x, prob).bool() if prob < 1 else torch.ones_like(x, dtype=torch.bool)
     shape = [1, -1, 1, 1] if ch_axis else []
     s, z = q.scale.detach().reshape(shape), q.zero_point.detach().reshape(shape)
     v = x.detach() / s
@@ -97,6 +98,35 @@ def test_lsq_gradients_match_closed_form(ch_axis, prob):
     assert torch.equal(x.grad, g * (inside | ~keep))
     assert torch.allclose(q.scale.grad, (g * ds).sum(dims) * gf, atol=1e-5)
     assert torch.allclose(q.zero_point.grad, (g * dz).sum(dims) * gf, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.booleans(), st.floats(1e-4, 10.0), st.integers(0, 2**31 - 1))
+def test_cpu_fake_quant_is_bit_identical_to_the_fused_kernel(bits, symmetric, scale, seed):
+    """The CPU fast path must compute exactly PyTorch's kernel, ties and clamping included."""
+    g = torch.Generator().manual_seed(seed)
+    scheme = QScheme(bits=bits, symmetric=symmetric)
+    s = torch.tensor(scale, dtype=torch.float32)
+    z = torch.tensor(0 if symmetric else int(torch.randint(scheme.qmin, scheme.qmax + 1, (), generator=g)), dtype=torch.int32)
+    k = torch.randint(-3 * 2**bits, 3 * 2**bits, (2000,), generator=g).float()
+    x = torch.cat([torch.randn(2000, generator=g) * scale * 2**bits, (k + 0.5) * s, k * s, s * (k + 0.5).nextafter(k)])
+    xq, inside = _fake_quant_per_tensor(x, s, z, scheme.qmin, scheme.qmax)
+    ref, ref_inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+        x, s, z, torch.ones((), dtype=torch.long), scheme.qmin, scheme.qmax)
+    assert torch.equal(xq, ref)
+    assert torch.equal(inside.bool(), ref_inside) and inside.dtype == x.dtype
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_bernoulli_mask_has_the_probability_in_every_lane(p):
+    torch.manual_seed(0)
+    like = torch.empty(4 * 50_001, dtype=torch.float16)
+    m = bernoulli_mask(like, p)
+    assert m.shape == like.shape and m.dtype == like.dtype and set(m.unique().tolist()) <= {0.0, 1.0}
+    for lane in range(4):  # each 16-bit slice of the 64-bit words, the sign-free top one included
+        frac = m[lane::4].float().mean().item()
+        assert abs(frac - p) < 4 * math.sqrt(p * (1 - p) / 50_001) + 1e-9
+    assert not torch.equal(bernoulli_mask(like, 0.5), bernoulli_mask(like, 0.5))  # resampled every call
 
 
 def test_drop_probability_mixes_fp_and_quantized_values_only_in_training():
