@@ -8,6 +8,7 @@ from qdrop.models import SmallResNet
 from qdrop.quant.layers import QuantLayer
 from qdrop.recon import ReconstructionError, default_lambda, quant_mode, reconstruct
 from qdrop.recon.engine import _Cache
+from qdrop.errors import UsageError
 
 
 def small_setup(bits="w2a4", seed=0, n=64, a_observer=None, calib=None):
@@ -267,3 +268,62 @@ def test_hard_tail_freezes_the_rounding_and_keeps_learning_step_sizes():
                 progress=False)
     got = int_state(qmodel)
     assert any(not torch.equal(got[n], nearest[n]) for n in nearest)
+
+
+def test_cuda_graph_is_refused_without_a_gpu():
+    _, qmodel, x = small_setup()
+    with pytest.raises(UsageError, match="needs a CUDA device"):
+        reconstruct(qmodel, None, x, iters=5, batch_size=16, progress=False, device="cpu", cuda_graph=True)
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for _CudaGraphStep: capture records the step instead of running it."""
+
+    def __init__(self):
+        self.capturing, self.captures = False, 0
+        fake = self
+
+        class Graph:
+            def replay(self):
+                self.fn()
+
+        class Capture:
+            def __init__(self, g):
+                self.g = g
+
+            def __enter__(self):
+                fake.capturing, fake.target = True, self.g
+                fake.captures += 1
+
+            def __exit__(self, *exc):
+                fake.capturing = False
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        self.CUDAGraph, self.graph, self.Stream = Graph, Capture, Stream
+        self.current_stream = Stream
+        self.stream = lambda s: __import__("contextlib").nullcontext()
+
+
+def test_cuda_graph_step_runs_each_iteration_once_and_recaptures_when_the_rounding_hardens(monkeypatch):
+    """The wrapper's bookkeeping, with a fake CUDA: warm-up iterations run eagerly, the capture call's
+    replay is that call's iteration, later calls replay, and the hard tail gets its own graph."""
+    from qdrop.recon import engine
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(engine.torch, "cuda", fake)
+    ran = []
+
+    def step(g, hard):
+        if fake.capturing:  # recorded, not run: a replay runs it
+            fake.target.fn = lambda: ran.append((g, hard))
+        else:
+            ran.append((g, hard))
+
+    graphed = engine._CudaGraphStep(step)
+    calls = [(0, False)] * 10 + [(0, True)] * 6
+    for g, hard in calls:
+        graphed(g, hard)
+    assert ran == calls and fake.captures == 2

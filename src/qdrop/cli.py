@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "exact on every x86-64 CPU; vnni: full int8 weights, exact only with AVX-512 VNNI / AVX-VNNI / AMX "
                    "(saturates on AVX2)")
     q.add_argument("--compile", action="store_true", help="torch.compile each unit during reconstruction")
+    q.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: replay each reconstruction iteration as a CUDA graph (no host launches per kernel)")
     q.add_argument("--max-cache-mb", type=_positive, default=None, help="cap on cached unit inputs/outputs")
     q.add_argument("--out", required=True, help="output directory")
 
@@ -230,7 +232,7 @@ def cmd_quantize(args) -> int:
     _refuse(args, _TRANSFORMER_ONLY, "to vision models (they are transformer options); drop them")
     job = QuantizeJob(args.model, args.bits, args.algo, args.backend, data=args.data, calib=args.calib or 1024,
                       seed=args.seed, iters=args.iters, batch_size=args.batch_size, lam=args.lam, device=args.device,
-                      leaf_modules=tuple(args.leaf), eval_limit=args.eval_limit, compile=args.compile,
+                      leaf_modules=tuple(args.leaf), eval_limit=args.eval_limit, compile=args.compile, cuda_graph=args.cuda_graph,
                       max_cache_mb=args.max_cache_mb, w_observer=args.w_observer, a_observer=args.a_observer,
                       int32_bias=args.int32_bias, target_cpu=args.target_cpu, budget=args.budget,
                       sensitivity=args.sensitivity, lr_iters=args.lr_iters)
@@ -245,7 +247,8 @@ def cmd_quantize(args) -> int:
 # flags of the fx (vision) path: given with an hf: model they would be ignored, so they are refused
 _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--target-cpu"), ("int32_bias", None, "--int32-bias"),
                 ("budget", None, "--budget"), ("sensitivity", None, "--sensitivity"), ("leaf", [], "--leaf"),
-                ("eval_limit", None, "--eval-limit"), ("compile", False, "--compile"), ("device", None, "--device"))
+                ("eval_limit", None, "--eval-limit"), ("compile", False, "--compile"), ("device", None, "--device"),
+                ("cuda_graph", False, "--cuda-graph"))
 # and the transformer path's flags, refused with a vision model
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
                      ("fine_lr", None, "--fine-lr"), ("down_proj", False, "--down-proj"), ("init", None, "--init"),

@@ -80,6 +80,7 @@ class QuantizeJob:
     leaf_modules: tuple = ()
     eval_limit: int | None = None
     compile: bool = False
+    cuda_graph: bool = False  # CUDA only: replay reconstruction iterations as CUDA graphs
     max_cache_mb: int | None = None
     w_observer: str | None = None
     a_observer: str | None = None
@@ -121,6 +122,8 @@ class QuantizeJob:
         if self.backend not in PRESETS:
             raise UsageError(f"unknown backend preset {self.backend!r}; choose from {sorted(PRESETS)}")
         resolve_target_cpu(self.backend, self.target_cpu)
+        if self.cuda_graph and (self.algo == "naive" or not str(self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")):
+            raise UsageError("--cuda-graph needs a reconstruction algorithm on a CUDA device (no GPU here, or --device cpu); drop it")
         if self.data is not None and not Path(self.data).expanduser().exists():
             raise DataError(f"data path {str(self.data)!r} does not exist")
 
@@ -210,6 +213,7 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
         algo = get_algorithm(job.algo, lr_iters=job.lr_iters) if job.lr_iters else job.algo
         recon_report = reconstruct(qmodel, None, calib_split.x, algo=algo, iters=job.iters, batch_size=job.batch_size,
                                    lam=job.lam, seed=job.seed, device=device, progress=progress, compile=job.compile,
+                                   cuda_graph=job.cuda_graph,
                                    max_cache_bytes=job.max_cache_mb * 2**20 if job.max_cache_mb else None,
                                    state_path=str(out_dir / "recon_state.pt") if out_dir else None)
         seconds["reconstruct"] = time.perf_counter() - t

@@ -94,6 +94,7 @@ class ReconConfig:
     seed: int = 0
     log_every: int = 100
     compile: bool = False
+    cuda_graph: bool = False  # replay each iteration as a CUDA graph (CUDA only; see engine._CudaGraphStep)
     max_cache_bytes: int | None = None  # cap on the cached unit inputs/outputs
 
 

@@ -36,6 +36,7 @@ from ..io import atomic_torch_save, load_torch_file
 from ..graph.units import Unit, block_units, layer_units, subgraph
 from ..quant.state import quant_mode, quantizers  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
 from ..quant.layers import QuantLayer
+from ..quant.quantizer import bernoulli_mask
 from .configs import Algorithm, ReconConfig, Stage, get_algorithm
 
 
@@ -172,6 +173,7 @@ def reconstruct(
     state_path: str | None = None,
     progress: bool = True,
     compile: bool = False,
+    cuda_graph: bool = False,
     max_cache_bytes: int | None = None,
     on_unit_done=None,
     partition=None,
@@ -190,9 +192,13 @@ def reconstruct(
     batch_size is the global batch, split across the ranks, and the gradients are averaged
     every iteration, so the ranks keep identical parameters. Rank 0 alone writes state_path;
     every rank resumes from it. The torch.fx path only.
+
+    cuda_graph: on CUDA, replay each iteration as a CUDA graph (see _CudaGraphStep) where a unit
+    allows it (its caches on the GPU, one group of samples, one process); others run eagerly.
+    Off by default until it is measured on a GPU (README, Scaling).
     """
     algorithm = get_algorithm(algo) if isinstance(algo, str) else algo
-    cfg = ReconConfig(iters=iters, batch_size=batch_size, lam=lam, seed=seed, compile=compile,
+    cfg = ReconConfig(iters=iters, batch_size=batch_size, lam=lam, seed=seed, compile=compile, cuda_graph=cuda_graph,
                       max_cache_bytes=max_cache_bytes)
     if not isinstance(iters, int) or iters <= 0:
         raise UsageError(f"iters must be a positive integer, got {iters!r}")
@@ -200,6 +206,8 @@ def reconstruct(
     if not qs or not all(q.calibrated for _, q in qs if q.role == "weight") or not any(q.calibrated for _, q in qs if q.role == "act"):
         raise ReconstructionError("model is not calibrated: run qdrop.calibrate(qmodel, batches) before reconstruct")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cuda_graph and device.type != "cuda":
+        raise UsageError(f"cuda_graph replays CUDA graphs and needs a CUDA device, not {device}; drop it (--cuda-graph) on CPU")
     qmodel.to(device).eval()
     part = GraphPartition(qmodel) if partition is None else partition
     world, rank = qdist.world_size(), qdist.rank()
@@ -339,11 +347,18 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     """Learn one unit. x_q / x_fp / y_fp: its quantized input, FP input and FP output over the
     calibration set, as one tensor or as groups (lists of tensors; a step samples its batch from
     one group, chosen in proportion to size). extras: per group, the unit's other arguments;
-    masks: per group, which positions count in the error (None: all)."""
+    masks: per group, which positions count in the error (None: all).
+
+    An iteration is tensor operations only: the batch indices are drawn on the cache's device, the
+    schedules (rounding-loss beta and weight, the step sizes' cosine learning rate) are computed
+    from an iteration counter tensor, and the losses go to a device buffer read once per log
+    window. So the same iteration runs eagerly, or, with cfg.cuda_graph on CUDA, is captured once
+    as a CUDA graph and replayed without host work (_CudaGraphStep)."""
     if isinstance(x_q, torch.Tensor):
         x_q, x_fp, y_fp = [x_q], [x_fp], [y_fp]
     extras = extras or [((), {})] * len(x_q)
     masks = masks or [None] * len(x_q)
+    device = torch.device(device)
     world = qdist.world_size()
     batch, share = cfg.batch_size, 1.0
     if world > 1:  # this rank's part of the global batch, drawn from its shard with its own seed
@@ -368,9 +383,13 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         q.train()
     # w_lr / act_lr are meant for at least lr_iters iterations: a shorter budget gets them scaled up
     lr_scale = max(1.0, stage.lr_iters / iters) if stage.lr_iters else 1.0
-    opt_w = torch.optim.Adam(w_params, lr=stage.w_lr * lr_scale) if w_params else None
-    opt_a = torch.optim.Adam(a_params, lr=stage.act_lr * lr_scale) if a_params else None
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0.0) if opt_a else None
+    act_lr = stage.act_lr * lr_scale
+    # CUDA: Adam's step count and state on the device, safe to capture in a graph; CPU: the fused
+    # kernel (one op per parameter instead of ~15: half the optimizer's time on small units)
+    adam = dict(capturable=True) if device.type == "cuda" else dict(fused=True)
+    opt_w = torch.optim.Adam(w_params, lr=stage.w_lr * lr_scale, **adam) if w_params else None
+    # (a tensor learning rate, set every iteration from the counter: cosine-annealed to 0 over the unit)
+    opt_a = torch.optim.Adam(a_params, lr=torch.tensor(act_lr, device=device), **adam) if a_params else None
     run = torch.compile(fn) if cfg.compile else fn
     warm = int((cfg.warmup if stage.warmup is None else stage.warmup) * iters)
     b_start = cfg.b_start if stage.b_start is None else stage.b_start
@@ -380,47 +399,66 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     weights = torch.tensor(sizes, dtype=torch.float)
     # row 0: the reconstruction error; row 1: the objective (+ lambda * rounding regulariser)
     log_losses = torch.zeros(2, cfg.log_every, device=device)
+    counter = torch.zeros((), device=device)  # the iteration, as a float tensor (exact far beyond any budget)
+
+    def step(g: int, hard: bool):
+        """One iteration on group g; `hard`: past soft_end (rounding hard, no rounding loss)."""
+        t = counter
+        idx = torch.rand(sizes[g], device=x_q[g].device).argsort()[:batch]  # a batch without replacement
+        xb = x_q[g][idx].to(device, non_blocking=True).float()
+        if stage.input_mix < 1.0:  # each input element from the quantized model with probability input_mix
+            xf = x_fp[g][idx].to(device, non_blocking=True).float()
+            xb = torch.lerp(xf, xb, bernoulli_mask(xb, stage.input_mix))
+        yb = y_fp[g][idx].to(device, non_blocking=True).float()
+        a, kw = rows_of(extras[g], sizes[g], idx)
+        err = (run(xb, *a, **kw) - yb).pow(2).sum(feature_dim)
+        if masks[g] is None:
+            rec = err.mean()
+        else:  # padding positions do not count
+            m = masks[g][idx].to(device, err.dtype)
+            rec = (err * m).sum() / m.sum().clamp(min=1)
+        loss = rec
+        if w_params and not hard:  # the rounding loss from `warm` on, its beta annealed from b_start to b_end
+            progress = ((t - warm) / max(1, soft_end - warm)).clamp(0, 1)
+            beta = b_end + (b_start - b_end) * (1 - progress)
+            on = (t >= warm).to(rec.dtype)
+            loss = loss + on * lam * sum(layer.weight_quant.round_loss(beta) for layer in layers)
+        if opt_a:
+            opt_a.param_groups[0]["lr"].copy_(act_lr * 0.5 * (1 + torch.cos(t * (math.pi / iters))))
+        for opt in (opt_w, opt_a):
+            if opt:
+                opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:  # not in a hard tail with nothing but V to learn
+            loss.backward()
+        if world > 1:  # the global batch's gradient on every rank: identical steps, identical parameters
+            qdist.average_gradients(w_params + a_params, share)
+        for opt in (opt_w, opt_a):
+            if opt:
+                opt.step()
+        slot = (t % cfg.log_every).long().view(1)
+        log_losses.index_copy_(1, slot, torch.stack([rec.detach(), loss.detach()]).view(2, 1))
+        counter.add_(1)
+
+    graphed = None
+    if cfg.cuda_graph and device.type == "cuda":
+        why_not = _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world)
+        if why_not:
+            print(f"qdrop: unit {unit.name}: eager loop ({why_not})", file=sys.stderr)
+        else:
+            graphed = _CudaGraphStep(step)
     curve, curve_total = [], []
     t0 = time.perf_counter()
     try:
         for it in range(iters):
             g = 0 if len(sizes) == 1 else int(torch.multinomial(weights, 1))
-            idx = torch.randperm(sizes[g], device=x_q[g].device)[:batch]
-            xb = x_q[g][idx].to(device, non_blocking=True).float()
-            if stage.input_mix < 1.0:
-                xf = x_fp[g][idx].to(device, non_blocking=True).float()
-                xb = torch.where(torch.rand_like(xb) < stage.input_mix, xb, xf)
-            yb = y_fp[g][idx].to(device, non_blocking=True).float()
+            hard = bool(w_params) and it >= soft_end
             if w_params and it == soft_end:
                 for layer in layers:
                     layer.weight_quant.harden()
-            a, kw = rows_of(extras[g], sizes[g], idx)
-            out = run(xb, *a, **kw)
-            err = (out - yb).pow(2).sum(feature_dim)
-            if masks[g] is None:
-                rec = err.mean()
-            else:  # padding positions do not count
-                m = masks[g][idx].to(device, err.dtype)
-                rec = (err * m).sum() / m.sum().clamp(min=1)
-            loss = rec
-            if w_params and warm <= it < soft_end:
-                beta = b_end + (b_start - b_end) * max(0.0, 1.0 - (it - warm) / max(1, soft_end - warm))
-                loss = loss + lam * sum(layer.weight_quant.round_loss(beta) for layer in layers)
-            if opt_w:
-                opt_w.zero_grad(set_to_none=True)
-            if opt_a:
-                opt_a.zero_grad(set_to_none=True)
-            if loss.requires_grad:  # not in a hard tail with nothing but V to learn
-                loss.backward()
-            if world > 1:  # the global batch's gradient on every rank: identical steps, identical parameters
-                qdist.average_gradients(w_params + a_params, share)
-            if opt_w:
-                opt_w.step()
-            if opt_a:
-                opt_a.step()
-                sched.step()
-            log_losses[0, it % cfg.log_every] = rec.detach()
-            log_losses[1, it % cfg.log_every] = loss.detach()
+            if graphed is not None:
+                graphed(g, hard)
+            else:
+                step(g, hard)
             if (it + 1) % cfg.log_every == 0 or it + 1 == iters:
                 m = (it % cfg.log_every) + 1
                 window = log_losses[:, :m]
@@ -445,4 +483,52 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         if layer.weight_quant.alpha is not None:
             layer.weight_quant.fix_rounding()
     return dict(unit=unit.name, kind=unit.kind, iters=iters, seconds=seconds, ms_per_iter=1000 * seconds / iters,
-                final_loss=curve[-1][1] if curve else None, curve=curve, curve_total=curve_total)
+                final_loss=curve[-1][1] if curve else None, curve=curve, curve_total=curve_total,
+                loop="cuda-graph" if graphed is not None else "eager")
+
+
+def _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world) -> str | None:
+    """Why this unit's iteration cannot be one CUDA graph (None: it can)."""
+    if world > 1:
+        return "data-parallel: the all-reduce runs between iterations"
+    if len(x_q) > 1 or extras[0] != ((), {}) or masks[0] is not None:
+        return "groups of transformer batches are chosen on the host"
+    if any(t.device != device for t in (*x_q, *x_fp, *y_fp)):
+        return "the cached inputs are not on the GPU (--max-cache-mb)"
+    return None
+
+
+class _CudaGraphStep:
+    """Replays step(g, hard) as a CUDA graph: the kernels of one iteration (batch gather, unit
+    forward with QDrop's masks, loss, backward, both Adam steps, schedules) are launched by one
+    graph replay instead of hundreds of host launches. The first WARMUP iterations of each
+    structure (soft / hard rounding) run eagerly on a side stream (allocations, Adam's state,
+    cuDNN's algorithm choice), then the next is captured and replayed from then on. Those eager
+    iterations are real ones: the result is the same iterations in the same order. The RNG (batch
+    indices, QDrop masks) advances through the graph's Philox offsets: a run is reproducible from
+    its seed on the same device, so resuming stays exact."""
+
+    WARMUP = 3
+
+    def __init__(self, step):
+        self.step, self.graphs, self.eager_runs = step, {}, {}
+
+    def __call__(self, g: int, hard: bool) -> None:
+        key = (g, hard)
+        if key in self.graphs:
+            self.graphs[key].replay()
+            return
+        done = self.eager_runs.get(key, 0)
+        if done < self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(g, hard)
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_runs[key] = done + 1
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(g, hard)
+        graph.replay()  # capture records without running: this replay is the iteration itself
+        self.graphs[key] = graph
