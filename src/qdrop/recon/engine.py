@@ -349,10 +349,10 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     one group, chosen in proportion to size). extras: per group, the unit's other arguments;
     masks: per group, which positions count in the error (None: all).
 
-    An iteration is tensor operations only: the batch indices are drawn on the cache's device, the
-    schedules (rounding-loss beta and weight, the step sizes' cosine learning rate) are computed
-    from an iteration counter tensor, and the losses go to a device buffer read once per log
-    window. So the same iteration runs eagerly, or, with cfg.cuda_graph on CUDA, is captured once
+    An iteration never waits for the device: the batch indices are drawn on the cache's device and
+    the losses go to a device buffer read once per log window. The schedules (rounding-loss beta
+    and weight, the step sizes' cosine learning rate) are numbers computed on the host, or, with
+    cfg.cuda_graph on CUDA, device ops on an iteration counter: the same step is then captured once
     as a CUDA graph and replayed without host work (_CudaGraphStep)."""
     if isinstance(x_q, torch.Tensor):
         x_q, x_fp, y_fp = [x_q], [x_fp], [y_fp]
@@ -384,12 +384,20 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     # w_lr / act_lr are meant for at least lr_iters iterations: a shorter budget gets them scaled up
     lr_scale = max(1.0, stage.lr_iters / iters) if stage.lr_iters else 1.0
     act_lr = stage.act_lr * lr_scale
-    # CUDA: Adam's step count and state on the device, safe to capture in a graph; CPU: the fused
-    # kernel (one op per parameter instead of ~15: half the optimizer's time on small units)
-    adam = dict(capturable=True) if device.type == "cuda" else dict(fused=True)
-    opt_w = torch.optim.Adam(w_params, lr=stage.w_lr * lr_scale, **adam) if w_params else None
-    # (a tensor learning rate, set every iteration from the counter: cosine-annealed to 0 over the unit)
-    opt_a = torch.optim.Adam(a_params, lr=torch.tensor(act_lr, device=device), **adam) if a_params else None
+    graph = False
+    if cfg.cuda_graph and device.type == "cuda":
+        why_not = _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world)
+        if why_not:
+            print(f"qdrop: unit {unit.name}: eager loop ({why_not})", file=sys.stderr)
+        graph = why_not is None
+    # One Adam, a parameter group each for V and the step sizes. CUDA: its step count and state on the
+    # device, safe to capture; CPU: the fused kernel (one op per parameter instead of ~15). The step
+    # sizes' rate is cosine-annealed to 0 over the unit: set as a number each iteration, or, in a
+    # graph, held in a device tensor the graph rewrites (a number would be frozen into the capture).
+    groups = [dict(params=w_params, lr=stage.w_lr * lr_scale)] if w_params else []
+    if a_params:
+        groups.append(dict(params=a_params, lr=torch.tensor(act_lr, device=device) if graph else act_lr))
+    opt = torch.optim.Adam(groups, **(dict(capturable=True) if device.type == "cuda" else dict(fused=True))) if groups else None
     run = torch.compile(fn) if cfg.compile else fn
     warm = int((cfg.warmup if stage.warmup is None else stage.warmup) * iters)
     b_start = cfg.b_start if stage.b_start is None else stage.b_start
@@ -399,11 +407,12 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     weights = torch.tensor(sizes, dtype=torch.float)
     # row 0: the reconstruction error; row 1: the objective (+ lambda * rounding regulariser)
     log_losses = torch.zeros(2, cfg.log_every, device=device)
-    counter = torch.zeros((), device=device)  # the iteration, as a float tensor (exact far beyond any budget)
+    counter = torch.zeros((), device=device)  # the iteration inside a graph (a float: exact far beyond any budget)
 
-    def step(g: int, hard: bool):
-        """One iteration on group g; `hard`: past soft_end (rounding hard, no rounding loss)."""
-        t = counter
+    def step(g: int, hard: bool, t):
+        """One iteration on group g. hard: past soft_end (rounding hard, no rounding loss). t: the
+        iteration, an int, or in a graph the counter tensor (the schedules then become device ops)."""
+        on_device = isinstance(t, torch.Tensor)
         idx = torch.rand(sizes[g], device=x_q[g].device).argsort()[:batch]  # a batch without replacement
         xb = x_q[g][idx].to(device, non_blocking=True).float()
         if stage.input_mix < 1.0:  # each input element from the quantized model with probability input_mix
@@ -418,34 +427,35 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
             m = masks[g][idx].to(device, err.dtype)
             rec = (err * m).sum() / m.sum().clamp(min=1)
         loss = rec
-        if w_params and not hard:  # the rounding loss from `warm` on, its beta annealed from b_start to b_end
-            progress = ((t - warm) / max(1, soft_end - warm)).clamp(0, 1)
+        if w_params and not hard and (on_device or t >= warm):  # the rounding loss from `warm` on,
+            progress = (t - warm) / max(1, soft_end - warm)      # its beta annealed from b_start to b_end
+            progress = progress.clamp(0, 1) if on_device else min(max(progress, 0.0), 1.0)
             beta = b_end + (b_start - b_end) * (1 - progress)
-            on = (t >= warm).to(rec.dtype)
-            loss = loss + on * lam * sum(layer.weight_quant.round_loss(beta) for layer in layers)
-        if opt_a:
-            opt_a.param_groups[0]["lr"].copy_(act_lr * 0.5 * (1 + torch.cos(t * (math.pi / iters))))
-        for opt in (opt_w, opt_a):
-            if opt:
-                opt.zero_grad(set_to_none=True)
+            weight = lam * (t >= warm).to(rec.dtype) if on_device else lam
+            loss = loss + weight * sum(layer.weight_quant.round_loss(beta) for layer in layers)
+        if a_params:
+            cosine = 0.5 * (1 + (torch.cos(t * (math.pi / iters)) if on_device else math.cos(t * math.pi / iters)))
+            if on_device:
+                opt.param_groups[-1]["lr"].copy_(act_lr * cosine)
+            else:
+                opt.param_groups[-1]["lr"] = act_lr * cosine
+        if opt:
+            opt.zero_grad(set_to_none=True)
         if loss.requires_grad:  # not in a hard tail with nothing but V to learn
             loss.backward()
         if world > 1:  # the global batch's gradient on every rank: identical steps, identical parameters
             qdist.average_gradients(w_params + a_params, share)
-        for opt in (opt_w, opt_a):
-            if opt:
-                opt.step()
-        slot = (t % cfg.log_every).long().view(1)
-        log_losses.index_copy_(1, slot, torch.stack([rec.detach(), loss.detach()]).view(2, 1))
-        counter.add_(1)
-
-    graphed = None
-    if cfg.cuda_graph and device.type == "cuda":
-        why_not = _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world)
-        if why_not:
-            print(f"qdrop: unit {unit.name}: eager loop ({why_not})", file=sys.stderr)
+        if opt:
+            opt.step()
+        if on_device:
+            slot = (t % cfg.log_every).long().view(1)
+            log_losses.index_copy_(1, slot, torch.stack([rec.detach(), loss.detach()]).view(2, 1))
+            counter.add_(1)
         else:
-            graphed = _CudaGraphStep(step)
+            log_losses[0, t % cfg.log_every] = rec.detach()
+            log_losses[1, t % cfg.log_every] = loss.detach()
+
+    graphed = _CudaGraphStep(lambda g, hard: step(g, hard, counter)) if graph else None
     curve, curve_total = [], []
     t0 = time.perf_counter()
     try:
@@ -458,7 +468,7 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
             if graphed is not None:
                 graphed(g, hard)
             else:
-                step(g, hard)
+                step(g, hard, it)
             if (it + 1) % cfg.log_every == 0 or it + 1 == iters:
                 m = (it % cfg.log_every) + 1
                 window = log_losses[:, :m]
