@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "exact on every x86-64 CPU; vnni: full int8 weights, exact only with AVX-512 VNNI / AVX-VNNI / AMX "
                    "(saturates on AVX2)")
     q.add_argument("--compile", action="store_true", help="torch.compile each unit during reconstruction")
-    q.add_argument("--max-cache-mb", type=_positive, default=None, help="cap on cached unit inputs/outputs")
+    q.add_argument("--max-cache-mb", type=_positive, default=None,
+                   help="cap on cached unit inputs/outputs in memory (beyond it: half precision, then a temporary file "
+                   "in --out)")
     q.add_argument("--out", required=True, help="output directory")
 
     e = sub.add_parser("eval", help="evaluate the FP model and, with --checkpoint, a quantized one on the test split")
