@@ -1,4 +1,6 @@
 """Reconstruction: algorithms reduce the error, resume is exact, bad input is refused."""
+import os
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from qdrop.graph import quantizers
 from qdrop.models import SmallResNet
 from qdrop.quant.layers import QuantLayer
 from qdrop.recon import ReconstructionError, default_lambda, quant_mode, reconstruct
-from qdrop.recon.engine import _Cache
+from qdrop.recon.engine import DiskTensor, _Cache
 from qdrop.errors import UsageError
 
 
@@ -148,10 +150,107 @@ def test_nan_during_optimisation_names_unit_and_iteration():
         reconstruct(qmodel, None, x, algo="qdrop", iters=20, batch_size=16, progress=False)
 
 
-def test_cache_falls_back_to_half_precision_under_a_cap():
-    cache = _Cache(torch.device("cpu"), max_bytes=3 * 100 * 10 * 3)
-    assert cache.placement_of(10 * 100)[1] == torch.float16
-    assert _Cache(torch.device("cpu"), None).placement_of(10 * 100)[1] == torch.float32
+def test_cache_falls_back_to_half_precision_then_disk_under_a_cap():
+    cpu = torch.device("cpu")
+    # 3 tensors of 100 rows x 10: 12,000 bytes in fp32, 6,000 in fp16, one batch of 10 rows 1,200 in fp32
+    assert _Cache(cpu, None).tier(10 * 100) == "cpu-fp32"
+    assert _Cache(cpu, max_bytes=12_000, rows=100, batch=10).tier(10 * 100) == "cpu-fp32"
+    assert _Cache(cpu, max_bytes=11_999, rows=100, batch=10).tier(10 * 100) == "cpu-fp16"
+    assert _Cache(cpu, max_bytes=5_999, rows=100, batch=10).tier(10 * 100) == "disk-fp16"
+    assert _Cache(cpu, max_bytes=1_200, rows=100, batch=10).tier(10 * 100) == "disk-fp16"
+    with pytest.raises(ReconstructionError, match="memory cap 1199 bytes is too small") as err:
+        _Cache(cpu, max_bytes=1_199, rows=100, batch=10).tier(10 * 100)
+    assert "\n" not in str(err.value)
+
+
+def test_disk_tensor_reads_and_writes_rows(tmp_path):
+    ref = torch.randn(10, 3, 4).half()
+    t = DiskTensor(ref.shape, torch.float16, tmp_path)
+    t[0:6] = ref[0:6].float()  # written in chunks, cast as a tensor's rows would be
+    t[6:10] = ref[6:10]
+    idx = torch.tensor([9, 0, 3, 3, -1])
+    assert torch.equal(t[2:7], ref[2:7]) and torch.equal(t[idx], ref[idx]) and torch.equal(t[:], ref)
+    assert (t.shape, t.dtype, t.device, t.numel(), len(t)) == (ref.shape, torch.float16, torch.device("cpu"), 120, 10)
+    with pytest.raises(IndexError):
+        t[torch.tensor([10])]
+    with pytest.raises(ValueError):
+        t[0:2] = ref[0:3]
+    assert list(tmp_path.iterdir()) == []  # the file has no name
+
+
+def _fds_under(path) -> list:
+    """This process's open files under `path` (deleted or not)."""
+    fd_dir = "/proc/self/fd"
+    out = []
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            out.append(target)
+    return out
+
+
+# 3 MB: the first units' tensors in fp32, conv1's output (64 x 16x28x28: 4.8 MB for three in fp16) on disk
+DISK_CAP = 3_000_000
+
+
+def test_disk_cache_gives_the_same_model_as_half_precision_in_memory(tmp_path, monkeypatch):
+    _, on_disk, x = small_setup()
+    listed = []
+    report = reconstruct(on_disk, None, x, algo="qdrop", iters=20, batch_size=16, progress=False,
+                         max_cache_bytes=DISK_CAP, state_path=str(tmp_path / "state.pt"),
+                         on_unit_done=lambda step, name: listed.append(sorted(p.name for p in tmp_path.iterdir())))
+    assert report["cache"] == "disk-fp16"
+    tiers = {r["unit"]: r["cache"] for r in report["unit_reports"]}
+    assert tiers["conv1"] == "cpu-fp32" and tiers["layer1"] == "disk-fp16"
+    # the most at once: layer1's inputs on disk and its FP output in memory
+    assert report["cache_bytes"] == 2 * 64 * 16 * 28 * 28 * 2 + 64 * 16 * 14 * 14 * 4
+    assert report["cache_memory_bytes"] <= DISK_CAP
+    assert all(names == ["state.pt"] for names in listed)  # not even while it runs: the files have no name
+
+    tier = _Cache.tier  # the same run with what goes to disk held in memory, in the same precision
+    monkeypatch.setattr(_Cache, "tier", lambda self, *a: "cpu-fp16" if tier(self, *a) == "disk-fp16" else tier(self, *a))
+    _, in_memory, x = small_setup()
+    report = reconstruct(in_memory, None, x, algo="qdrop", iters=20, batch_size=16, progress=False,
+                         max_cache_bytes=DISK_CAP)
+    assert report["cache"] == "cpu-fp16"
+    a, b = int_state(on_disk), int_state(in_memory)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(on_disk(x), in_memory(x))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files with /proc")
+def test_disk_cache_files_are_gone_after_a_run_and_after_an_error(tmp_path):
+    _, qmodel, x = small_setup()
+    reconstruct(qmodel, None, x, algo="brecq", iters=5, batch_size=16, progress=False,
+                max_cache_bytes=DISK_CAP, state_path=str(tmp_path / "state.pt"))
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and _fds_under(tmp_path) == []
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_layer2(step, name):
+        if name == "layer1":  # layer1's input and output, and the next quantized input, are on disk
+            assert _fds_under(tmp_path)
+            raise Stop
+
+    (tmp_path / "state.pt").unlink()
+    _, qmodel, x = small_setup()
+    with pytest.raises(Stop) as err:
+        reconstruct(qmodel, None, x, algo="qdrop", iters=5, batch_size=16, progress=False,
+                    max_cache_bytes=DISK_CAP, state_path=str(tmp_path / "state.pt"), on_unit_done=stop_in_layer2)
+    assert err.traceback  # (the traceback, holding the loop's frames and their tensors, is still alive)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and _fds_under(tmp_path) == []
+
+
+def test_a_cap_too_small_even_for_the_disk_cache_is_one_line():
+    _, qmodel, x = small_setup()
+    with pytest.raises(ReconstructionError, match="memory cap 1000 bytes is too small") as err:
+        reconstruct(qmodel, None, x, iters=5, batch_size=16, max_cache_bytes=1000, progress=False)
+    assert "\n" not in str(err.value)
 
 
 def test_default_lambda_from_structure():

@@ -159,6 +159,26 @@ def test_batches_of_different_lengths_are_groups():
     assert sum(masked_error(q, b) for b in batches) < before
 
 
+@pytest.mark.parametrize("algo, cap", [
+    ("qdrop", 40_000),  # the hidden states (20 sequences x 10 or 16 tokens x 32) on disk
+    ("adaround", 80_000),  # the MLP's down_proj inputs (x 64 features) on disk, the hidden states in fp16
+])
+def test_disk_cache_gives_the_same_model_as_half_precision_in_memory(algo, cap, monkeypatch):
+    from qdrop.recon.engine import _Cache
+
+    batches = [padded_batch(12, 10, seed=1), padded_batch(8, 16, seed=2)]  # two groups
+    kw = dict(algo=algo, iters=5, batch_size=8, progress=False, max_cache_bytes=cap)
+    on_disk = prepared(tiny_llama, "w3a4")
+    rep = qdrop.reconstruct(on_disk, None, batches, **kw)
+    assert rep["cache"] == "disk-fp16" and rep["cache_memory_bytes"] <= cap
+    tier = _Cache.tier  # the same run with what goes to disk held in memory, in the same precision
+    monkeypatch.setattr(_Cache, "tier", lambda self, *a: "cpu-fp16" if tier(self, *a) == "disk-fp16" else tier(self, *a))
+    in_memory = prepared(tiny_llama, "w3a4")
+    assert qdrop.reconstruct(in_memory, None, batches, **kw)["cache"] == "cpu-fp16"
+    for k, v in on_disk.state_dict().items():
+        assert torch.equal(v, in_memory.state_dict()[k]), k
+
+
 def test_resume_after_a_kill_is_exact(tmp_path):
     batch = padded_batch()
     state = tmp_path / "recon_state.pt"

@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compile", action="store_true", help="torch.compile each unit during reconstruction")
     q.add_argument("--cuda-graph", action="store_true",
                    help="CUDA: replay each reconstruction iteration as a CUDA graph (no host launches per kernel)")
-    q.add_argument("--max-cache-mb", type=_positive, default=None, help="cap on cached unit inputs/outputs")
+    q.add_argument("--max-cache-mb", type=_positive, default=None,
+                   help="cap on cached unit inputs/outputs in memory (beyond it: half precision, then a temporary file "
+                   "in --out)")
     q.add_argument("--out", required=True, help="output directory")
 
     e = sub.add_parser("eval", help="evaluate the FP model and, with --checkpoint, a quantized one on the test split")

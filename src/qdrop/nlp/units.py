@@ -166,23 +166,39 @@ class ScopePartition:
     def layer_fn(self, k: int, lu: Unit):
         return self.model.get_submodule(lu.name)
 
-    def layer_io(self, k: int, lu: Unit, xs: list, extras: list, device, out_dtype, with_output: bool, run_groups):
-        """The layer's inputs (and outputs) while block k runs on xs: taken by a forward hook."""
+    def layer_io(self, k: int, lu: Unit, xs: list, extras: list, device, cache, with_output: bool, run_groups):
+        """The layer's inputs (and outputs) while block k runs on xs: a forward hook writes them, chunk
+        by chunk, into tensors allocated by cache (run_groups' allocator), and stops the block there."""
         layer = self.model.get_submodule(lu.name)
-        ins, outs, cur_in, cur_out = [], [], [], []
+        run_block = self.block_fn(k)
+        total = sum(x.numel() for x in xs)
+        ins, outs = [], []
+        cur = {}  # the group being run: its rows, its share of the cache, where its next rows go
 
         def hook(module, args, output):
-            cur_in.append(args[0].detach().to(out_dtype))
-            cur_out.append(output.detach().to(out_dtype))
+            x, y = args[0].detach(), output.detach()
+            if len(ins) == cur["group"]:  # the group's first chunk: the shapes are known now
+                ins.append(cache.empty((cur["n"], *x.shape[1:]), cur["share"]))
+                outs.append(cache.empty((cur["n"], *y.shape[1:]), cur["share"]) if with_output else None)
+            i, j = cur["row"], cur["row"] + x.shape[0]
+            ins[-1][i:j] = x
+            if with_output:
+                outs[-1][i:j] = y
+            cur["row"] = j
+            raise _Stop  # nothing after the layer is needed
+
+        def until_layer(x, *args, **kwargs):
+            try:
+                run_block(x, *args, **kwargs)
+            except _Stop:
+                pass
+            return x.new_empty(x.shape[0], 0)  # (no output: run_groups allocates nothing of size)
 
         handle = layer.register_forward_hook(hook)
         try:
-            for x, e in zip(xs, extras):
-                cur_in.clear()
-                cur_out.clear()
-                run_groups(self.block_fn(k), [x], [e], device)
-                ins.append(torch.cat(cur_in).to(x.device))
-                outs.append(torch.cat(cur_out).to(x.device))
+            for g, (x, e) in enumerate(zip(xs, extras)):
+                cur.update(group=g, n=x.shape[0], share=x.numel() / total, row=0)
+                run_groups(until_layer, [x], [e], device)
         finally:
             handle.remove()
         return ins, (outs if with_output else None)

@@ -19,10 +19,13 @@ and callables that run a unit or one layer. The loop below is the same for both.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
+import tempfile
 import time
+import weakref
 from dataclasses import asdict
 
 import torch
@@ -56,16 +59,27 @@ def default_lambda(qmodel: nn.Module) -> float:
 
 
 @torch.no_grad()
-def run_chunks(module, x: torch.Tensor, device, chunk: int = 128, out_dtype=None, args=(), kwargs=None) -> torch.Tensor:
+def run_chunks(module, x, device, chunk: int = 128, out_dtype=None, args=(), kwargs=None, alloc=None):
     """module(x, *args, **kwargs) over x in chunks of rows; per-sample arguments (tensors whose
-    first dimension is x's) are sliced along with x, the others passed whole."""
-    outs = []
+    first dimension is x's) are sliced along with x, the others passed whole. A module returning a
+    tuple gives a tuple of outputs.
+
+    Each output is allocated once its shape is known, by alloc(shape) (default: on x's device, in
+    out_dtype or the module's dtype), and written chunk by chunk: the chunks are never concatenated,
+    so a DiskTensor output is never whole in memory."""
     n = x.shape[0]
+    outs, single = None, True
     for i in range(0, n, chunk):
         a, kw = rows_of((args, kwargs or {}), n, slice(i, i + chunk))
         y = module(x[i : i + chunk].to(device, non_blocking=True).float(), *a, **kw)
-        outs.append(y.to(out_dtype or y.dtype) if x.device == y.device else y.to(x.device, out_dtype or y.dtype))
-    return torch.cat(outs)
+        single = not isinstance(y, (tuple, list))
+        ys = (y,) if single else y
+        if outs is None:
+            outs = [alloc((n, *t.shape[1:])) if alloc is not None else
+                    torch.empty((n, *t.shape[1:]), dtype=out_dtype or t.dtype, device=x.device) for t in ys]
+        for out, t in zip(outs, ys):
+            out[i : i + chunk] = t  # (casts to the output's dtype and copies to its device)
+    return outs[0] if single else tuple(outs)
 
 
 def rows_of(tree, n: int, index):
@@ -73,8 +87,13 @@ def rows_of(tree, n: int, index):
     return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t, tree)
 
 
-def run_groups(fn, xs: list, extras: list, device, out_dtype=None) -> list:
-    return [run_chunks(fn, x, device, out_dtype=out_dtype, args=a, kwargs=kw) for x, (a, kw) in zip(xs, extras)]
+def run_groups(fn, xs: list, extras: list, device, out_dtype=None, cache=None) -> list:
+    """run_chunks over each group. cache: the _Cache that allocates the outputs; the groups of one
+    cached tensor share a tier, decided by their total size (taken to be in proportion to the inputs')."""
+    total = sum(x.numel() for x in xs)
+    return [run_chunks(fn, x, device, out_dtype=out_dtype, args=a, kwargs=kw,
+                       alloc=None if cache is None else functools.partial(cache.empty, share=x.numel() / total))
+            for x, (a, kw) in zip(xs, extras)]
 
 
 class GraphPartition:
@@ -107,16 +126,15 @@ class GraphPartition:
     def layer_fn(self, k: int, lu: Unit):
         return subgraph(self.gm, lu.nodes, lu.input, [lu.output])
 
-    def layer_io(self, k: int, lu: Unit, xs: list, extras: list, device, out_dtype, with_output: bool, run_groups=None):
-        """The layer's inputs (and FP outputs) inside block k, from the block's inputs xs."""
+    def layer_io(self, k: int, lu: Unit, xs: list, extras: list, device, cache, with_output: bool, run_groups):
+        """The layer's inputs (and FP outputs) inside block k, from the block's inputs xs, in
+        tensors allocated by cache."""
         b = self.blocks[k]
         if not with_output:
-            to_in = subgraph(self.gm, b.nodes, b.input, [lu.input])
-            return [run_chunks(to_in, xs[0], device, out_dtype=out_dtype)], None
-        to_in_out = subgraph(self.gm, b.nodes, b.input, [lu.input, lu.output])
-        with torch.no_grad():
-            pairs = [to_in_out(xs[0][i : i + 128].to(device).float()) for i in range(0, xs[0].shape[0], 128)]
-        return [torch.cat([p[0] for p in pairs]).to(out_dtype)], [torch.cat([p[1] for p in pairs]).to(out_dtype)]
+            return run_groups(subgraph(self.gm, b.nodes, b.input, [lu.input]), xs, extras, device, cache=cache), None
+        ins, outs = zip(*run_groups(subgraph(self.gm, b.nodes, b.input, [lu.input, lu.output]), xs, extras, device,
+                                    cache=cache))
+        return list(ins), list(outs)
 
 
 def _unit_seed(seed: int, stage: int, unit: int, sub: int = 0) -> int:
@@ -140,24 +158,180 @@ def _load_state(state_path: str, device):
     return saved
 
 
+class DiskTensor:
+    """A [rows, ...] tensor kept in an unnamed temporary file and read or written some rows at a
+    time: the disk tier of _Cache. It does what the loop does with a cached tensor: shape, dtype,
+    device, numel(); x[i:j] and x[index_tensor] read rows into an ordinary CPU tensor; x[i:j] = y
+    writes them.
+
+    The file is read and written with system calls, not memory-mapped: the pages of a mapping count
+    as the process's resident memory once touched, and the random batches of a few thousand
+    iterations touch all of it, so a mapped cache would end up resident in full whenever the machine
+    has the memory. Here only the rows in use are in the process's memory; the file's pages are in
+    the kernel's page cache, which it writes back and drops when memory is short.
+
+    tempfile.TemporaryFile uses O_TMPFILE on Linux: the file never has a name, so nothing is left in
+    `dir` even when the process is killed (elsewhere it is unlinked as soon as it is created); its
+    space is freed when the tensor is garbage-collected or closed."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, shape, dtype=torch.float16, dir=None):
+        self.shape, self.dtype = torch.Size(shape), dtype
+        self._row = math.prod(self.shape[1:]) * dtype.itemsize
+        self._file = tempfile.TemporaryFile(dir=dir, buffering=0)
+        size = self.shape[0] * self._row
+        try:  # reserve the space now: a full disk fails here, not in the middle of a unit
+            if hasattr(os, "posix_fallocate") and size:
+                os.posix_fallocate(self._file.fileno(), 0, size)
+            else:
+                self._file.truncate(size)
+        except OSError as err:
+            self._file.close()
+            raise ReconstructionError(f"no room for the disk cache ({size} bytes) in {dir or tempfile.gettempdir()}: "
+                                      f"{err.strerror}; free some space or raise --max-cache-mb") from None
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def close(self):
+        self._file.close()
+
+    def _rows(self, index) -> range | list:
+        if isinstance(index, slice):
+            rows = range(*index.indices(self.shape[0]))
+            if rows.step != 1:
+                raise IndexError("DiskTensor: slices of rows with a step are not supported")
+            return rows
+        rows = torch.as_tensor(index).reshape(-1).tolist()
+        if any(not -self.shape[0] <= r < self.shape[0] for r in rows):
+            raise IndexError(f"DiskTensor: row index out of range for {self.shape[0]} rows")
+        return [r % self.shape[0] for r in rows]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = self._rows(index)
+        out = torch.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        if isinstance(rows, range):  # one read of consecutive rows
+            self._read(buf, rows.start * self._row)
+        else:
+            for i, r in enumerate(rows):
+                self._read(buf[i * self._row : (i + 1) * self._row], r * self._row)
+        return out
+
+    def __setitem__(self, index: slice, value: torch.Tensor):
+        rows = self._rows(index)
+        if not isinstance(rows, range):
+            raise IndexError("DiskTensor: rows are written by slice")
+        if value.shape != (len(rows), *self.shape[1:]):
+            raise ValueError(f"DiskTensor: cannot write a {tuple(value.shape)} tensor to {len(rows)} rows of {tuple(self.shape)}")
+        value = value.detach().to("cpu", self.dtype).contiguous()
+        buf = memoryview(value.view(torch.uint8).numpy()).cast("B")
+        self._file.seek(rows.start * self._row)
+        while buf:  # (a write may be partial)
+            buf = buf[self._file.write(buf):]
+
+    def _read(self, buf, offset: int):
+        self._file.seek(offset)
+        while buf:
+            got = self._file.readinto(buf)
+            if not got:
+                raise ReconstructionError("the disk cache file ended early")
+            buf = buf[got:]
+
+
 class _Cache:
-    """Where unit inputs/outputs live: the compute device when they fit under the cap,
-    otherwise CPU (pinned when computing on CUDA), in half precision if needed."""
+    """Where the cached unit inputs/outputs live: a unit's quantized input, FP input and FP output,
+    each over the calibration set. The loop holds at most three of them at once, so each is placed by
+    its own size, in the first tier where three of that size fit under the cap (max_bytes, None: no
+    cap); the total held in memory then stays under it. (Layer units, adaround's, hold their layer's
+    three besides their block's: up to twice the cap.) Sizes change along a network (ResNet-50's
+    first bottleneck outputs are 5x its input image), so the tier is chosen tensor by tensor:
 
-    def __init__(self, device: torch.device, max_bytes: int | None):
-        self.device, self.max_bytes = device, max_bytes
+      <device>-fp32  the compute device, in single precision
+      cpu-fp16       half precision, in CPU memory (on the device itself if it is neither CPU nor CUDA)
+      disk-fp16      half precision, in a temporary file (DiskTensor)
 
-    def placement_of(self, numel: int, copies: int = 3):
-        """Where `copies` tensors of `numel` elements each go."""
-        per = numel * copies
-        if self.max_bytes is None or per * 4 <= self.max_bytes:
-            return self.device, torch.float32
-        if per * 2 <= self.max_bytes:
-            return torch.device("cpu") if self.device.type == "cuda" else self.device, torch.float16
+    On disk only the rows in use are in memory: one step's batch of each of the three tensors, or a
+    chunk of 128 rows while a unit runs over the calibration set (run_chunks). The disk tier is
+    refused, and so the reconstruction, when the cap does not hold even the step's rows, in single
+    precision as the loop uses them; the chunks, like the units' activations, are working memory
+    outside the cap.
+
+    rows: the rows each cached tensor has (with data-parallel shards, the largest shard's, and
+    `scale` (largest shard / this rank's) sizes this rank's tensors as that one's, so that every rank
+    places its caches in the same tier); batch: the rows of one step. dir: where the temporary files
+    go (None: tempfile's default, $TMPDIR or /tmp; mind that a RAM-backed tmpfs saves no memory)."""
+
+    def __init__(self, device: torch.device, max_bytes: int | None, rows: int = 1, batch: int = 1, dir=None,
+                 scale: float = 1.0):
+        self.device, self.max_bytes, self.rows, self.batch, self.dir, self.scale = device, max_bytes, rows, batch, dir, scale
+        self.half_device = torch.device("cpu") if device.type in ("cuda", "cpu") else device
+        self.used: set[str] = set()  # tiers that held a tensor: report["cache"] names the slowest
+        self._files = weakref.WeakSet()  # the live DiskTensors, closed by close()
+
+    def tier(self, numel: int, copies: int = 3) -> str:
+        """The tier of a tensor of `numel` elements (one of `copies` held at once)."""
+        numel = math.ceil(numel * self.scale)
+        if self.max_bytes is None or copies * numel * 4 <= self.max_bytes:
+            return f"{self.device.type}-fp32"
+        if copies * numel * 2 <= self.max_bytes:
+            return f"{self.half_device.type}-fp16"
+        step = copies * math.ceil(numel * min(1.0, self.batch / self.rows)) * 4
+        if step <= self.max_bytes:
+            return "disk-fp16"
         raise ReconstructionError(
-            f"memory cap {self.max_bytes} bytes is too small: caching {copies} tensors "
-            f"of {numel} elements needs at least {per * 2} bytes in half precision"
-        )
+            f"memory cap {self.max_bytes} bytes is too small: caching {copies} tensors of {numel} elements "
+            f"needs at least {copies * numel * 2} bytes in half precision, or {step} bytes on disk "
+            f"(one batch of their rows in memory)")
+
+    def empty(self, shape, share: float = 1.0):
+        """An uninitialised tensor of `shape` in its tier. share: the part of a cached tensor that it is
+        (one group of several: the tier is the whole tensor's)."""
+        tier = self.tier(round(math.prod(shape) / share))
+        self.used.add(tier)
+        if tier == "disk-fp16":
+            t = DiskTensor(shape, torch.float16, self.dir)
+            self._files.add(t)
+            return t
+        if tier.endswith("fp16"):
+            return torch.empty(shape, dtype=torch.float16, device=self.half_device)
+        return torch.empty(shape, device=self.device)
+
+    def put(self, xs: list) -> list:
+        """The cached copy of the first unit's inputs (groups of one tensor)."""
+        tier = self.tier(sum(x.numel() for x in xs))
+        if tier != "disk-fp16":  # (no copy when they are already in place)
+            self.used.add(tier)
+            return [x.to(*((self.device, torch.float32) if tier.endswith("fp32") else (self.half_device, torch.float16)))
+                    for x in xs]
+        total = sum(x.numel() for x in xs)
+        outs = [self.empty(x.shape, x.numel() / total) for x in xs]
+        for x, out in zip(xs, outs):
+            for i in range(0, x.shape[0], 128):
+                out[i : i + 128] = x[i : i + 128]
+        return outs
+
+    def slowest(self) -> str | None:
+        return max(self.used, key=lambda t: (t == "disk-fp16", t.endswith("fp16")), default=None)
+
+    def close(self):
+        """Frees the disk space of every DiskTensor still alive (one an exception's traceback holds)."""
+        for t in list(self._files):
+            t.close()
+
+
+def where(t) -> str:
+    """The tier a cached tensor is in."""
+    if isinstance(t, DiskTensor):
+        return "disk-fp16"
+    return f"{t.device.type}-{'fp16' if t.dtype == torch.float16 else 'fp32'}"
 
 
 def reconstruct(
@@ -249,43 +423,48 @@ def reconstruct(
         done = saved["done"]
         report["unit_reports"] = saved["unit_reports"]
 
-    cache = _Cache(device, max_cache_bytes)
+    # temporary files of the disk tier: next to the state file when there is one (the output directory the
+    # user chose for this run, on a disk with room for it), else tempfile's default ($TMPDIR, /tmp)
+    rows = max(qdist.shard_sizes(n_calib, world)) if world > 1 else n_calib
+    cache = _Cache(device, max_cache_bytes, rows=rows, scale=rows / n_rank, dir=os.path.dirname(os.path.abspath(state_path))
+                   if state_path else None, batch=max(qdist.shard_sizes(batch_size, world)) if world > 1 else batch_size)
     per_block = [len(part.layer_units(k)) if algorithm.units == "layer" else 1 for k in range(len(blocks))]
     bar = tqdm(total=sum(max(1, int(round(iters * s.iters_scale))) for s in algorithm.stages) * sum(per_block),
                disable=not progress or rank != 0,
                desc=f"{algorithm.name}", unit="it", dynamic_ncols=True)
     bar.update(sum(r["iters"] for r in report["unit_reports"]) if done >= 0 else 0)
-    cache_bytes = 0  # the most bytes of cached unit inputs/outputs held at once
+    cache_bytes = in_memory = 0  # the most bytes of cached unit inputs/outputs held at once: anywhere, not on disk
     try:  # the bar is closed on errors too, so that an error message starts on its own line
         step = 0
         for s_idx, stage in enumerate(algorithm.stages):
             stage_iters = max(1, int(round(iters * stage.iters_scale)))
-            # (with shards, sized for the largest one: every rank caches in the same place and precision)
-            x_dev, x_dtype = cache.placement_of(sum(x.numel() for x in xs0) if world == 1 else
-                                                xs0[0][:1].numel() * max(qdist.shard_sizes(n_calib, world)))
-            x_fp = [x.to(x_dev, x_dtype) for x in xs0]
+            x_fp = cache.put(xs0)
             x_q = x_fp
             for k, block in enumerate(blocks):
                 fn = part.block_fn(k)
                 extras = part.extras(k)
                 if step <= done:  # finished before a restart: only move the caches along
                     with quant_mode(qmodel, weights=False, acts=False):
-                        y_fp = run_groups(fn, x_fp, extras, device, out_dtype=x_dtype)
+                        y_fp = run_groups(fn, x_fp, extras, device, cache=cache)
                 else:
                     y_fp = _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
-                                              stage_iters, cfg, lam, device, bar, report, total_units, step)
+                                              stage_iters, cfg, lam, device, bar, report, total_units, step, cache)
                     if state_path and rank == 0:
                         atomic_torch_save(dict(meta=meta, done=step, state_dict=qmodel.state_dict(),
                                           unit_reports=report["unit_reports"]), state_path)
                     if on_unit_done is not None:
                         on_unit_done(step, block.name)
-                cache_bytes = max(cache_bytes, _nbytes(x_q, x_fp, y_fp))
+                cache_bytes, in_memory = _most((cache_bytes, in_memory), x_q, x_fp, y_fp)
+                # the FP input goes before the next quantized input is made: three cached tensors at most
+                x_fp, x_q_in = y_fp, x_q
                 with quant_mode(qmodel, weights=True, acts=stage.act_quant):
-                    x_q = run_groups(fn, x_q, extras, device, out_dtype=x_dtype)
-                x_fp = y_fp
+                    x_q = run_groups(fn, x_q_in, extras, device, cache=cache)
+                cache_bytes, in_memory = _most((cache_bytes, in_memory), x_q_in, x_fp, x_q)
+                del x_q_in
                 step += 1
     finally:
         bar.close()
+        cache.close()
     # every calibrated quantizer on, probabilities back to 1
     for _, q in quantizers(qmodel):
         if q.calibrated:
@@ -293,6 +472,8 @@ def reconstruct(
         q.set_drop(1.0)
     report["seconds"] = sum(r["seconds"] for r in report["unit_reports"])
     report["cache_bytes"] = cache_bytes
+    report["cache_memory_bytes"] = in_memory  # (under max_cache_bytes)
+    report["cache"] = cache.slowest()  # where the caches lived (the slowest tier used; each unit's in its report)
     if world > 1:
         report.update(rank=rank, n_calib_rank=n_rank)
         report["ranks"] = qdist.gather_objects(dict(rank=rank, n_calib=n_rank, cache_bytes=cache_bytes,
@@ -302,8 +483,14 @@ def reconstruct(
 
 def _nbytes(*groups) -> int:
     """Bytes of the distinct tensors in lists of tensors (the first unit's x_q is x_fp)."""
-    seen = {t.data_ptr(): t.numel() * t.element_size() for g in groups for t in g}
+    seen = {id(t): t.numel() * t.element_size() for g in groups for t in g}
     return sum(seen.values())
+
+
+def _most(most: tuple, *groups) -> tuple:
+    """(all bytes, bytes in memory) of the tensors in `groups`, or `most` where it is more."""
+    here = _nbytes(*groups), _nbytes(*([t for t in g if not isinstance(t, DiskTensor)] for g in groups))
+    return max(most[0], here[0]), max(most[1], here[1])
 
 
 def _check_fp(qmodel, fp_model, x, device):
@@ -315,12 +502,11 @@ def _check_fp(qmodel, fp_model, x, device):
 
 
 def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm: Algorithm, stage: Stage, s_idx,
-                       stage_iters, cfg: ReconConfig, lam, device, bar, report, total_units, step):
+                       stage_iters, cfg: ReconConfig, lam, device, bar, report, total_units, step, cache):
     """Reconstruct one block (as a block unit, or layer by layer); returns its FP output."""
     block = part.blocks[k]
-    dtype = x_fp[0].dtype
     with quant_mode(qmodel, weights=False, acts=False):
-        y_fp = run_groups(fn, x_fp, extras, device, out_dtype=dtype)
+        y_fp = run_groups(fn, x_fp, extras, device, cache=cache)
     label = f"{step + 1}/{total_units} {block.name}"
     fdim = part.feature_dim
     if algorithm.units == "block":
@@ -332,9 +518,9 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
     for j, lu in enumerate(part.layer_units(k)):
         # the layer's inputs and FP output, computed inside the block from the cached block inputs
         with quant_mode(qmodel, weights=True, acts=stage.act_quant):
-            lx_q, _ = part.layer_io(k, lu, x_q, extras, device, dtype, False, run_groups)
+            lx_q, _ = part.layer_io(k, lu, x_q, extras, device, cache, False, run_groups)
         with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
-            lx_fp, ly_fp = part.layer_io(k, lu, x_fp, extras, device, dtype, True, run_groups)
+            lx_fp, ly_fp = part.layer_io(k, lu, x_fp, extras, device, cache, True, run_groups)
         with quant_mode(qmodel, weights=True, acts=stage.act_quant):
             r = _optimize(qmodel, lu, part.layer_fn(k, lu), lx_q, lx_fp, ly_fp, stage, stage_iters, cfg, lam, device,
                           _unit_seed(cfg.seed, s_idx, k, j + 1), bar, f"{label} [{lu.name}]", masks=masks, feature_dim=fdim)
@@ -492,7 +678,7 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     for layer in layers:
         if layer.weight_quant.alpha is not None:
             layer.weight_quant.fix_rounding()
-    return dict(unit=unit.name, kind=unit.kind, iters=iters, seconds=seconds, ms_per_iter=1000 * seconds / iters,
+    return dict(unit=unit.name, kind=unit.kind, iters=iters, seconds=seconds, ms_per_iter=1000 * seconds / iters, cache=where(x_q[0]),
                 final_loss=curve[-1][1] if curve else None, curve=curve, curve_total=curve_total,
                 loop="cuda-graph" if graphed is not None else "eager")
 
