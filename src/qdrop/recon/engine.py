@@ -58,16 +58,23 @@ def default_lambda(qmodel: nn.Module) -> float:
     return 0.2 if max(dw_kernels) > 3 else 0.1
 
 
+# The input of one chunk of a pass over the calibration set is at most this big (and at most 128 rows):
+# a unit's working memory is a multiple of it (MobileNetV2's first blocks expand 6x at 112 px, and at
+# 128 rows a chunk's activations took 4.9 GB). Small inputs (CIFAR, MiniLM) keep 128 rows.
+CHUNK_BYTES = 32 * 2**20
+
+
 @torch.no_grad()
 def run_chunks(module, x, device, chunk: int = 128, out_dtype=None, args=(), kwargs=None, alloc=None):
-    """module(x, *args, **kwargs) over x in chunks of rows; per-sample arguments (tensors whose
-    first dimension is x's) are sliced along with x, the others passed whole. A module returning a
-    tuple gives a tuple of outputs.
+    """module(x, *args, **kwargs) over x in chunks of rows (at most `chunk`, and at most CHUNK_BYTES of
+    single-precision input); per-sample arguments (tensors whose first dimension is x's) are sliced
+    along with x, the others passed whole. A module returning a tuple gives a tuple of outputs.
 
     Each output is allocated once its shape is known, by alloc(shape) (default: on x's device, in
     out_dtype or the module's dtype), and written chunk by chunk: the chunks are never concatenated,
     so a DiskTensor output is never whole in memory."""
     n = x.shape[0]
+    chunk = max(1, min(chunk, CHUNK_BYTES // max(1, 4 * math.prod(x.shape[1:]))))
     outs, single = None, True
     for i in range(0, n, chunk):
         a, kw = rows_of((args, kwargs or {}), n, slice(i, i + chunk))
@@ -259,7 +266,7 @@ class _Cache:
       disk-fp16      half precision, in a temporary file (DiskTensor)
 
     On disk only the rows in use are in memory: one step's batch of each of the three tensors, or a
-    chunk of 128 rows while a unit runs over the calibration set (run_chunks). The disk tier is
+    chunk of rows while a unit runs over the calibration set (run_chunks, at most CHUNK_BYTES of input). The disk tier is
     refused, and so the reconstruction, when the cap does not hold even the step's rows, in single
     precision as the loop uses them; the chunks, like the units' activations, are working memory
     outside the cap.
