@@ -426,3 +426,21 @@ def test_cuda_graph_step_runs_each_iteration_once_and_recaptures_when_the_roundi
     for g, hard in calls:
         graphed(g, hard)
     assert ran == calls and fake.captures == 2
+
+
+def test_passes_over_the_calibration_set_bound_the_chunk_by_bytes(monkeypatch):
+    from qdrop.recon import engine
+
+    seen = []
+
+    def unit(x):
+        seen.append(x.shape[0])
+        return x * 2
+
+    x = torch.randn(50, 3, 8, 8)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 7 * 3 * 8 * 8 * 4)  # room for 7 rows of single-precision input
+    out = engine.run_chunks(unit, x, "cpu")
+    assert seen == [7] * 7 + [1] and torch.equal(out, x * 2)
+    seen.clear()
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 1)  # never fewer than one row
+    assert torch.equal(engine.run_chunks(unit, x[:3], "cpu"), x[:3] * 2) and seen == [1, 1, 1]
