@@ -96,7 +96,8 @@ class RoundingProbe:
 
 
 def run_one(variant: str, bits: str, iters: int, seed: int, data: str, model: str = "cifar10_resnet20") -> dict:
-    from qdrop.calibrate import batched, calibrate
+    from qdrop import calibrate
+    from qdrop.quant.calibration import batched
     from qdrop.data import load_split
     from qdrop.eval.metrics import top1
     from qdrop.graph.prepare import prepare

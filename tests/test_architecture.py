@@ -166,3 +166,25 @@ def test_quantizer_state_changes_only_through_its_methods():
                 if isinstance(owner, ast.Attribute) and owner.attr in ("scale", "zero_point"):
                     bad.append(f"{path.relative_to(SRC)}:{node.lineno} .{owner.attr}.copy_")
     assert not bad, "quantizer fields written outside quant/: " + ", ".join(bad)
+
+
+def test_benchmark_scripts_import_only_what_qdrop_has():
+    """The benchmark scripts import qdrop inside functions that only a long run reaches: a moved or
+    renamed module must fail here, not an hour into a benchmark."""
+    import importlib
+
+    scripts = sorted((SRC.parents[1] / "benchmarks").glob("*.py"))
+    assert scripts
+    missing = []
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "qdrop":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                        missing.append(f"{path.name}: from {node.module} import {alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "qdrop" and importlib.util.find_spec(alias.name) is None:
+                        missing.append(f"{path.name}: import {alias.name}")
+    assert not missing, missing
