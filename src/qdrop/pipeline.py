@@ -16,7 +16,7 @@ from .graph.prepare import PRESETS, TARGET_CPUS, PrepareConfig, prepare, quantiz
 from .quant.scheme import is_average_bits, parse_mixed_bits
 from .recon.mixed import CANDIDATE_BITS, SENSITIVITIES, parse_budget, search
 from .recon import reconstruct
-from .recon.configs import VISION_ALGOS, get_algorithm
+from .recon.configs import RESEARCH_ALGOS, get_algorithm
 from .errors import CheckpointError, ModelError, UsageError
 from .io import atomic_torch_save, atomic_write_json, environment, load_torch_file, remove_stale_temps
 
@@ -106,8 +106,8 @@ class QuantizeJob:
         """Refuse a job that cannot run, before anything is loaded or written."""
         from .data import DataError
 
-        if self.algo not in VISION_ALGOS:
-            raise UsageError(f"unknown algorithm {self.algo!r}; choose from {VISION_ALGOS}")
+        if self.algo not in RESEARCH_ALGOS:
+            raise UsageError(f"unknown algorithm {self.algo!r}; choose from {RESEARCH_ALGOS}")
         w, _ = parse_mixed_bits(self.bits)
         if self.budget is not None:
             if is_average_bits(self.bits):

@@ -384,11 +384,11 @@ def _validate_run(c: dict, kind: str, where: str) -> None:
     except UsageError as err:
         bad("bits" if c["budget"] is None else "budget", str(err))
     from ..graph.prepare import PRESETS
-    from ..recon.configs import VISION_ALGOS
+    from ..recon.configs import RESEARCH_ALGOS
     from ..quant.observers import OBSERVERS
 
-    if c["algo"] not in VISION_ALGOS:
-        bad("algo", f"unknown algorithm; choose from {', '.join(VISION_ALGOS)}")
+    if c["algo"] not in RESEARCH_ALGOS:
+        bad("algo", f"unknown algorithm; choose from {', '.join(RESEARCH_ALGOS)}")
     if c["backend"] not in PRESETS:
         bad("backend", f"unknown backend preset; choose from {', '.join(sorted(PRESETS))}")
     for key in ("iters", "batch_size"):

@@ -24,9 +24,9 @@ from ..quant.scheme import parse_mixed_bits as parse_bits  # w2.5a4: mixed preci
 from ..errors import QdropError, UsageError
 from ..io import atomic_write_text, save_figure
 from ..nlp.pipeline import NLP_ALGOS
-from ..recon.configs import VISION_ALGOS
+from ..recon.configs import RESEARCH_ALGOS
 
-ALGO_ORDER = VISION_ALGOS + tuple(a for a in NLP_ALGOS if a not in VISION_ALGOS)
+ALGO_ORDER = RESEARCH_ALGOS + tuple(a for a in NLP_ALGOS if a not in RESEARCH_ALGOS)
 ALGO_NAMES = {"naive": "Naive (observers only)", "adaround": "AdaRound", "brecq": "BRECQ", "qdrop": "**QDrop**",
               "os": "OS", "smoothquant": "SmoothQuant", "osplus": "OS+"}
 # settings that do not apply to naive PTQ: a naive run belongs to every table they split

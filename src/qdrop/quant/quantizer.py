@@ -232,9 +232,15 @@ class Quantizer(nn.Module):
 
     # ---- AdaRound --------------------------------------------------------------------
     def init_adaround(self, w: torch.Tensor) -> None:
+        """V from the weights' distance to the grid point below (AdaRound's initialisation), or, when the
+        rounding was already decided (fix_rounding: a later stage re-opens it), from those decisions: h(V)
+        starts at 0.01 / 0.99, off the clamp so that V has a gradient, and 0.01 of a step from the kept model."""
         s = _bshape(w, self.scheme.ch_axis, self.scale.detach())
-        rest = w.detach() / s - torch.floor(w.detach() / s)
-        rest = rest.clamp(1e-6, 1 - 1e-6)  # finite V at exact grid points
+        if self.round_up is not None:
+            rest = 0.01 + 0.98 * self.round_up.to(w.dtype)
+        else:
+            rest = w.detach() / s - torch.floor(w.detach() / s)
+            rest = rest.clamp(1e-6, 1 - 1e-6)  # finite V at exact grid points
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.hard_round = False
         self.round_up = None

@@ -24,6 +24,11 @@ qdrop-plus
           0, 1), qdrop-plus 78.25 / 77.96 / 78.38. See docs/algorithms/qdrop-plus.md.
           At 2,000 it/unit (seed 0) it wins only at W2A2 (69.50 vs 66.74) and loses elsewhere (W2A4 77.37,
           W3A3 77.31, W4A4 79.90 vs qdrop 77.92 / 78.66 / 80.13): hence a candidate.
+qdrop-fisher, qdrop-pd, qdrop-net
+          qdrop plus one published improvement each (issue #13's ablation, docs/algorithms/beyond.md):
+          BRECQ's Fisher-weighted output error (Stage.loss="fisher"); PD-Quant's prediction-difference
+          objective through the FP rest of the network (loss="pd"); a network-wise refinement stage after
+          the block-wise one (Stage.scope="network"). Candidates until they beat qdrop.
 """
 from __future__ import annotations
 
@@ -47,6 +52,20 @@ class Stage:
     b_start: float | None = None  # overrides ReconConfig.b_start (rounding-loss beta, annealed to b_end)
     b_end: float | None = None  # overrides ReconConfig.b_end
     hard_tail: float = 0.0  # last fraction of iterations with the rounding hard (V frozen), step sizes still learned
+    # Objective and scope (issue #13; docs/algorithms/beyond.md). The torch.fx path only, except "mse"/"unit".
+    loss: str = "mse"  # "mse": unit output error; "fisher": BRECQ's (|dKL/dy|+1)^2-weighted error; "pd": PD-Quant's
+    pd_reg: float = 0.1  # "pd": weight of the unit-output error added to the prediction-difference KL
+    pd_temp: float = 4.0  # "pd": softmax temperature of the KL
+    scope: str = "unit"  # "unit": every unit of the partition in turn; "network": one unit, the whole network
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise UsageError(f"unknown reconstruction loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.scope not in ("unit", "network"):
+            raise UsageError(f"unknown stage scope {self.scope!r}; choose 'unit' or 'network'")
+
+
+LOSSES = ("mse", "fisher", "pd")
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,14 @@ class Algorithm:
     units: str  # "block" or "layer"
     stages: tuple = field(default_factory=tuple)
 
+
+_QDROP = Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5)
+# Network-wise refinement after the block-wise stage (NWQ / AE-QDrop style): one unit, the whole network,
+# its rounding re-opened at the block-wise decisions and its step sizes learned against the FP model's
+# predictions (KL at temperature pd_temp plus pd_reg x the logits' squared error), for a quarter of the
+# per-unit iterations: one network iteration costs about as much as one iteration of every unit.
+NETWORK_REFINE = Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=1.0,
+                       scope="network", loss="pd", iters_scale=0.25, warmup=0.0, b_start=4.0)
 
 ALGORITHMS = {
     "adaround": Algorithm("adaround", "layer", (Stage(learn_weights=True, learn_acts=False, act_quant=True),)),
@@ -66,9 +93,7 @@ ALGORITHMS = {
             Stage(learn_weights=False, learn_acts=True, act_quant=True, iters_scale=0.25, act_lr=4e-4),
         ),
     ),
-    "qdrop": Algorithm(
-        "qdrop", "block", (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5),)
-    ),
+    "qdrop": Algorithm("qdrop", "block", (_QDROP,)),
 }
 # Every algorithm name a vision model takes: observers only, then the reconstruction algorithms.
 # (Transformers take qdrop.nlp.NLP_ALGOS.) The one list the CLI, the pipeline and the benchmarks read.
@@ -82,6 +107,10 @@ CANDIDATES = {
         "block",
         (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5, lr_iters=8000),),
     ),
+    # The published improvements on QDrop, each alone (issue #13's ablation; docs/algorithms/beyond.md).
+    "qdrop-fisher": Algorithm("qdrop-fisher", "block", (replace(_QDROP, loss="fisher"),)),
+    "qdrop-pd": Algorithm("qdrop-pd", "block", (replace(_QDROP, loss="pd"),)),
+    "qdrop-net": Algorithm("qdrop-net", "block", (_QDROP, NETWORK_REFINE)),
 }
 
 
@@ -98,6 +127,11 @@ class ReconConfig:
     compile: bool = False
     cuda_graph: bool = False  # replay each iteration as a CUDA graph (CUDA only; see engine._CudaGraphStep)
     max_cache_bytes: int | None = None  # cap on the cached unit inputs/outputs
+
+
+# What the API (QuantizeJob) and `qdrop bench` sweeps take besides: the candidates, for their ablations.
+# The CLI's --algo offers VISION_ALGOS only.
+RESEARCH_ALGOS = VISION_ALGOS + tuple(CANDIDATES)
 
 
 def get_algorithm(name: str, **overrides) -> Algorithm:

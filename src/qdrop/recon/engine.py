@@ -37,7 +37,7 @@ from .. import distributed as qdist
 from ..errors import DataError, ReconstructionError, UsageError
 from ..io import atomic_torch_save, load_torch_file
 from ..graph.units import Unit, block_units, layer_units, subgraph
-from ..quant.state import quant_mode, quantizers  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
+from ..quant.state import quant_mode, quantizers, switched  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
 from ..quant.layers import QuantLayer
 from ..quant.quantizer import bernoulli_mask
 from .configs import Algorithm, ReconConfig, Stage, get_algorithm
@@ -133,6 +133,17 @@ class GraphPartition:
     def layer_fn(self, k: int, lu: Unit):
         return subgraph(self.gm, lu.nodes, lu.input, [lu.output])
 
+    def tail_fn(self, k: int):
+        """Block k's output to the model's output: the blocks after k (None after the last). Objectives
+        that look at the prediction (Stage.loss "fisher", "pd") run it with its quantizers off."""
+        if k == len(self.blocks) - 1:
+            return None
+        nodes = [n for b in self.blocks[k + 1 :] for n in b.nodes]
+        return subgraph(self.gm, nodes, self.blocks[k].output, [self.blocks[-1].output])
+
+    def network(self) -> "NetworkPartition":
+        return NetworkPartition(self)
+
     def layer_io(self, k: int, lu: Unit, xs: list, extras: list, device, cache, with_output: bool, run_groups):
         """The layer's inputs (and FP outputs) inside block k, from the block's inputs xs, in
         tensors allocated by cache."""
@@ -142,6 +153,33 @@ class GraphPartition:
         ins, outs = zip(*run_groups(subgraph(self.gm, b.nodes, b.input, [lu.input, lu.output]), xs, extras, device,
                                     cache=cache))
         return list(ins), list(outs)
+
+
+class NetworkPartition:
+    """The whole network as one unit (Stage.scope "network"): every quantized layer and activation
+    quantizer, from the model input to its output, over the same calibration inputs."""
+
+    feature_dim = 1
+
+    def __init__(self, part: GraphPartition):
+        self.part = part
+        bs = part.blocks
+        nodes = [n for b in bs for n in b.nodes]
+        self.blocks = [Unit("network", "network", nodes, bs[0].input, bs[-1].output,
+                            [t for b in bs for t in b.layers], [t for b in bs for t in b.act_quants])]
+
+    def extras(self, k: int) -> list:
+        return [((), {})]
+
+    def block_fn(self, k: int):
+        u = self.blocks[0]
+        return subgraph(self.part.gm, u.nodes, u.input, [u.output])
+
+    def tail_fn(self, k: int):
+        return None
+
+    def layer_units(self, k: int) -> list:
+        raise UsageError("a network-scope stage is one unit; it cannot be split into layer units")
 
 
 def _unit_seed(seed: int, stage: int, unit: int, sub: int = 0) -> int:
@@ -409,8 +447,16 @@ def reconstruct(
     if fp_model is not None:
         _check_fp(qmodel, fp_model, calib_data[: min(8, len(calib_data))], device)
 
+    beyond = [s for s in algorithm.stages if s.loss != "mse" or s.scope != "unit"]
+    if beyond and not hasattr(part, "tail_fn"):
+        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages cover the torch.fx path "
+                         "(CNNs); reconstruct transformers with the unit-output error")
+    if beyond and (world > 1 or algorithm.units != "block"):
+        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages need block units "
+                         "in one process (not layer units, not torchrun)")
+    stage_parts = [part if s.scope == "unit" else part.network() for s in algorithm.stages]
     blocks = part.blocks
-    total_units = len(blocks) * len(algorithm.stages)
+    total_units = sum(len(sp.blocks) for sp in stage_parts)
     # the stages too: a resumed run must be the same configuration, not just the same name
     meta = dict(algo=algorithm.name, iters=iters, batch_size=batch_size, lam=lam, seed=seed, units=[u.name for u in blocks],
                 n_calib=n_calib, stages=[asdict(s) for s in algorithm.stages])
@@ -436,26 +482,32 @@ def reconstruct(
     cache = _Cache(device, max_cache_bytes, rows=rows, scale=rows / n_rank, dir=os.path.dirname(os.path.abspath(state_path))
                    if state_path else None, batch=max(qdist.shard_sizes(batch_size, world)) if world > 1 else batch_size)
     per_block = [len(part.layer_units(k)) if algorithm.units == "layer" else 1 for k in range(len(blocks))]
-    bar = tqdm(total=sum(max(1, int(round(iters * s.iters_scale))) for s in algorithm.stages) * sum(per_block),
+    bar = tqdm(total=sum(max(1, int(round(iters * s.iters_scale))) * (sum(per_block) if s.scope == "unit" else 1)
+                         for s in algorithm.stages),
                disable=not progress or rank != 0,
                desc=f"{algorithm.name}", unit="it", dynamic_ncols=True)
     bar.update(sum(r["iters"] for r in report["unit_reports"]) if done >= 0 else 0)
     cache_bytes = in_memory = 0  # the most bytes of cached unit inputs/outputs held at once: anywhere, not on disk
     try:  # the bar is closed on errors too, so that an error message starts on its own line
         step = 0
-        for s_idx, stage in enumerate(algorithm.stages):
+        logits_fp = None  # the FP model's outputs over the calibration set, for objectives on the prediction
+        for s_idx, (stage, sp) in enumerate(zip(algorithm.stages, stage_parts)):
             stage_iters = max(1, int(round(iters * stage.iters_scale)))
+            if stage.loss != "mse" and logits_fp is None:
+                with quant_mode(qmodel, weights=False, acts=False):
+                    logits_fp = run_groups(part.network().block_fn(0), xs0, part.extras(0), device)
             x_fp = cache.put(xs0)
             x_q = x_fp
-            for k, block in enumerate(blocks):
-                fn = part.block_fn(k)
-                extras = part.extras(k)
+            for k, block in enumerate(sp.blocks):
+                fn = sp.block_fn(k)
+                extras = sp.extras(k)
                 if step <= done:  # finished before a restart: only move the caches along
                     with quant_mode(qmodel, weights=False, acts=False):
                         y_fp = run_groups(fn, x_fp, extras, device, cache=cache)
                 else:
-                    y_fp = _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
-                                              stage_iters, cfg, lam, device, bar, report, total_units, step, cache)
+                    y_fp = _reconstruct_block(qmodel, sp, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
+                                              stage_iters, cfg, lam, device, bar, report, total_units, step, cache,
+                                              logits_fp)
                     if state_path and rank == 0:
                         atomic_torch_save(dict(meta=meta, done=step, state_dict=qmodel.state_dict(),
                                           unit_reports=report["unit_reports"]), state_path)
@@ -509,7 +561,7 @@ def _check_fp(qmodel, fp_model, x, device):
 
 
 def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm: Algorithm, stage: Stage, s_idx,
-                       stage_iters, cfg: ReconConfig, lam, device, bar, report, total_units, step, cache):
+                       stage_iters, cfg: ReconConfig, lam, device, bar, report, total_units, step, cache, logits_fp=None):
     """Reconstruct one block (as a block unit, or layer by layer); returns its FP output."""
     block = part.blocks[k]
     with quant_mode(qmodel, weights=False, acts=False):
@@ -517,9 +569,19 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
     label = f"{step + 1}/{total_units} {block.name}"
     fdim = part.feature_dim
     if algorithm.units == "block":
-        with quant_mode(qmodel, weights=True, acts=stage.act_quant):
+        tail = part.tail_fn(k) if stage.loss != "mse" else None
+        # with a tail, only this block's quantizers quantize: the tail is the FP rest of the network
+        in_block = set(block.act_quants)
+        mode = (quant_mode(qmodel, weights=True, acts=stage.act_quant) if tail is None else switched(
+            qmodel, lambda n, q: (n in in_block or any(n.startswith(t + ".") for t in block.layers))
+            and (q.role == "weight" or stage.act_quant)))
+        with mode:
+            aux = logits_fp
+            if stage.loss == "fisher":
+                aux = _fisher_weights(fn, tail, x_q, logits_fp, extras, device, cache, cfg.batch_size)
             r = _optimize(qmodel, block, fn, x_q, x_fp, y_fp, stage, stage_iters, cfg, lam, device,
-                          _unit_seed(cfg.seed, s_idx, k), bar, label, extras=extras, masks=masks, feature_dim=fdim)
+                          _unit_seed(cfg.seed, s_idx, k), bar, label, extras=extras, masks=masks, feature_dim=fdim,
+                          aux=aux, tail=tail)
         report["unit_reports"].append(r)
         return y_fp
     for j, lu in enumerate(part.layer_units(k)):
@@ -535,8 +597,29 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
     return y_fp
 
 
+def _fisher_weights(fn, tail, x_q, logits_fp, extras, device, cache, batch_size: int) -> list:
+    """BRECQ's Fisher weights of a unit's output: |dKL/dy| + 1 per element, y the unit's output on its
+    quantized input (the unit quantized as it is before learning, the rest of the network FP), KL that
+    of the FP model's prediction to the prediction from y, averaged over batches of batch_size as in the
+    official code. The squared weights multiply the output error (Li et al. 2021, eq. 10)."""
+    def weights(x, target):
+        with torch.no_grad():
+            y = fn(x)
+        y.requires_grad_(True)
+        with torch.enable_grad():
+            logits = y if tail is None else tail(y)
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits, 1), torch.log_softmax(target.float(), 1),
+                                            reduction="sum", log_target=True) / batch_size
+            (grad,) = torch.autograd.grad(kl, y)
+        return grad.abs() + 1
+
+    return [run_chunks(lambda x, target: weights(x, target), x, device, args=(t,),
+                       alloc=functools.partial(cache.empty, share=x.numel() / sum(v.numel() for v in x_q)))
+            for x, t in zip(x_q, logits_fp)]
+
+
 def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg: ReconConfig, lam, device, seed, bar, label,
-              extras=None, masks=None, feature_dim: int = 1):
+              extras=None, masks=None, feature_dim: int = 1, aux=None, tail=None):
     """Learn one unit. x_q / x_fp / y_fp: its quantized input, FP input and FP output over the
     calibration set, as one tensor or as groups (lists of tensors; a step samples its batch from
     one group, chosen in proportion to size). extras: per group, the unit's other arguments;
@@ -613,12 +696,23 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
             xb = torch.lerp(xf, xb, bernoulli_mask(xb, stage.input_mix))
         yb = y_fp[g][idx].to(device, non_blocking=True).float()
         a, kw = rows_of(extras[g], sizes[g], idx)
-        err = (run(xb, *a, **kw) - yb).pow(2).sum(feature_dim)
+        out = run(xb, *a, **kw)
+        diff = out - yb
+        if stage.loss == "fisher":  # BRECQ: the error weighted by the squared Fisher weights
+            diff = diff * aux[g][idx].to(device, non_blocking=True).float()
+        err = diff.pow(2).sum(feature_dim)
         if masks[g] is None:
             rec = err.mean()
         else:  # padding positions do not count
             m = masks[g][idx].to(device, err.dtype)
             rec = (err * m).sum() / m.sum().clamp(min=1)
+        if stage.loss == "pd":  # PD-Quant: the prediction's KL through the FP rest, plus pd_reg x the unit error
+            logits = out if tail is None else tail(out)
+            target = aux[g][idx].to(device, non_blocking=True).float()
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits / stage.pd_temp, 1),
+                                            torch.log_softmax(target / stage.pd_temp, 1),
+                                            reduction="batchmean", log_target=True)
+            rec = kl + stage.pd_reg * rec
         loss = rec
         if w_params and not hard and (on_device or t >= warm):  # the rounding loss from `warm` on,
             progress = (t - warm) / max(1, soft_end - warm)      # its beta annealed from b_start to b_end

@@ -1,0 +1,143 @@
+"""The published improvements on QDrop as engine options (issue #13): the Fisher-weighted and
+prediction-difference objectives, and the network-wise refinement stage."""
+import pytest
+import torch
+
+from qdrop.graph import quantizers
+from qdrop.quant.layers import QuantLayer
+from qdrop.recon import quant_mode, reconstruct
+from qdrop.recon import engine
+from qdrop.recon.configs import CANDIDATES, Stage, get_algorithm
+from qdrop.errors import UsageError
+
+from test_recon import int_state, output_error, small_setup
+
+
+def test_each_tail_completes_the_fp_model():
+    """tail_fn(k) after blocks 0..k is the model: what the prediction-based objectives look through."""
+    model, qmodel, x = small_setup()
+    part = engine.GraphPartition(qmodel)
+    with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
+        want = model(x[:8])
+        y = x[:8]
+        for k in range(len(part.blocks)):
+            y = part.block_fn(k)(y)
+            tail = part.tail_fn(k)
+            got = y if tail is None else tail(y)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        whole = part.network()
+        torch.testing.assert_close(whole.block_fn(0)(x[:8]), want, rtol=1e-4, atol=1e-4)
+    assert set(whole.blocks[0].layers) == {n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+
+
+@pytest.mark.parametrize("algo", ["qdrop-fisher", "qdrop-pd", "qdrop-net"])
+def test_components_reduce_the_error_and_end_with_fixed_rounding(algo):
+    model, qmodel, x = small_setup()
+    before = output_error(qmodel, model, x)
+    report = reconstruct(qmodel, model, x, algo=algo, iters=100, batch_size=16, progress=False)
+    assert output_error(qmodel, model, x) < 0.8 * before
+    units = [r["unit"] for r in report["unit_reports"]]
+    assert (units[-1] == "network") == (algo == "qdrop-net")
+    assert all(m.weight_quant.alpha is None and m.weight_quant.round_up is not None
+               for m in qmodel.modules() if isinstance(m, QuantLayer))
+    assert all(q.prob == 1.0 and q.state == "quant" for _, q in quantizers(qmodel))
+
+
+def test_prediction_objectives_quantize_only_the_unit_and_run_the_rest_fp(monkeypatch):
+    """While block k learns against the prediction, its own quantizers quantize, the rest are off."""
+    seen = []
+    real = engine._optimize
+
+    def spy(qmodel, unit, *args, **kwargs):
+        own = set(unit.act_quants) | {n for n, _ in quantizers(qmodel) if any(n.startswith(t + ".") for t in unit.layers)}
+        states = {n: q.state for n, q in quantizers(qmodel) if q.calibrated}
+        seen.append((unit.name, {states[n] for n in states if n in own}, {states[n] for n in states if n not in own},
+                     kwargs.get("tail") is not None))
+        return real(qmodel, unit, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_optimize", spy)
+    _, qmodel, x = small_setup()
+    reconstruct(qmodel, None, x, algo="qdrop-pd", iters=5, batch_size=16, progress=False)
+    assert all(own == {"quant"} for _, own, _, _ in seen)
+    for name, _, rest, has_tail in seen[:-1]:  # every unit but the last looks through the FP rest
+        assert has_tail and rest == {"off"}, name
+    assert not seen[-1][3]
+
+
+def test_fisher_weights_are_the_kl_gradient_plus_one():
+    model, qmodel, x = small_setup()
+    part = engine.GraphPartition(qmodel)
+    cache = engine._Cache(torch.device("cpu"), None)
+    with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
+        logits = model(x)
+        y1 = part.block_fn(0)(x)
+    with quant_mode(qmodel, weights=True, acts=True):
+        (w,) = engine._fisher_weights(part.block_fn(1), part.tail_fn(1), [y1], [logits], [((), {})], "cpu", cache, 16)
+        y = part.block_fn(1)(y1[:4]).detach().requires_grad_(True)
+        with torch.enable_grad():
+            kl = torch.nn.functional.kl_div(torch.log_softmax(part.tail_fn(1)(y), 1), torch.softmax(logits[:4], 1),
+                                            reduction="sum") / 16
+            (g,) = torch.autograd.grad(kl, y)
+    assert w.shape == y1.shape[:1] + y.shape[1:] and (w >= 1).all()
+    torch.testing.assert_close(w[:4], g.abs() + 1, rtol=1e-4, atol=1e-6)
+
+
+def test_reopened_rounding_starts_at_the_kept_decisions():
+    _, qmodel, x = small_setup()
+    reconstruct(qmodel, None, x, algo="qdrop", iters=20, batch_size=16, progress=False)
+    layer = next(m for m in qmodel.modules() if isinstance(m, QuantLayer))
+    wq, w = layer.weight_quant, layer.layer.weight
+    kept, decisions = wq(w).detach(), wq.round_up.clone()
+    wq.init_adaround(w)
+    h = wq.rounding().detach()
+    assert torch.allclose(h, 0.01 + 0.98 * decisions.float(), atol=1e-4)
+    s = wq.scale.reshape(-1, *[1] * (w.dim() - 1))
+    assert ((wq(w) - kept).abs() <= 0.011 * s).all()
+    wq.round_loss(2.0).backward()
+    assert wq.alpha.grad.abs().min() > 0  # off the clamp: every V can move
+
+
+def test_killed_network_refinement_resumes_to_the_same_model(tmp_path):
+    _, ref, x = small_setup()
+    reconstruct(ref, None, x, algo="qdrop-net", iters=20, batch_size=16, seed=3, progress=False)
+    state = tmp_path / "state.pt"
+    _, qmodel, x = small_setup()
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, name):
+        if name == "fc":  # the last block-wise unit: the network stage is next
+            raise Killed
+
+    with pytest.raises(Killed):
+        reconstruct(qmodel, None, x, algo="qdrop-net", iters=20, batch_size=16, seed=3, progress=False,
+                    state_path=str(state), on_unit_done=kill)
+    _, resumed, x = small_setup()
+    done = []
+    reconstruct(resumed, None, x, algo="qdrop-net", iters=20, batch_size=16, seed=3, progress=False,
+                state_path=str(state), on_unit_done=lambda step, name: done.append(name))
+    assert done == ["network"]
+    a, b = int_state(ref), int_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(UsageError, match="loss"):
+        Stage(loss="l1")
+    with pytest.raises(UsageError, match="scope"):
+        Stage(scope="layer")
+    _, qmodel, x = small_setup()
+    layer_fisher = get_algorithm("adaround", loss="fisher")
+    with pytest.raises(UsageError, match="block units"):
+        reconstruct(qmodel, None, x, algo=layer_fisher, iters=5, batch_size=16, progress=False)
+
+
+def test_candidates_are_qdrop_plus_one_component():
+    from dataclasses import replace
+
+    qdrop = get_algorithm("qdrop").stages[0]
+    assert CANDIDATES["qdrop-fisher"].stages == (replace(qdrop, loss="fisher"),)
+    assert CANDIDATES["qdrop-pd"].stages == (replace(qdrop, loss="pd"),)
+    first, refine = CANDIDATES["qdrop-net"].stages
+    assert first == qdrop and refine.scope == "network"
