@@ -472,7 +472,8 @@ def fake_record(model, bits, algo, seed, quant, fp, iters=100, status="ok"):
     config = dict(model=model, bits=bits, algo=algo, seed=seed, iters=0 if algo == "naive" else iters, calib=1024,
                   backend="academic", eval_limit=None, lam=None, data="x")
     rec = dict(schema=1, run_id=f"{model}-{bits}-{algo}-{seed}-{iters}", kind="vision", status=status, config=config,
-               wall_seconds=10.0, seconds=dict(calibrate=1.0, evaluate=2.0), peak_memory=dict(rss_bytes=2**30),
+               wall_seconds=10.0, seconds=dict(calibrate=1.0, evaluate=2.0, **({} if algo == "naive" else dict(reconstruct=iters / 10))),
+               peak_memory=dict(rss_bytes=2**30),
                metrics=dict(metric="top1", fp=fp, quant=quant, ms_per_iter=None),
                units=None if algo == "naive" else [dict(unit="u0", kind="block", iters=iters, final_loss=0.5,
                                                         curve=[[50, 1.0], [100, 0.5]])])
@@ -511,6 +512,8 @@ def test_report_mean_std_paper_layout(tmp_path):
     if HAVE_MPL:
         assert (tmp_path / "accuracy_vs_bits_1.png").stat().st_size > 1000
         assert (tmp_path / "loss_m1_w4a4_1.png").exists() and (tmp_path / "loss_m1_w4a4_2.png").exists()
+        # m1 W4A4 qdrop at two budgets: accuracy against the time they took
+        assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 1000 and "accuracy_vs_time.png" in md
     cost = md.split("## Cost per run")[1]
     assert "iters=100:" in cost and "iters=999:" in cost
     assert "Deployed accuracy" not in md  # no run asked for deployment

@@ -337,6 +337,54 @@ def _plot_size(records: list[dict], out_dir: Path) -> list[str]:
     return ["accuracy_vs_size.png"]
 
 
+def _recon_seconds(r: dict):
+    return (r.get("seconds") or {}).get("reconstruct")
+
+
+def _plot_time(records: list[dict], out_dir: Path) -> list[str]:
+    """Accuracy vs reconstruction wall time: a panel per (model, bits), a line per algorithm through its
+    iteration budgets (mean over seeds, ± std both ways). Drawn when some panel compares at least two
+    (algorithm, iterations) settings: what a better algorithm must show is accuracy for the time spent."""
+    rs = [r for r in records if isinstance(_recon_seconds(r), (int, float)) and _value(r["metrics"]) is not None]
+    panels: dict = {}
+    for r in rs:
+        c = r["config"]
+        panels.setdefault((c["model"], c["bits"]), {}).setdefault(c["algo"], {}).setdefault(c.get("iters"), []).append(r)
+    panels = {k: v for k, v in panels.items() if sum(len(by_iters) for by_iters in v.values()) >= 2}
+    if not panels:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, ((model, bits), algos) in zip(axes.flat, sorted(panels.items())):
+        for a in _order(algos, ALGO_ORDER):
+            pts = []
+            for it, runs in sorted(algos[a].items(), key=lambda kv: kv[0] or 0):
+                t_mean, t_std = _mean_std([_recon_seconds(r) for r in runs])
+                v_mean, v_std = _mean_std([_value(r["metrics"]) for r in runs])
+                pts.append((t_mean / 60, v_mean, (t_std or 0) / 60, v_std or 0, it))
+            xs, ys, xe, ye, its = zip(*pts)
+            ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=a)
+            for x, y, it in zip(xs, ys, its):
+                ax.annotate(f"{it}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"{model} {bits.upper()}", fontsize=9)
+        ax.set_xlabel("reconstruction wall time (min)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("top-1 (labels: iterations per unit)")
+    fig.tight_layout()
+    save_figure(fig, out_dir / "accuracy_vs_time.png", dpi=110)
+    plt.close(fig)
+    return ["accuracy_vs_time.png"]
+
+
 def _plot_losses(records: list[dict], out_dir: Path, suffix: str = "") -> list[str]:
     """Per (model, bits): each algorithm's per-unit loss curves (lowest seed) and final loss per unit."""
     import matplotlib
@@ -455,6 +503,9 @@ def render_report(results_dir: str | Path, out: str | Path | None = None, plots:
             md.append("")
         for f in _plot_size(ok, out_dir):
             md.append(f"![accuracy vs weight size: uniform and mixed precision]({f})")
+            md.append("")
+        for f in _plot_time(ok, out_dir):
+            md.append(f"![accuracy vs reconstruction wall time]({f})")
             md.append("")
         for gi, (setting, records) in enumerate(groups):
             for f in _plot_losses(records, out_dir, suffix="" if len(groups) == 1 else f"_{gi + 1}"):
