@@ -141,3 +141,25 @@ def test_candidates_are_qdrop_plus_one_component():
     assert CANDIDATES["qdrop-pd"].stages == (replace(qdrop, loss="pd"),)
     first, refine = CANDIDATES["qdrop-net"].stages
     assert first == qdrop and refine.scope == "network"
+
+
+def test_mrecg_merges_the_adjacent_blocks_of_largest_capacity_drop():
+    model, qmodel, x = small_setup()
+    part = engine.GraphPartition(qmodel)
+    caps = [sum(qmodel.get_submodule(t).layer.weight.numel() * qmodel.get_submodule(t).weight_quant.scheme.bits
+                for t in u.layers) for u in part.blocks]
+    drops = [(caps[k] - caps[k + 1], k) for k in range(len(caps) - 1) if caps[k] > caps[k + 1]]
+    assert drops  # (SmallResNet: the last block holds more bits than the classifier)
+    k = max(drops)[1]
+    merged = part.merged(1)
+    names = [u.name for u in merged.blocks]
+    assert len(names) == len(part.blocks) - 1 and f"{part.blocks[k].name}+{part.blocks[k + 1].name}" in names
+    assert part.merged(0).blocks == part.blocks
+    # the chain still computes the model
+    with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
+        y = x[:4]
+        for j in range(len(merged.blocks)):
+            y = merged.block_fn(j)(y)
+        torch.testing.assert_close(y, model(x[:4]), rtol=1e-4, atol=1e-4)
+    report = reconstruct(qmodel, None, x, algo="qdrop-mrecg", iters=10, batch_size=16, progress=False)
+    assert [r["unit"] for r in report["unit_reports"]] == [u.name for u in part.merged(2).blocks]

@@ -24,11 +24,12 @@ qdrop-plus
           0, 1), qdrop-plus 78.25 / 77.96 / 78.38. See docs/algorithms/qdrop-plus.md.
           At 2,000 it/unit (seed 0) it wins only at W2A2 (69.50 vs 66.74) and loses elsewhere (W2A4 77.37,
           W3A3 77.31, W4A4 79.90 vs qdrop 77.92 / 78.66 / 80.13): hence a candidate.
-qdrop-fisher, qdrop-pd, qdrop-net
+qdrop-fisher, qdrop-pd, qdrop-net, qdrop-mrecg
           qdrop plus one published improvement each (issue #13's ablation, docs/algorithms/beyond.md):
           BRECQ's Fisher-weighted output error (Stage.loss="fisher"); PD-Quant's prediction-difference
           objective through the FP rest of the network (loss="pd"); a network-wise refinement stage after
-          the block-wise one (Stage.scope="network"). Candidates until they beat qdrop.
+          the block-wise one (Stage.scope="network"); MRECG-style merging of the blocks of largest capacity
+          drop (Algorithm.merge). Candidates until they beat qdrop.
 """
 from __future__ import annotations
 
@@ -73,6 +74,10 @@ class Algorithm:
     name: str
     units: str  # "block" or "layer"
     stages: tuple = field(default_factory=tuple)
+    # MRECG-style mixed granularity (docs/algorithms/beyond.md): the `merge` adjacent block pairs with the
+    # largest capacity drop (weight bits held, sum of parameters x bits, falling from one unit to the next)
+    # are reconstructed as one unit. 0: the partition's units as they are.
+    merge: int = 0
 
 
 _QDROP = Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5)
@@ -111,6 +116,7 @@ CANDIDATES = {
     "qdrop-fisher": Algorithm("qdrop-fisher", "block", (replace(_QDROP, loss="fisher"),)),
     "qdrop-pd": Algorithm("qdrop-pd", "block", (replace(_QDROP, loss="pd"),)),
     "qdrop-net": Algorithm("qdrop-net", "block", (_QDROP, NETWORK_REFINE)),
+    "qdrop-mrecg": Algorithm("qdrop-mrecg", "block", (_QDROP,), merge=2),
 }
 
 

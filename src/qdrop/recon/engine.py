@@ -109,9 +109,37 @@ class GraphPartition:
 
     feature_dim = 1
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, blocks: list | None = None):
         self.gm = gm
-        self.blocks = block_units(gm)
+        self.blocks = block_units(gm) if blocks is None else blocks
+
+    def merged(self, n_pairs: int) -> "GraphPartition":
+        """The same chain with the n_pairs adjacent blocks of largest capacity drop reconstructed as one
+        unit each (MRECG's mixed granularity, with a data-free capacity: the bits held by the unit's
+        weights, sum of parameters x weight bits). A drop is capacity(k) - capacity(k+1) > 0: a small unit
+        after a large one cannot absorb the error the large one leaves. Pairs that would overlap an
+        already chosen pair are skipped; fewer than n_pairs drops: those there are."""
+        def capacity(u: Unit) -> int:
+            return sum(m.layer.weight.numel() * m.weight_quant.scheme.bits
+                       for m in (self.gm.get_submodule(t) for t in u.layers))
+
+        caps = [capacity(u) for u in self.blocks]
+        drops = sorted((caps[k] - caps[k + 1], k) for k in range(len(caps) - 1) if caps[k] > caps[k + 1])
+        starts: list[int] = []
+        for _, k in reversed(drops):
+            if len(starts) < n_pairs and all(abs(k - j) > 1 for j in starts):
+                starts.append(k)
+        blocks, k = [], 0
+        while k < len(self.blocks):
+            if k in starts:
+                a, b = self.blocks[k], self.blocks[k + 1]
+                blocks.append(Unit(f"{a.name}+{b.name}", "block", a.nodes + b.nodes, a.input, b.output,
+                                   a.layers + b.layers, a.act_quants + b.act_quants))
+                k += 2
+            else:
+                blocks.append(self.blocks[k])
+                k += 1
+        return GraphPartition(self.gm, blocks)
 
     def start(self, calib: torch.Tensor, device):
         if not isinstance(calib, torch.Tensor):
@@ -429,6 +457,11 @@ def reconstruct(
         raise UsageError(f"cuda_graph replays CUDA graphs and needs a CUDA device, not {device}; drop it (--cuda-graph) on CPU")
     qmodel.to(device).eval()
     part = GraphPartition(qmodel) if partition is None else partition
+    if algorithm.merge:
+        if not hasattr(part, "merged") or algorithm.units != "block":
+            raise UsageError(f"{algorithm.name}: merging units (merge={algorithm.merge}) covers block units of the "
+                             "torch.fx path")
+        part = part.merged(algorithm.merge)
     world, rank = qdist.world_size(), qdist.rank()
     if world > 1 and not isinstance(part, GraphPartition):
         raise ReconstructionError("data-parallel reconstruction (torchrun) covers the torch.fx path only; "
