@@ -338,6 +338,11 @@ def _plot_size(records: list[dict], out_dir: Path) -> list[str]:
 
 
 def _recon_seconds(r: dict):
+    """Reconstruction time of a run: the sum of its units' times, which a resumed run keeps from before the
+    kill (its `seconds.reconstruct` is this process's part only), else the process's."""
+    units = r.get("units") or []
+    if units and all(isinstance(u.get("seconds"), (int, float)) for u in units):
+        return sum(u["seconds"] for u in units)
     return (r.get("seconds") or {}).get("reconstruct")
 
 
@@ -378,7 +383,8 @@ def _plot_time(records: list[dict], out_dir: Path) -> list[str]:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("top-1 (labels: iterations per unit)")
+    metric = next((r["metrics"].get("metric") for r in rs if r["metrics"].get("metric")), "score")
+    axes[0][0].set_ylabel(f"{metric} (labels: iterations per unit)")
     fig.tight_layout()
     save_figure(fig, out_dir / "accuracy_vs_time.png", dpi=110)
     plt.close(fig)

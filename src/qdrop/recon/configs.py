@@ -64,6 +64,8 @@ class Stage:
             raise UsageError(f"unknown reconstruction loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.scope not in ("unit", "network"):
             raise UsageError(f"unknown stage scope {self.scope!r}; choose 'unit' or 'network'")
+        if not self.pd_temp > 0 or not self.pd_reg >= 0:
+            raise UsageError(f"pd_temp must be > 0 and pd_reg >= 0, got {self.pd_temp!r} and {self.pd_reg!r}")
 
 
 LOSSES = ("mse", "fisher", "pd")
@@ -78,6 +80,10 @@ class Algorithm:
     # largest capacity drop (weight bits held, sum of parameters x bits, falling from one unit to the next)
     # are reconstructed as one unit. 0: the partition's units as they are.
     merge: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.merge, int) or self.merge < 0:
+            raise UsageError(f"merge must be a non-negative integer (pairs of units), got {self.merge!r}")
 
 
 _QDROP = Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5)

@@ -346,11 +346,13 @@ class _Cache:
                  scale: float = 1.0):
         self.device, self.max_bytes, self.rows, self.batch, self.dir, self.scale = device, max_bytes, rows, batch, dir, scale
         self.half_device = torch.device("cpu") if device.type in ("cuda", "cpu") else device
+        self.copies = 3  # cached tensors held at once (x_q, x_fp, y_fp; a Fisher stage adds its weights: 4)
         self.used: set[str] = set()  # tiers that held a tensor: report["cache"] names the slowest
         self._files = weakref.WeakSet()  # the live DiskTensors, closed by close()
 
-    def tier(self, numel: int, copies: int = 3) -> str:
-        """The tier of a tensor of `numel` elements (one of `copies` held at once)."""
+    def tier(self, numel: int, copies: int | None = None) -> str:
+        """The tier of a tensor of `numel` elements (one of `copies` held at once; default self.copies)."""
+        copies = copies or self.copies
         numel = math.ceil(numel * self.scale)
         if self.max_bytes is None or copies * numel * 4 <= self.max_bytes:
             return f"{self.device.type}-fp32"
@@ -457,12 +459,19 @@ def reconstruct(
         raise UsageError(f"cuda_graph replays CUDA graphs and needs a CUDA device, not {device}; drop it (--cuda-graph) on CPU")
     qmodel.to(device).eval()
     part = GraphPartition(qmodel) if partition is None else partition
+    world, rank = qdist.world_size(), qdist.rank()
+    beyond = [s for s in algorithm.stages if s.loss != "mse" or s.scope != "unit"]
+    if beyond and not hasattr(part, "tail_fn"):
+        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages cover the torch.fx path "
+                         "(CNNs); reconstruct transformers with the unit-output error")
+    if beyond and (world > 1 or algorithm.units != "block"):
+        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages need block units "
+                         "in one process (not layer units, not torchrun)")
     if algorithm.merge:
         if not hasattr(part, "merged") or algorithm.units != "block":
             raise UsageError(f"{algorithm.name}: merging units (merge={algorithm.merge}) covers block units of the "
                              "torch.fx path")
         part = part.merged(algorithm.merge)
-    world, rank = qdist.world_size(), qdist.rank()
     if world > 1 and not isinstance(part, GraphPartition):
         raise ReconstructionError("data-parallel reconstruction (torchrun) covers the torch.fx path only; "
                                   "reconstruct transformers in one process")
@@ -480,19 +489,14 @@ def reconstruct(
     if fp_model is not None:
         _check_fp(qmodel, fp_model, calib_data[: min(8, len(calib_data))], device)
 
-    beyond = [s for s in algorithm.stages if s.loss != "mse" or s.scope != "unit"]
-    if beyond and not hasattr(part, "tail_fn"):
-        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages cover the torch.fx path "
-                         "(CNNs); reconstruct transformers with the unit-output error")
-    if beyond and (world > 1 or algorithm.units != "block"):
-        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages need block units "
-                         "in one process (not layer units, not torchrun)")
     stage_parts = [part if s.scope == "unit" else part.network() for s in algorithm.stages]
     blocks = part.blocks
     total_units = sum(len(sp.blocks) for sp in stage_parts)
     # the stages too: a resumed run must be the same configuration, not just the same name
     meta = dict(algo=algorithm.name, iters=iters, batch_size=batch_size, lam=lam, seed=seed, units=[u.name for u in blocks],
-                n_calib=n_calib, stages=[asdict(s) for s in algorithm.stages])
+                n_calib=n_calib, stages=[_stage_meta(s) for s in algorithm.stages])
+    if algorithm.merge:
+        meta["merge"] = algorithm.merge
     if world > 1:
         meta["world"] = world  # a resumed run must split the samples and batches the same way
     done = -1
@@ -526,34 +530,39 @@ def reconstruct(
         logits_fp = None  # the FP model's outputs over the calibration set, for objectives on the prediction
         for s_idx, (stage, sp) in enumerate(zip(algorithm.stages, stage_parts)):
             stage_iters = max(1, int(round(iters * stage.iters_scale)))
-            if stage.loss != "mse" and logits_fp is None:
+            if stage.loss != "mse" and logits_fp is None:  # (small: [samples, classes], on the device)
                 with quant_mode(qmodel, weights=False, acts=False):
-                    logits_fp = run_groups(part.network().block_fn(0), xs0, part.extras(0), device)
+                    logits_fp = [t.to(device) for t in run_groups(part.network().block_fn(0), xs0, part.extras(0), device)]
+            cache.copies = 4 if stage.loss == "fisher" else 3
             x_fp = cache.put(xs0)
             x_q = x_fp
             for k, block in enumerate(sp.blocks):
                 fn = sp.block_fn(k)
                 extras = sp.extras(k)
+                aux = []
                 if step <= done:  # finished before a restart: only move the caches along
                     with quant_mode(qmodel, weights=False, acts=False):
                         y_fp = run_groups(fn, x_fp, extras, device, cache=cache)
                 else:
-                    y_fp = _reconstruct_block(qmodel, sp, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
-                                              stage_iters, cfg, lam, device, bar, report, total_units, step, cache,
-                                              logits_fp)
+                    y_fp, aux = _reconstruct_block(qmodel, sp, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
+                                                   stage_iters, cfg, lam, device, bar, report, total_units, step, cache,
+                                                   logits_fp)
                     if state_path and rank == 0:
                         atomic_torch_save(dict(meta=meta, done=step, state_dict=qmodel.state_dict(),
                                           unit_reports=report["unit_reports"]), state_path)
                     if on_unit_done is not None:
                         on_unit_done(step, block.name)
-                cache_bytes, in_memory = _most((cache_bytes, in_memory), x_q, x_fp, y_fp)
+                cache_bytes, in_memory = _most((cache_bytes, in_memory), x_q, x_fp, y_fp, aux)
+                del aux
+                step += 1
+                if k == len(sp.blocks) - 1:  # the stage's last unit: its quantized output is not needed
+                    break
                 # the FP input goes before the next quantized input is made: three cached tensors at most
                 x_fp, x_q_in = y_fp, x_q
                 with quant_mode(qmodel, weights=True, acts=stage.act_quant):
                     x_q = run_groups(fn, x_q_in, extras, device, cache=cache)
                 cache_bytes, in_memory = _most((cache_bytes, in_memory), x_q_in, x_fp, x_q)
                 del x_q_in
-                step += 1
     finally:
         bar.close()
         cache.close()
@@ -571,6 +580,15 @@ def reconstruct(
         report["ranks"] = qdist.gather_objects(dict(rank=rank, n_calib=n_rank, cache_bytes=cache_bytes,
                                                     seconds=round(report["seconds"], 2), **qdist.peak_memory_mb(device)))
     return report
+
+
+# Stage fields added after state files were first written: recorded only when not at their defaults,
+# so that a run started before they existed resumes (its stages are the same configuration).
+_LATER_FIELDS = {"loss": "mse", "pd_reg": 0.1, "pd_temp": 4.0, "scope": "unit"}
+
+
+def _stage_meta(stage: Stage) -> dict:
+    return {k: v for k, v in asdict(stage).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
 
 def _nbytes(*groups) -> int:
@@ -603,11 +621,11 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
     fdim = part.feature_dim
     if algorithm.units == "block":
         tail = part.tail_fn(k) if stage.loss != "mse" else None
-        # with a tail, only this block's quantizers quantize: the tail is the FP rest of the network
-        in_block = set(block.act_quants)
+        # with a tail, the blocks after this one are off (the FP rest of the network); the others as usual
+        later = {t for b in part.blocks[k + 1 :] for t in b.act_quants}
+        prefixes = tuple(t + "." for b in part.blocks[k + 1 :] for t in b.layers)
         mode = (quant_mode(qmodel, weights=True, acts=stage.act_quant) if tail is None else switched(
-            qmodel, lambda n, q: (n in in_block or any(n.startswith(t + ".") for t in block.layers))
-            and (q.role == "weight" or stage.act_quant)))
+            qmodel, lambda n, q: (q.role == "weight" or stage.act_quant) and n not in later and not n.startswith(prefixes)))
         with mode:
             aux = logits_fp
             if stage.loss == "fisher":
@@ -616,7 +634,7 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
                           _unit_seed(cfg.seed, s_idx, k), bar, label, extras=extras, masks=masks, feature_dim=fdim,
                           aux=aux, tail=tail)
         report["unit_reports"].append(r)
-        return y_fp
+        return y_fp, (aux if stage.loss == "fisher" else [])
     for j, lu in enumerate(part.layer_units(k)):
         # the layer's inputs and FP output, computed inside the block from the cached block inputs
         with quant_mode(qmodel, weights=True, acts=stage.act_quant):
@@ -627,14 +645,18 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
             r = _optimize(qmodel, lu, part.layer_fn(k, lu), lx_q, lx_fp, ly_fp, stage, stage_iters, cfg, lam, device,
                           _unit_seed(cfg.seed, s_idx, k, j + 1), bar, f"{label} [{lu.name}]", masks=masks, feature_dim=fdim)
         report["unit_reports"].append(r)
-    return y_fp
+    return y_fp, []
 
 
 def _fisher_weights(fn, tail, x_q, logits_fp, extras, device, cache, batch_size: int) -> list:
     """BRECQ's Fisher weights of a unit's output: |dKL/dy| + 1 per element, y the unit's output on its
     quantized input (the unit quantized as it is before learning, the rest of the network FP), KL that
     of the FP model's prediction to the prediction from y, averaged over batches of batch_size as in the
-    official code. The squared weights multiply the output error (Li et al. 2021, eq. 10)."""
+    official code. The squared weights multiply the output error (Li et al. 2021, eq. 10).
+
+    Returned is |dKL/dy| alone, the 1 is added where it is used: |g| is ~1e-5 here, and 1 + |g| in a
+    half-precision cache tier would round to exactly 1. Chunks of batch_size rows, as the official code:
+    the rest of the network runs with autograd."""
     def weights(x, target):
         with torch.no_grad():
             y = fn(x)
@@ -644,9 +666,9 @@ def _fisher_weights(fn, tail, x_q, logits_fp, extras, device, cache, batch_size:
             kl = torch.nn.functional.kl_div(torch.log_softmax(logits, 1), torch.log_softmax(target.float(), 1),
                                             reduction="sum", log_target=True) / batch_size
             (grad,) = torch.autograd.grad(kl, y)
-        return grad.abs() + 1
+        return grad.abs()
 
-    return [run_chunks(lambda x, target: weights(x, target), x, device, args=(t,),
+    return [run_chunks(lambda x, target: weights(x, target), x, device, chunk=batch_size, args=(t,),
                        alloc=functools.partial(cache.empty, share=x.numel() / sum(v.numel() for v in x_q)))
             for x, t in zip(x_q, logits_fp)]
 
@@ -679,8 +701,11 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     acts = [qmodel.get_submodule(t) for t in unit.act_quants]
     acts = [q for q in acts if q.state == "quant" and q.role == "act"]  # static ranges only (not per-token dynamic)
     w_params, a_params = [], []
+    kept = {}  # decisions already fixed by an earlier stage, which this one re-opens (see init_adaround)
     if stage.learn_weights:
         for layer in layers:
+            if layer.weight_quant.round_up is not None:
+                kept[layer] = layer.weight_quant.round_up.clone()
             layer.weight_quant.init_adaround(layer.layer.weight)
             w_params.append(layer.weight_quant.alpha)
     if stage.learn_acts:
@@ -690,12 +715,18 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     for q in acts:
         q.set_drop(stage.drop_prob)
         q.train()
+    # Only what this stage learns gets gradients: not the FP weights of the unit, nor those of the rest of the
+    # network that the prediction objectives run through (restored when the unit is done).
+    learned = {id(t) for t in w_params + a_params}
+    frozen = [t for t in qmodel.parameters() if t.requires_grad and id(t) not in learned]
+    for t in frozen:
+        t.requires_grad_(False)
     # w_lr / act_lr are meant for at least lr_iters iterations: a shorter budget gets them scaled up
     lr_scale = max(1.0, stage.lr_iters / iters) if stage.lr_iters else 1.0
     act_lr = stage.act_lr * lr_scale
     graph = False
     if cfg.cuda_graph and device.type == "cuda":
-        why_not = _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world)
+        why_not = _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world, aux)
         if why_not:
             print(f"qdrop: unit {unit.name}: eager loop ({why_not})", file=sys.stderr)
         graph = why_not is None
@@ -723,25 +754,25 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         iteration, an int, or in a graph the counter tensor (the schedules then become device ops)."""
         on_device = isinstance(t, torch.Tensor)
         idx = torch.rand(sizes[g], device=x_q[g].device).argsort()[:batch]  # a batch without replacement
-        xb = x_q[g][idx].to(device, non_blocking=True).float()
+        xb = _take(x_q[g], idx, device)
         if stage.input_mix < 1.0:  # each input element from the quantized model with probability input_mix
-            xf = x_fp[g][idx].to(device, non_blocking=True).float()
+            xf = _take(x_fp[g], idx, device)
             xb = torch.lerp(xf, xb, bernoulli_mask(xb, stage.input_mix))
-        yb = y_fp[g][idx].to(device, non_blocking=True).float()
+        yb = _take(y_fp[g], idx, device)
         a, kw = rows_of(extras[g], sizes[g], idx)
         out = run(xb, *a, **kw)
         diff = out - yb
-        if stage.loss == "fisher":  # BRECQ: the error weighted by the squared Fisher weights
-            diff = diff * aux[g][idx].to(device, non_blocking=True).float()
+        if stage.loss == "fisher":  # BRECQ: the error weighted by the squared Fisher weights, 1 + |dKL/dy|
+            diff = diff * (1 + _take(aux[g], idx, device))
         err = diff.pow(2).sum(feature_dim)
         if masks[g] is None:
             rec = err.mean()
         else:  # padding positions do not count
-            m = masks[g][idx].to(device, err.dtype)
+            m = _take(masks[g], idx, device).to(err.dtype)
             rec = (err * m).sum() / m.sum().clamp(min=1)
         if stage.loss == "pd":  # PD-Quant: the prediction's KL through the FP rest, plus pd_reg x the unit error
             logits = out if tail is None else tail(out)
-            target = aux[g][idx].to(device, non_blocking=True).float()
+            target = _take(aux[g], idx, device)
             kl = torch.nn.functional.kl_div(torch.log_softmax(logits / stage.pd_temp, 1),
                                             torch.log_softmax(target / stage.pd_temp, 1),
                                             reduction="batchmean", log_target=True)
@@ -808,22 +839,36 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
             q.eval()
             if stage.learn_acts:
                 q.stop_learning()
+        for t in frozen:
+            t.requires_grad_(True)
     seconds = time.perf_counter() - t0
     for layer in layers:
         if layer.weight_quant.alpha is not None:
             layer.weight_quant.fix_rounding()
+    extra = {}
+    if kept:  # how many re-opened decisions changed
+        extra = dict(reopened=sum(int(v.numel()) for v in kept.values()),
+                     flipped=sum(int((layer.weight_quant.round_up != v).sum()) for layer, v in kept.items()))
     return dict(unit=unit.name, kind=unit.kind, iters=iters, seconds=seconds, ms_per_iter=1000 * seconds / iters, cache=where(x_q[0]),
                 final_loss=curve[-1][1] if curve else None, curve=curve, curve_total=curve_total,
-                loop="cuda-graph" if graphed is not None else "eager")
+                loop="cuda-graph" if graphed is not None else "eager", **extra)
 
 
-def _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world) -> str | None:
+def _take(t, idx, device) -> torch.Tensor:
+    """Rows idx of a cached tensor (any tier; idx on the device of the unit's quantized input), in single
+    precision on the compute device."""
+    if isinstance(t, torch.Tensor) and t.device != idx.device:
+        idx = idx.to(t.device)
+    return t[idx].to(device, non_blocking=True).float()
+
+
+def _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world, aux=None) -> str | None:
     """Why this unit's iteration cannot be one CUDA graph (None: it can)."""
     if world > 1:
         return "data-parallel: the all-reduce runs between iterations"
     if len(x_q) > 1 or extras[0] != ((), {}) or masks[0] is not None:
         return "groups of transformer batches are chosen on the host"
-    if any(t.device != device for t in (*x_q, *x_fp, *y_fp)):
+    if any(t.device != device for t in (*x_q, *x_fp, *y_fp, *(aux or []))):
         return "the cached inputs are not on the GPU (--max-cache-mb)"
     return None
 
