@@ -434,6 +434,28 @@ def _tiny_hf_dir(tmp_path, kind):
     return d, words
 
 
+def test_length_sorted_batches_cover_every_sentence_once_with_little_padding(tmp_path):
+    from transformers import AutoTokenizer
+    from qdrop.nlp.data import length_sorted_batches, sentence_calib_batches
+
+    d, words = _tiny_hf_dir(tmp_path, "bert")
+    tok = AutoTokenizer.from_pretrained(d)
+    g = torch.Generator().manual_seed(1)
+    sentences = [" ".join(words[j] for j in torch.randint(0, 100, (int(n),), generator=g))
+                 for n in torch.randint(1, 40, (50,), generator=g)]
+    batches = length_sorted_batches(tok, sentences, 8)
+    assert [b["input_ids"].shape[0] for b in batches] == [8] * 6 + [2]
+    lengths = [b["attention_mask"].sum(1) for b in batches]
+    flat = torch.cat(lengths)
+    assert torch.equal(flat, flat.sort().values)                      # sorted by length
+    assert all(b["input_ids"].shape[1] == int(n.max()) for b, n in zip(batches, lengths))  # each padded to its own longest
+    got = sorted(tuple(ids[m.bool()].tolist()) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"]))
+    want = sorted(tuple(ids) for ids in tok(sentences)["input_ids"])
+    assert got == want                                                # every sentence exactly once
+    one = sentence_calib_batches(tok, sentences, len(sentences))[0]
+    assert sum(b["input_ids"].numel() for b in batches) < 0.7 * one["input_ids"].numel()
+
+
 def test_run_nlp_quantize_sts_and_lm(tmp_path):
     g = torch.Generator().manual_seed(0)
     d, words = _tiny_hf_dir(tmp_path, "bert")

