@@ -491,6 +491,28 @@ def fake_record(model, bits, algo, seed, quant, fp, iters=100, status="ok"):
     return rec
 
 
+def test_report_transformer_inits_are_methods_and_transforms_join_every_budget(tmp_path):
+    """qdrop after OS (init os) is the row "os+qdrop" beside qdrop from the observers (init naive), in the
+    same table; OS alone, like naive, has no iterations and appears in the table of every budget."""
+    def nlp(algo, quant, init=None, iters=500):
+        r = fake_record("hf:m", "w4a4", algo, 0, quant, 86.0, iters=iters)
+        r["config"].update(task="sts", init=init, iters=iters)
+        r["kind"], r["run_id"] = "nlp", f"{algo}-{init}-{iters}"
+        r["metrics"]["metric"] = "stsb_spearman_x100"
+        return r
+
+    rows = [nlp("naive", 70.0), nlp("os", 80.0), nlp("qdrop", 75.0, "naive"), nlp("qdrop", 84.0, "os"),
+            nlp("qdrop", 76.0, "naive", 2000), nlp("qdrop", 85.0, "os", 2000)]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = render_report(tmp_path, plots=False)
+    tables = md.split("## stsb_spearman_x100")[1:]
+    assert len(tables) == 2 and "iters=500" in tables[0] and "iters=2000" in tables[1]
+    for t, (q, osq) in zip(tables, [("75.00", "84.00"), ("76.00", "85.00")]):
+        rows_ = {l.split("|")[1].strip(): l.split("|")[3].strip() for l in t.splitlines() if l.startswith("| ") and "/" in l}
+        assert rows_["Naive (observers only)"] == "70.00" and rows_["OS"] == "80.00"
+        assert rows_["**QDrop**"] == q and rows_["os+qdrop"] == f"**{osq}**"
+
+
 def test_report_mean_std_paper_layout(tmp_path):
     rows = []
     for seed, (a, b) in enumerate([(70.0, 60.0), (72.0, 61.0), (74.0, 62.0)]):

@@ -62,9 +62,30 @@ def _cell(values: list[float], n_max: int) -> str:
     return text
 
 
+def _no_recon(c: dict) -> bool:
+    """Observers alone, or a transformer's equivalent transform alone: no iterations, no batches."""
+    return c.get("algo") in NLP_ALGOS
+
+
+def _as_methods(records: list[dict]) -> list[dict]:
+    """A reconstruction after an equivalent transform (a transformer run's `init`, e.g. os) is its own
+    method, "os+qdrop", not another table: copies of the records with algo renamed and init dropped
+    (init naive, observers only, is the plain algorithm)."""
+    out = []
+    for r in records:
+        init = r["config"].get("init")
+        if "init" in r["config"]:
+            c = {k: v for k, v in r["config"].items() if k != "init"}
+            if init not in (None, "naive"):
+                c["algo"] = f"{init}+{c['algo']}"
+            r = {**r, "config": c}
+        out.append(r)
+    return out
+
+
 def _setting(rec: dict) -> dict:
     c = rec["config"]
-    s = {k: v for k, v in c.items() if k not in IGNORED and not (c.get("algo") == "naive" and k in NAIVE_WILDCARDS)
+    s = {k: v for k, v in c.items() if k not in IGNORED and not (_no_recon(c) and k in NAIVE_WILDCARDS)
          and not (k in ID_IF_SET and v is None)}
     used = rec.get("data_used") or {}
     if "data" in s and used.get("eval_data"):
@@ -80,14 +101,15 @@ def _key(d: dict) -> str:
 
 def group_records(records: list[dict]) -> list[tuple[dict, list[dict]]]:
     """Split records into tables: one per combination of the non-core settings.
-    Naive runs join every table whose settings they share (iters etc. do not apply to them)."""
-    full = [r for r in records if r["config"].get("algo") != "naive"]
+    Runs without reconstruction (naive, a transformer's OS / SmoothQuant / OS+ alone) join every table
+    whose settings they share (iters etc. do not apply to them)."""
+    full = [r for r in records if not _no_recon(r["config"])]
     groups: "OrderedDict[str, tuple[dict, list]]" = OrderedDict()
     for r in full:
         s = _setting(r)
         groups.setdefault(_key(s), (s, []))[1].append(r)
     for r in records:
-        if r["config"].get("algo") != "naive":
+        if not _no_recon(r["config"]):
             continue
         s = _setting(r)
         homes = [k for k, (gs, _) in groups.items() if all(_key(gs.get(x)) == _key(v) for x, v in s.items())]
@@ -447,8 +469,8 @@ def render_report(results_dir: str | Path, out: str | Path | None = None, plots:
         raise UsageError(f"no {RESULTS} in {results_dir}: run `qdrop bench CONFIG` first")
     all_records = read_results(results_dir)
     latest = latest_records(all_records)
-    ok = [r for r in latest.values() if r.get("status") == "ok" and isinstance(r.get("metrics"), dict)
-          and _value(r["metrics"]) is not None]
+    ok = _as_methods([r for r in latest.values() if r.get("status") == "ok" and isinstance(r.get("metrics"), dict)
+                      and _value(r["metrics"]) is not None])
     failed = [r for r in latest.values() if r.get("status") != "ok"]
     out_path = Path(out) if out else results_dir / "report.md"
     out_dir = out_path.parent
