@@ -136,6 +136,44 @@ def test_reconstruction_reduces_the_output_error(make, algo):
                if isinstance(m, qdrop.nlp.QuantLinear) and n.startswith(find_blocks(q)[0][0].rsplit(".", 1)[0]))
 
 
+def test_capped_loss_weights_only_outsized_positions():
+    """min(1, median/|y|^2) per position: the positions up to the median of the real ones keep weight 1,
+    larger ones count by their relative error; padded positions do not move the median."""
+    from qdrop.recon.engine import _capped
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(4, 10, 8, generator=g)
+    y[0, 0] *= 1000  # a massive-activation token
+    mask = torch.ones(4, 10)
+    mask[:, 7:] = 0
+    w = _capped(y, -1, mask)
+    size = y.pow(2).sum(-1)
+    m = size[mask.bool()].median()
+    assert torch.equal(w[size <= m], torch.ones_like(w[size <= m]))
+    assert torch.allclose(w[size > m], m / size[size > m])
+    assert w[0, 0] < 1e-5  # its error counts relative to its size
+    y2 = y.clone()
+    y2[:, 7:] *= 1e4  # padding, however large, does not change the weights of real positions
+    assert torch.equal(_capped(y2, -1, mask)[mask.bool()], w[mask.bool()])
+    # a CNN's [batch, channels, H, W] output: positions are pixels, no mask
+    assert _capped(torch.randn(2, 3, 4, 4, generator=g), 1, None).shape == (2, 4, 4)
+
+
+def test_capped_loss_reconstructs_transformers_and_is_refused_where_it_does_not_apply(tmp_path):
+    batch = padded_batch()
+    q = prepared(tiny_llama, "w3a4", batch)
+    before = masked_error(q, batch)
+    algo = qdrop.recon.get_algorithm("qdrop", loss="capped")
+    qdrop.reconstruct(q, None, [batch], algo=algo, iters=300, batch_size=8, progress=False)
+    assert masked_error(q, batch) < 0.9 * before
+    from qdrop.nlp_pipeline import run_nlp_quantize
+
+    with pytest.raises(UsageError, match="recon_loss"):
+        run_nlp_quantize("hf:x", "lm", algo="osplus", recon_loss="capped")
+    with pytest.raises(UsageError, match="recon_loss must be one of"):
+        run_nlp_quantize("hf:x", "lm", algo="qdrop", recon_loss="pd")
+
+
 def test_padding_does_not_enter_the_loss():
     """Two calibration sets that differ only in the token ids at padded positions give the same
     reconstructed model: what padding computes never reaches the error."""
@@ -248,4 +286,9 @@ def test_cli_refuses_vision_flags_with_a_hugging_face_model(tmp_path, capsys):
     rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--algo", "os", "--init", "osplus",
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "--init does not apply to --algo os" in capsys.readouterr().err
+    rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--recon-loss", "capped", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--recon-loss does not apply to vision models" in capsys.readouterr().err
+    rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--algo", "naive", "--recon-loss",
+               "capped", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--recon-loss does not apply to --algo naive" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine option for any reconstruction algorithm: below N iterations per unit both learning rates "
                    "are scaled by N/iters, so that a short budget can finish the rounding (docs/algorithms/qdrop-plus.md; "
                    "default: the paper's rates)")
+    q.add_argument("--recon-loss", choices=("mse", "capped"), default=None,
+                   help="Hugging Face models: the blocks' output error, mse (default) or capped (positions of outsized "
+                   "FP output count by their relative error; docs/nlp.md)")
     q.add_argument("--lambda", dest="lam", type=float, default=None, help="rounding-loss weight (default: from the architecture)")
     q.add_argument("--leaf", action="append", default=[], help="module to keep in FP as a traced leaf (repeatable)")
     q.add_argument("--w-observer", default=None, help="override the preset's weight observer (minmax|ema_minmax|percentile|mse)")
@@ -254,7 +257,7 @@ _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--ta
 # and the transformer path's flags, refused with a vision model
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
                      ("fine_lr", None, "--fine-lr"), ("down_proj", False, "--down-proj"), ("init", None, "--init"),
-                     ("units", None, "--units"))
+                     ("units", None, "--units"), ("recon_loss", None, "--recon-loss"))
 
 
 def _refuse(args, flags, why: str) -> None:
@@ -276,10 +279,11 @@ def _quantize_transformer(args, out: Path) -> int:
         raise UsageError(f"--bits {args.bits}: mixed precision is for vision models; give whole bits, e.g. w4a8")
     recon = args.algo in ALGORITHMS
     extra = dict(init=args.init, iters=args.iters, lam=args.lam, units=args.units, max_cache_mb=args.max_cache_mb,
-                 lr_iters=args.lr_iters) if recon else {}
+                 lr_iters=args.lr_iters, recon_loss=args.recon_loss) if recon else {}
     if not recon:
         _refuse(args, (("init", None, "--init"), ("units", None, "--units"), ("lam", None, "--lambda"),
-                       ("max_cache_mb", None, "--max-cache-mb"), ("lr_iters", None, "--lr-iters")),
+                       ("max_cache_mb", None, "--max-cache-mb"), ("lr_iters", None, "--lr-iters"),
+                       ("recon_loss", None, "--recon-loss")),
                 f"to --algo {args.algo}: they are for adaround|brecq|qdrop")
     m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
                          calib=args.calib or 256, seed=args.seed, batch_size=args.batch_size,

@@ -30,6 +30,9 @@ METRIC = {"sts": "stsb_spearman_x100", "lm": "wikitext2_ppl"}
 TRANSFORMER_ALGOS = (*NLP_ALGOS, *ALGORITHMS)
 # what runs before reconstruction (an equivalent transform and its calibration; "naive": observers only)
 INITS = NLP_ALGOS
+# the unit-output errors a transformer's reconstruction takes (qdrop.recon Stage.loss; the prediction
+# objectives fisher / pd are for the torch.fx path)
+RECON_LOSSES = ("mse", "capped")
 RECON_GROUP = 32  # sentences per length group in reconstruction (see length_sorted_batches)
 
 
@@ -39,7 +42,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
-                     max_cache_mb: int | None = None, lr_iters: int | None = None, fp: float | None = None,
+                     max_cache_mb: int | None = None, lr_iters: int | None = None, recon_loss: str | None = None,
+                     fp: float | None = None,
                      progress: bool = False) -> dict:
     """Quantize a Hugging Face model and evaluate it; returns the metrics dict (also written
     atomically to OUT/metrics.json when `out` is given).
@@ -58,6 +62,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     observers only, or an equivalent transform: smoothquant / osplus / os) - one unit per repeated
     block (`units` names them when the structure is unusual). A step samples `batch_size` sentences
     (sts) or min(batch_size, 8) segments (lm) of the calibration set; padding is not in the error.
+    recon_loss: the unit-output error, "mse" (default, the papers') or "capped" (positions whose FP output
+    is above the batch's median size count by their relative error; for the massive activations of
+    pre-norm decoders, see qdrop.recon.engine._capped).
     Layers outside the blocks (LM head, pooler) keep the init's ranges and nearest rounding. With
     `out`, a killed run resumes at the first unfinished block (OUT/recon_state.pt).
     """
@@ -76,8 +83,12 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if recon and init not in INITS:
         raise UsageError(f"init must be one of {INITS}, got {init!r}")
     transform = init if recon else algo
-    if (lam is not None or units is not None or max_cache_mb is not None or lr_iters is not None) and not recon:
-        raise UsageError(f"lam, units, max_cache_mb and lr_iters apply to the reconstruction algorithms {tuple(ALGORITHMS)}, not to {algo!r}")
+    if (lam is not None or units is not None or max_cache_mb is not None or lr_iters is not None
+            or recon_loss is not None) and not recon:
+        raise UsageError(f"lam, units, max_cache_mb, lr_iters and recon_loss apply to the reconstruction algorithms "
+                         f"{tuple(ALGORITHMS)}, not to {algo!r}")
+    if recon_loss not in (None, *RECON_LOSSES):
+        raise UsageError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
     if recon and (not isinstance(iters, int) or iters < 1):
         raise UsageError(f"iters must be a positive integer, got {iters!r}")
     parse_bits(bits)
@@ -131,7 +142,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
     if recon:
-        algorithm = get_algorithm(algo, lr_iters=lr_iters) if lr_iters else algo
+        overrides = dict(lr_iters=lr_iters or None, loss=recon_loss or None)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        algorithm = get_algorithm(algo, **overrides) if overrides else algo
         report["reconstruction"] = _reconstruct(qmodel, tokenizer, recon_data, algorithm, iters, recon_batch, lam, seed,
                                                 units, max_cache_mb, out, progress)
     seconds["quantize"] = time.perf_counter() - t
@@ -141,6 +154,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     seconds["total"] = time.perf_counter() - t0
 
     metrics = dict(model=model, task=task, bits=bits, algo=algo, init=init, iters=iters if recon else 0, lr_iters=lr_iters,
+                   recon_loss=(recon_loss or "mse") if recon else None,
                    backend="academic" if act_granularity == "per_tensor" else "academic-per-token",
                    act_granularity=act_granularity, w_observer=w_observer, a_observer=a_observer,
                    down_proj=down_proj, calib_size=calib_size, calib_source=calib_source, seed=seed, metric=METRIC[task],

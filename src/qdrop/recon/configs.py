@@ -54,7 +54,8 @@ class Stage:
     b_end: float | None = None  # overrides ReconConfig.b_end
     hard_tail: float = 0.0  # last fraction of iterations with the rounding hard (V frozen), step sizes still learned
     # Objective and scope (issue #13; docs/algorithms/beyond.md). The torch.fx path only, except "mse"/"unit".
-    loss: str = "mse"  # "mse": unit output error; "fisher": BRECQ's (|dKL/dy|+1)^2-weighted error; "pd": PD-Quant's
+    loss: str = "mse"  # "mse": unit output error; "fisher": BRECQ's (|dKL/dy|+1)^2-weighted error; "pd": PD-Quant's;
+    # "capped": the unit output error with positions of outsized FP output down-weighted (see engine._capped)
     pd_reg: float = 0.1  # "pd": weight of the unit-output error added to the prediction-difference KL
     pd_temp: float = 4.0  # "pd": softmax temperature of the KL
     scope: str = "unit"  # "unit": every unit of the partition in turn; "network": one unit, the whole network
@@ -68,7 +69,8 @@ class Stage:
             raise UsageError(f"pd_temp must be > 0 and pd_reg >= 0, got {self.pd_temp!r} and {self.pd_reg!r}")
 
 
-LOSSES = ("mse", "fisher", "pd")
+LOSSES = ("mse", "capped", "fisher", "pd")
+PREDICTION_LOSSES = ("fisher", "pd")  # objectives that look at the network's prediction (the torch.fx path)
 
 
 @dataclass(frozen=True)

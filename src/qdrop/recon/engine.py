@@ -40,7 +40,7 @@ from ..graph.units import Unit, block_units, layer_units, subgraph
 from ..quant.state import quant_mode, quantizers, switched  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
 from ..quant.layers import QuantLayer
 from ..quant.quantizer import bernoulli_mask
-from .configs import Algorithm, ReconConfig, Stage, get_algorithm
+from .configs import PREDICTION_LOSSES, Algorithm, ReconConfig, Stage, get_algorithm
 
 
 def default_lambda(qmodel: nn.Module) -> float:
@@ -460,7 +460,7 @@ def reconstruct(
     qmodel.to(device).eval()
     part = GraphPartition(qmodel) if partition is None else partition
     world, rank = qdist.world_size(), qdist.rank()
-    beyond = [s for s in algorithm.stages if s.loss != "mse" or s.scope != "unit"]
+    beyond = [s for s in algorithm.stages if s.loss in PREDICTION_LOSSES or s.scope != "unit"]
     if beyond and not hasattr(part, "tail_fn"):
         raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages cover the torch.fx path "
                          "(CNNs); reconstruct transformers with the unit-output error")
@@ -530,7 +530,7 @@ def reconstruct(
         logits_fp = None  # the FP model's outputs over the calibration set, for objectives on the prediction
         for s_idx, (stage, sp) in enumerate(zip(algorithm.stages, stage_parts)):
             stage_iters = max(1, int(round(iters * stage.iters_scale)))
-            if stage.loss != "mse" and logits_fp is None:  # (small: [samples, classes], on the device)
+            if stage.loss in PREDICTION_LOSSES and logits_fp is None:  # (small: [samples, classes], on the device)
                 with quant_mode(qmodel, weights=False, acts=False):
                     logits_fp = [t.to(device) for t in run_groups(part.network().block_fn(0), xs0, part.extras(0), device)]
             cache.copies = 4 if stage.loss == "fisher" else 3
@@ -620,7 +620,7 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
     label = f"{step + 1}/{total_units} {block.name}"
     fdim = part.feature_dim
     if algorithm.units == "block":
-        tail = part.tail_fn(k) if stage.loss != "mse" else None
+        tail = part.tail_fn(k) if stage.loss in PREDICTION_LOSSES else None
         # with a tail, the blocks after this one are off (the FP rest of the network); the others as usual
         later = {t for b in part.blocks[k + 1 :] for t in b.act_quants}
         prefixes = tuple(t + "." for b in part.blocks[k + 1 :] for t in b.layers)
@@ -765,6 +765,8 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         if stage.loss == "fisher":  # BRECQ: the error weighted by the squared Fisher weights, 1 + |dKL/dy|
             diff = diff * (1 + _take(aux[g], idx, device))
         err = diff.pow(2).sum(feature_dim)
+        if stage.loss == "capped":
+            err = err * _capped(yb, feature_dim, None if masks[g] is None else _take(masks[g], idx, device))
         if masks[g] is None:
             rec = err.mean()
         else:  # padding positions do not count
@@ -852,6 +854,23 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     return dict(unit=unit.name, kind=unit.kind, iters=iters, seconds=seconds, ms_per_iter=1000 * seconds / iters, cache=where(x_q[0]),
                 final_loss=curve[-1][1] if curve else None, curve=curve, curve_total=curve_total,
                 loop="cuda-graph" if graphed is not None else "eager", **extra)
+
+
+def _capped(y: torch.Tensor, feature_dim: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-position weights of the "capped" loss: min(1, m / |y|^2), m the median of |y|^2 over the batch's
+    (real) positions. A position whose FP output is larger than the median counts by its error relative to
+    its size; the others as in the plain squared error, which keeps the rounding loss's weight lam in scale.
+
+    Why: in a pre-norm transformer (Llama's RMSNorm, ViTs) every reader of the residual stream normalises
+    each token first, so a token's error matters relative to its norm; a few tokens carry massive
+    activations (10^3-10^4 on some channels, the attention sinks) whose absolute error, carried along the
+    residual from the block that creates them, dominated the plain squared error of every later block of
+    SmolLM2 by a factor of ~300 (README, issue #12)."""
+    with torch.no_grad():
+        size = y.pow(2).sum(feature_dim)
+        real = size if mask is None else size[mask.bool()]
+        m = real.median() if real.numel() else size.new_ones(())
+        return (m / size.clamp(min=torch.finfo(size.dtype).tiny)).clamp(max=1.0)
 
 
 def _take(t, idx, device) -> torch.Tensor:
