@@ -85,7 +85,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     transform = init if recon else algo
     if (lam is not None or units is not None or max_cache_mb is not None or lr_iters is not None
             or recon_loss is not None) and not recon:
-        raise UsageError(f"lam, units, max_cache_mb, lr_iters and recon_loss apply to the reconstruction algorithms "
+        raise UsageError(f"lam, units, max_cache_mb, recon_loss and lr_iters apply to the reconstruction algorithms "
                          f"{tuple(ALGORITHMS)}, not to {algo!r}")
     if recon_loss not in (None, *RECON_LOSSES):
         raise UsageError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
