@@ -18,7 +18,7 @@ import torch
 from . import distributed as qdist
 from .api import is_transformer_spec
 from .errors import QdropError, UsageError
-from .recon.configs import ALGORITHMS, VISION_ALGOS
+from .recon.configs import ALGORITHMS, UNIT_LOSSES, VISION_ALGOS
 
 
 def _bits(text: str) -> str:
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine option for any reconstruction algorithm: below N iterations per unit both learning rates "
                    "are scaled by N/iters, so that a short budget can finish the rounding (docs/algorithms/qdrop-plus.md; "
                    "default: the paper's rates)")
-    q.add_argument("--recon-loss", choices=("mse", "capped"), default=None,
+    q.add_argument("--recon-loss", choices=UNIT_LOSSES, default=None,
                    help="Hugging Face models: the blocks' output error, mse (default) or capped (positions of outsized "
                    "FP output count by their relative error; docs/nlp.md)")
     q.add_argument("--lambda", dest="lam", type=float, default=None, help="rounding-loss weight (default: from the architecture)")

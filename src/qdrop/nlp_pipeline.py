@@ -22,7 +22,7 @@ from .nlp.data import length_sorted_batches, lm_splits, read_tokens, segment_bat
 from .nlp.models import TASKS, load_hf
 from .nlp.pipeline import FINE_LR, NLP_ALGOS, quantize_transformer
 from .quant.scheme import parse_bits
-from .recon.configs import ALGORITHMS, get_algorithm
+from .recon.configs import ALGORITHMS, UNIT_LOSSES, get_algorithm
 
 DEFAULT_DATA = {"sts": "nlp/stsb_dev.tsv", "lm": "nlp/wikitext2_valid.txt"}
 METRIC = {"sts": "stsb_spearman_x100", "lm": "wikitext2_ppl"}
@@ -30,9 +30,6 @@ METRIC = {"sts": "stsb_spearman_x100", "lm": "wikitext2_ppl"}
 TRANSFORMER_ALGOS = (*NLP_ALGOS, *ALGORITHMS)
 # what runs before reconstruction (an equivalent transform and its calibration; "naive": observers only)
 INITS = NLP_ALGOS
-# the unit-output errors a transformer's reconstruction takes (qdrop.recon Stage.loss; the prediction
-# objectives fisher / pd are for the torch.fx path)
-RECON_LOSSES = ("mse", "capped")
 RECON_GROUP = 32  # sentences per length group in reconstruction (see length_sorted_batches)
 
 
@@ -87,8 +84,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             or recon_loss is not None) and not recon:
         raise UsageError(f"lam, units, max_cache_mb, recon_loss and lr_iters apply to the reconstruction algorithms "
                          f"{tuple(ALGORITHMS)}, not to {algo!r}")
-    if recon_loss not in (None, *RECON_LOSSES):
-        raise UsageError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
+    if recon_loss not in (None, *UNIT_LOSSES):  # (the prediction objectives fisher / pd are for the torch.fx path)
+        raise UsageError(f"recon_loss must be one of {UNIT_LOSSES}, got {recon_loss!r}")
     if recon and (not isinstance(iters, int) or iters < 1):
         raise UsageError(f"iters must be a positive integer, got {iters!r}")
     parse_bits(bits)
@@ -142,8 +139,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
     if recon:
-        overrides = dict(lr_iters=lr_iters or None, loss=recon_loss or None)
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        overrides = {k: v for k, v in (("lr_iters", lr_iters), ("loss", recon_loss)) if v}
         algorithm = get_algorithm(algo, **overrides) if overrides else algo
         report["reconstruction"] = _reconstruct(qmodel, tokenizer, recon_data, algorithm, iters, recon_batch, lam, seed,
                                                 units, max_cache_mb, out, progress)

@@ -71,6 +71,7 @@ class Stage:
 
 LOSSES = ("mse", "capped", "fisher", "pd")
 PREDICTION_LOSSES = ("fisher", "pd")  # objectives that look at the network's prediction (the torch.fx path)
+UNIT_LOSSES = tuple(x for x in LOSSES if x not in PREDICTION_LOSSES)  # errors of the unit's output alone (any partition)
 
 
 @dataclass(frozen=True)

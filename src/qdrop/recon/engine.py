@@ -765,12 +765,12 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         if stage.loss == "fisher":  # BRECQ: the error weighted by the squared Fisher weights, 1 + |dKL/dy|
             diff = diff * (1 + _take(aux[g], idx, device))
         err = diff.pow(2).sum(feature_dim)
+        m = None if masks[g] is None else _take(masks[g], idx, device).to(err.dtype)
         if stage.loss == "capped":
-            err = err * _capped(yb, feature_dim, None if masks[g] is None else _take(masks[g], idx, device))
-        if masks[g] is None:
+            err = err * _capped(yb, feature_dim, m)
+        if m is None:
             rec = err.mean()
         else:  # padding positions do not count
-            m = _take(masks[g], idx, device).to(err.dtype)
             rec = (err * m).sum() / m.sum().clamp(min=1)
         if stage.loss == "pd":  # PD-Quant: the prediction's KL through the FP rest, plus pd_reg x the unit error
             logits = out if tail is None else tail(out)
