@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from qdrop.quant import QScheme, Quantizer, parse_bits, qparams_from_range
 from qdrop.quant.observers import make_observer, mse_search, rows
-from qdrop.quant.quantizer import _fake_quant_per_tensor, bernoulli_mask
+from qdrop.quant.quantizer import GAMMA, ZETA, _fake_quant_per_tensor, bernoulli_mask
 
 schemes = st.builds(
     QScheme,
@@ -182,6 +182,39 @@ def test_adaround_starts_at_the_weight_and_fixes_integer_weights(bits, seed):
     fresh.calibrate_on(w)
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh(w), hard)
+
+
+def _soft_round_by_autograd(q, w):
+    """AdaRound's weight and regulariser written as plain expressions (what autograd differentiates)."""
+    h = torch.clamp(torch.sigmoid(q.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    s = q.scale.reshape(-1, 1) if q.scheme.ch_axis == 0 else q.scale
+    z = q.zero_point.reshape(-1, 1) if q.scheme.ch_axis == 0 else q.zero_point
+    wq = (torch.clamp(torch.floor(w / s) + h + z, q.scheme.qmin, q.scheme.qmax) - z) * s
+    return wq, lambda beta: (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.booleans(), st.booleans(), st.floats(1.5, 20), st.booleans(), st.integers(0, 2**31 - 1))
+def test_closed_form_adaround_gradients_equal_autograd(bits, per_channel, symmetric, beta, beta_tensor, seed):
+    """The fused soft-rounding weight and rounding regulariser (quantizer._SoftRoundWeight/_RoundLoss)
+    give the expressions' values and autograd's gradients, clamped elements and hard V included."""
+    torch.manual_seed(seed)
+    w = torch.randn(16, 9, dtype=torch.float64)
+    q = Quantizer(QScheme(bits=bits, ch_axis=0 if per_channel else None, symmetric=symmetric), 16, "weight").double()
+    q.calibrate_on(w * 0.8)  # some weights outside the range: the code clamp is active there
+    q.init_adaround(w)
+    with torch.no_grad():
+        q.alpha.mul_(4)  # some h clamped at 0 or 1
+    b = torch.tensor(beta, dtype=torch.float64) if beta_tensor else beta
+    g = torch.randn(16, 9, dtype=torch.float64)
+    wq = q(w)
+    fused = torch.autograd.grad((wq * g).sum() + 0.3 * q.round_loss(b), q.alpha)[0]
+    ref_wq, ref_loss = _soft_round_by_autograd(q, w)
+    ref = torch.autograd.grad((ref_wq * g).sum() + 0.3 * ref_loss(b), q.alpha)[0]
+    assert torch.equal(wq.detach(), ref_wq.detach())
+    assert torch.allclose(q.round_loss(b).detach(), ref_loss(b).detach(), rtol=1e-12, atol=1e-9)
+    assert torch.allclose(fused, ref, rtol=1e-9, atol=1e-12)
+    assert (fused != 0).any()
 
 
 def test_round_loss_is_zero_for_hard_values_and_positive_otherwise():
