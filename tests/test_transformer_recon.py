@@ -292,3 +292,29 @@ def test_cli_refuses_vision_flags_with_a_hugging_face_model(tmp_path, capsys):
                "capped", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--recon-loss does not apply to --algo naive" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_calib_len_reaches_the_lm_pipeline_and_is_refused_elsewhere(tmp_path, capsys, monkeypatch):
+    import qdrop.nlp_pipeline
+    from qdrop.cli import main
+
+    seen = {}
+
+    def fake_run(model, task, **kw):
+        seen.update(kw, task=task)
+        return dict(model=model, bits=kw["bits"], algo=kw["algo"], fp=18.0, quant=19.0, metric="wikitext2_ppl")
+
+    monkeypatch.setattr(qdrop.nlp_pipeline, "run_nlp_quantize", fake_run)
+    assert main(["quantize", "--model", "hf:smollm2", "--task", "lm", "--bits", "w8a8", "--algo", "osplus",
+                 "--calib", "8", "--calib-len", "1024", "--out", str(tmp_path / "o")]) == 0
+    assert seen["calib_len"] == 1024 and seen["calib"] == 8 and seen["task"] == "lm"
+    assert main(["quantize", "--model", "hf:smollm2", "--task", "lm", "--bits", "w8a8", "--out", str(tmp_path / "o2")]) == 0
+    assert seen["calib_len"] == 128  # the default
+    capsys.readouterr()
+    rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--calib-len", "64",
+               "--out", str(tmp_path / "o3")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--calib-len does not apply to --task sts" in err[0]
+    rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--calib-len", "64", "--out", str(tmp_path / "o3")])
+    assert rc == 2 and "--calib-len does not apply to vision models" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-granularity", choices=("per_tensor", "per_token"), default="per_tensor",
                    help="transformers: static per-tensor or dynamic per-token activation ranges")
     q.add_argument("--max-windows", type=_positive, default=None, help="lm: evaluate on the first N 1024-token windows")
+    q.add_argument("--calib-len", type=_positive, default=None,
+                   help="lm: tokens per calibration segment (default 128; the evaluation windows are 1024 tokens, and short "
+                   "segments calibrate on more attention-sink starts than those windows hold)")
     q.add_argument("--fine-lr", type=float, default=None,
                    help="os: Adam learning rate of token-wise clipping's LSQ+ fine stage (default 1e-2; the paper's 1e-5 "
                    "barely moves the ranges in 3 epochs over 256 samples)")
@@ -256,7 +259,7 @@ _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--ta
                 ("cuda_graph", False, "--cuda-graph"))
 # and the transformer path's flags, refused with a vision model
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
-                     ("fine_lr", None, "--fine-lr"), ("down_proj", False, "--down-proj"), ("init", None, "--init"),
+                     ("calib_len", None, "--calib-len"), ("fine_lr", None, "--fine-lr"), ("down_proj", False, "--down-proj"), ("init", None, "--init"),
                      ("units", None, "--units"), ("recon_loss", None, "--recon-loss"))
 
 
@@ -277,6 +280,9 @@ def _quantize_transformer(args, out: Path) -> int:
     _refuse(args, _VISION_ONLY, "to Hugging Face models (they are vision-path options); drop them")
     if is_average_bits(args.bits):
         raise UsageError(f"--bits {args.bits}: mixed precision is for vision models; give whole bits, e.g. w4a8")
+    if args.task != "lm":
+        _refuse(args, (("max_windows", None, "--max-windows"), ("calib_len", None, "--calib-len")),
+                f"to --task {args.task}: they set the lm task's text segments")
     recon = args.algo in ALGORITHMS
     extra = dict(init=args.init, iters=args.iters, lam=args.lam, units=args.units, max_cache_mb=args.max_cache_mb,
                  lr_iters=args.lr_iters, recon_loss=args.recon_loss) if recon else {}
@@ -286,7 +292,7 @@ def _quantize_transformer(args, out: Path) -> int:
                        ("recon_loss", None, "--recon-loss")),
                 f"to --algo {args.algo}: they are for adaround|brecq|qdrop")
     m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
-                         calib=args.calib or 256, seed=args.seed, batch_size=args.batch_size,
+                         calib=args.calib or 256, calib_len=args.calib_len or 128, seed=args.seed, batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
                          w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
                          **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)
