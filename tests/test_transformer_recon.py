@@ -261,7 +261,7 @@ def test_api_refuses_what_does_not_apply():
         qdrop.reconstruct(q, tiny_bert(), [padded_batch()], algo="qdrop", iters=1, progress=False)
     with pytest.raises(UsageError, match="list of tokenized batches"):
         qdrop.reconstruct(q, None, torch.randn(4, 8), algo="qdrop", iters=1, progress=False)
-    with pytest.raises(ExportError, match="not exported yet"):
+    with pytest.raises(ExportError, match="named example inputs"):
         qdrop.export_onnx(q, "x.onnx", None)
     with pytest.raises(UsageError, match="target_cpu applies to the fx path"):
         qdrop.prepare(tiny_bert(), bits="w8a8", target_cpu="avx2")
@@ -318,3 +318,43 @@ def test_cli_calib_len_reaches_the_lm_pipeline_and_is_refused_elsewhere(tmp_path
     rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--calib-len", "64", "--out", str(tmp_path / "o3")])
     assert rc == 2 and "--calib-len does not apply to vision models" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
+def test_transformer_onnx_export_runs_in_onnx_runtime_like_the_simulation(make, tmp_path):
+    """qdrop.export_onnx on a quantized (and reconstructed) HF model: traced once on one batch, the file
+    runs batches of other sizes, lengths and padding; ONNX Runtime's float Q/DQ graph (no fusion)
+    computes the simulation on the real tokens, and its optimised graph runs integer kernels."""
+    pytest.importorskip("onnxruntime")
+    from qdrop.export.check import optimized_op_counts
+    from qdrop.export.x86 import describe_cpu, saturation_warning, u8s8_saturates, worst_pair_sums
+    from qdrop.export.transformer import OrtTransformer
+
+    q = prepared(make, "w8a8")
+    qdrop.reconstruct(q, None, [padded_batch()], algo="qdrop", iters=10, batch_size=8, progress=False)
+    report = qdrop.export_onnx(q, tmp_path / "m.onnx", padded_batch(n=2, t=7, seed=3))
+    assert not any(m.training for m in q.modules())  # the export leaves the model as it found it
+    n_linear = sum(isinstance(m, torch.nn.Linear) for _, b in find_blocks(q) for m in b.modules())
+    assert report.weight_quantizers == report.act_quantizers >= n_linear  # every block's Linear (BERT's pooler is not in output[0])
+    other = padded_batch(n=5, t=11, seed=4)  # another batch size, length and padding pattern
+    with torch.no_grad():
+        sim = q(**other, **({"use_cache": False} if make is tiny_llama else {}))[0]
+    real = other["attention_mask"].bool()
+    integer = optimized_op_counts(tmp_path / "m.onnx")[1]
+    assert sum(integer.values()) >= n_linear, integer  # every Linear's matmul on integers
+    for level in ("none", "all"):  # float Q/DQ; the optimised graph's integer kernels (exact int32 sums)
+        if level == "all" and u8s8_saturates() and saturation_warning(worst_pair_sums(q)):
+            pytest.skip(f"this CPU's u8s8 kernels saturate int16 pair sums ({describe_cpu()['kind']}, issue #11) and "
+                        "8-bit weights can reach them: ONNX Runtime's integer graph is exact only on VNNI CPUs")
+        got = OrtTransformer(tmp_path / "m.onnx", level=level)(**other)
+        assert got.shape == sim.shape
+        err = (got - sim)[real].abs().max() / sim[real].abs().max()
+        assert err < 1e-4, (level, float(err))
+
+
+def test_transformer_export_refuses_per_token_activations(tmp_path):
+    q = qdrop.prepare(tiny_bert(), bits="w8a8", act_granularity="per_token")
+    qdrop.calibrate(q, [padded_batch()])
+    with pytest.raises(ExportError, match="computes its range on every call.*act_granularity='per_tensor'"):
+        qdrop.export_onnx(q, tmp_path / "m.onnx", padded_batch(n=2))
+    assert not list(tmp_path.iterdir())

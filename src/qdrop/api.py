@@ -120,10 +120,13 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module | None, calib_data, algo=
 
 
 def export_onnx(qmodel: nn.Module, path, example_inputs, **options):
-    """Write a QDQ ONNX model (see qdrop.export.export_onnx)."""
-    from .export.onnx_qdq import ExportError, export_onnx as export
-
+    """Write a QDQ ONNX model. Traceable models: example_inputs is one input batch (see
+    qdrop.export.export_onnx). Hugging Face models: the tokenizer's output (named [batch, seq]
+    tensors; see qdrop.export.transformer)."""
     if is_transformer(qmodel):
-        raise ExportError("ONNX export covers fx-prepared models; transformers quantized by module swap are not "
-                          "exported yet (evaluate them in PyTorch, or export the FP model and quantize it in the runtime)")
+        from .export.transformer import export_transformer_onnx
+
+        return export_transformer_onnx(qmodel, path, example_inputs, **options)
+    from .export.onnx_qdq import export_onnx as export
+
     return export(qmodel, path, example_inputs, **options)

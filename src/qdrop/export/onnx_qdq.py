@@ -111,6 +111,9 @@ def _check_exportable(qmodel: nn.Module) -> list[tuple[str, Quantizer]]:
             raise ExportError(f"quantizer {name} is still observing: finish calibration (qdrop.calibrate) before exporting")
         if q.state == "off":
             continue
+        if q.role not in ("act", "weight"):
+            raise ExportError(f"quantizer {name} computes its range on every call ({q.role}): ONNX QDQ needs static "
+                              "ranges; prepare with act_granularity='per_tensor' to export")
         if not q.calibrated:
             raise ExportError(f"quantizer {name} has no calibrated range: run qdrop.calibrate before exporting")
         if q.alpha is not None:
@@ -158,7 +161,7 @@ def _placeholders(qmodel: nn.Module, enabled):
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, int4: bool = False,
                 opset: int | None = None, fp32: bool = False, input_names=("input",),
-                output_names=("output",), dynamic_batch: bool = True) -> ExportReport:
+                output_names=("output",), dynamic_batch: bool = True, dynamic_axes: dict | None = None) -> ExportReport:
     """Write `qmodel` (prepared, calibrated, optionally reconstructed) as a QDQ ONNX model.
 
     fp32=True writes the same graph without Q/DQ nodes instead (for runtimes that take the
@@ -188,6 +191,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, i
     qmodel.eval()
     buf = io.BytesIO()
     dyn = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
+    if dynamic_axes is not None:  # e.g. batch and sequence for a transformer (qdrop.export.transformer)
+        dyn = dynamic_axes
     try:
         with _placeholders(qmodel, enabled), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

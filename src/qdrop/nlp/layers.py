@@ -41,7 +41,9 @@ class QuantLinear(QuantLayer):
 
     def forward(self, x):
         q = self.input_quant
-        if q.state == "observe":
+        if not isinstance(q, Quantizer):  # ONNX export's stand-in (qdrop.export.onnx_qdq): QDQ in the graph
+            x = q(x)
+        elif q.state == "observe":
             if not self.per_token:
                 q.observer.update(real_tokens(x))  # padding never enters the range
         elif q.state == "quant":
@@ -54,6 +56,8 @@ class QuantLinear(QuantLayer):
         nothing it depends on can change: no gradient wanted, same tensors, same versions
         (in-place edits such as the equivalent transforms or freeze() bump a version)."""
         wq, w = self.weight_quant, self.layer.weight
+        if not isinstance(wq, Quantizer):  # ONNX export's stand-in
+            return wq(w)
         if wq.state != "quant" or wq.alpha is not None or (wq.prob < 1 and self.training):
             self._cache = None
             return wq(w)
@@ -83,7 +87,7 @@ class MaskedActQuant(nn.Module):
 
     def forward(self, x):
         q = self.quant
-        if q.state == "observe":
+        if isinstance(q, Quantizer) and q.state == "observe":
             q.observer.update(real_tokens(x, self.token_dim))
             return x
         return q(x)
