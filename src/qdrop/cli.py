@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-len", type=_positive, default=None,
                    help="lm: tokens per calibration segment (default 128; the evaluation windows are 1024 tokens, and short "
                    "segments calibrate on more attention-sink starts than those windows hold)")
+    q.add_argument("--onnx", action="store_true",
+                   help="transformers: also export OUT/model.onnx (QDQ) and score it in ONNX Runtime on the same data")
     q.add_argument("--fine-lr", type=float, default=None,
                    help="os: Adam learning rate of token-wise clipping's LSQ+ fine stage (default 1e-2; the paper's 1e-5 "
                    "barely moves the ranges in 3 epochs over 256 samples)")
@@ -259,7 +261,7 @@ _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--ta
                 ("cuda_graph", False, "--cuda-graph"))
 # and the transformer path's flags, refused with a vision model
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
-                     ("calib_len", None, "--calib-len"), ("fine_lr", None, "--fine-lr"), ("down_proj", False, "--down-proj"), ("init", None, "--init"),
+                     ("calib_len", None, "--calib-len"), ("onnx", False, "--onnx"), ("fine_lr", None, "--fine-lr"), ("down_proj", False, "--down-proj"), ("init", None, "--init"),
                      ("units", None, "--units"), ("recon_loss", None, "--recon-loss"))
 
 
@@ -292,13 +294,14 @@ def _quantize_transformer(args, out: Path) -> int:
                        ("recon_loss", None, "--recon-loss")),
                 f"to --algo {args.algo}: they are for adaround|brecq|qdrop")
     m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
-                         calib=args.calib or 256, calib_len=args.calib_len or 128, seed=args.seed, batch_size=args.batch_size,
+                         calib=args.calib or 256, calib_len=args.calib_len or 128, onnx=args.onnx, seed=args.seed, batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
                          w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
                          **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)
     init = f" (init {m['init']}, {m['iters']} it/block)" if recon else ""
-    print(f"{m['model']} {m['bits']} {m['algo']}{init}: FP {m['fp']:.2f}  quantized {m['quant']:.2f} ({m['metric']}) "
-          f"-> {out / 'metrics.json'}")
+    deployed = f"  ONNX Runtime {m['onnx']['deployed']:.2f} ({m['onnx']['cpu']['kind']})" if "onnx" in m else ""
+    print(f"{m['model']} {m['bits']} {m['algo']}{init}: FP {m['fp']:.2f}  quantized {m['quant']:.2f}{deployed} "
+          f"({m['metric']}) -> {out / 'metrics.json'}")
     return 0
 
 

@@ -40,7 +40,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
                      max_cache_mb: int | None = None, lr_iters: int | None = None, recon_loss: str | None = None,
-                     fp: float | None = None,
+                     fp: float | None = None, onnx: bool = False,
                      progress: bool = False) -> dict:
     """Quantize a Hugging Face model and evaluate it; returns the metrics dict (also written
     atomically to OUT/metrics.json when `out` is given).
@@ -64,6 +64,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     pre-norm decoders, see qdrop.recon.engine._capped).
     Layers outside the blocks (LM head, pooler) keep the init's ranges and nearest rounding. With
     `out`, a killed run resumes at the first unfinished block (OUT/recon_state.pt).
+    onnx: also export OUT/model.onnx (QDQ, qdrop.export.transformer) and score it on the same evaluation data
+    in ONNX Runtime: metrics["onnx"] holds the deployed score, the integer kernels ONNX Runtime runs, the CPU
+    and ONNX Runtime's version (what the runtime delivers, beside what the simulation predicts).
     """
     t0 = time.perf_counter()
     if qdist.launched():
@@ -89,6 +92,11 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if recon and (not isinstance(iters, int) or iters < 1):
         raise UsageError(f"iters must be a positive integer, got {iters!r}")
     parse_bits(bits)
+    if onnx and out is None:
+        raise UsageError("onnx=True writes OUT/model.onnx: give out (the CLI's --out)")
+    if onnx and act_granularity != "per_tensor":
+        raise UsageError("per-token dynamic activations have no static ONNX QDQ form: drop --onnx, or use "
+                         "--act-granularity per_tensor")
     if down_proj and transform not in ("smoothquant", "osplus"):
         raise UsageError(f"down_proj applies to smoothquant and osplus, not {transform!r}")
     if w_observer is None:
@@ -147,6 +155,11 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     t = time.perf_counter()
     quant = evaluate(qmodel)
     seconds["eval_quant"] = time.perf_counter() - t
+    deployed = None
+    if onnx:
+        t = time.perf_counter()
+        deployed = _deploy(qmodel, calib_batches[0], Path(out), evaluate)
+        seconds["onnx"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
 
     metrics = dict(model=model, task=task, bits=bits, algo=algo, init=init, iters=iters if recon else 0, lr_iters=lr_iters,
@@ -159,12 +172,33 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    report=_jsonable(report), environment=environment())
     if task == "lm":
         metrics["lm"] = lm_info
+    if deployed is not None:
+        metrics["onnx"] = deployed
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "metrics.json", metrics)
         (out / "recon_state.pt").unlink(missing_ok=True)  # done: the metrics are the result
     return metrics
+
+
+def _deploy(qmodel: nn.Module, example: dict, out: Path, evaluate) -> dict:
+    """Export OUT/model.onnx and score it in ONNX Runtime with the evaluation the simulation had."""
+    import onnxruntime
+
+    from .export.check import optimized_op_counts
+    from .export.transformer import OrtTransformer, export_transformer_onnx
+    from .export.x86 import describe_cpu
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    report = export_transformer_onnx(qmodel, path, {k: v[:1] for k, v in example.items()})
+    ops, integer = optimized_op_counts(path)
+    score = evaluate(OrtTransformer(path, threads=torch.get_num_threads()))
+    return dict(path=str(path), deployed=round(float(score), 4), integer_ops=integer,
+                float_matmuls=ops.get("MatMul", 0) + ops.get("FusedMatMul", 0), act_quantizers=report.act_quantizers,
+                weight_quantizers=report.weight_quantizers, cpu=describe_cpu(), ort_version=onnxruntime.__version__,
+                graph_optimization="all")
 
 
 def _reconstruct(qmodel: nn.Module, tokenizer, batches, algo, iters, batch_size, lam, seed, units, max_cache_mb, out,

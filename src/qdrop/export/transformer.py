@@ -78,6 +78,7 @@ class OrtTransformer:
         return self
 
     def __call__(self, **batch):
+        """batch: the tokenizer's tensors; other keywords of the HF call (use_cache=False) do not apply."""
         missing = [n for n in self.inputs if n not in batch]
         if missing:
             raise ExportError(f"the ONNX model needs inputs {missing}: tokenize as for the export")
