@@ -409,6 +409,8 @@ def test_sts_calibration_is_disjoint_from_evaluation(tmp_path):
     ev, cal, desc = sts_splits(f, calib=6, seed=1)
     assert len(ev) == 20 and len(cal) == 6 and all(c.startswith("other") for c in cal)
     assert sts_splits(f, calib=6, seed=1)[1] == cal  # seeded
+    with pytest.raises(DataError, match="has 10 sentences, fewer than the 11 calibration samples asked for: give --calib 10"):
+        sts_splits(f, calib=11)
 
 
 def test_lm_splits_are_disjoint():

@@ -101,8 +101,11 @@ def sts_splits(path, calib: int = 256, seed: int = 0, calib_file=None) -> tuple[
     calib_file = Path(calib_file) if calib_file is not None else Path(path).with_name("sst2_dev.tsv")
     if calib_file.is_file():
         pool = read_sentences(calib_file)
+        if calib > len(pool):  # not silently fewer: the metrics would record a calibration that was not asked for
+            raise DataError(f"{calib_file} has {len(pool)} sentences, fewer than the {calib} calibration samples "
+                            f"asked for: give --calib {len(pool)} or fewer")
         rng = random.Random(seed)
-        sentences = rng.sample(pool, min(calib, len(pool)))
+        sentences = rng.sample(pool, calib)
         return data, sentences, f"{calib_file.name}: {len(sentences)} sentences (seed {seed})"
     reserve = math.ceil(calib / 2)
     if reserve >= len(data):
