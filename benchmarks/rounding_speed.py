@@ -7,7 +7,7 @@ regulariser sum(1 - |2h(V) - 1|^beta), each differentiated by autograd through a
 closed form (_SoftRoundWeight, _RoundLoss). This times, in one process, alternating:
   parts  - weight + regulariser, forward and backward, for the weights of one MiniLM block and of one
            ResNet-20 block, closed form vs the plain expressions (the earlier code);
-  minilm - (--minilm) whole reconstruction iterations: MiniLM W4A4 qdrop after observers, `--iters`
+  minilm - (--minilm) whole reconstruction iterations: MiniLM W4A4 qdrop after observers (8 sentences a step), `--iters`
            per block, ms per iteration averaged over the six blocks (needs ../shared/data).
 
     python benchmarks/rounding_speed.py [--threads 2] [--minilm] [--iters 100] [--out benchmarks/results/rounding_speed.json]
@@ -88,8 +88,8 @@ def time_minilm(iters):
     from qdrop.nlp_pipeline import run_nlp_quantize
 
     def ms_per_iter():
-        m = run_nlp_quantize("hf:minilm", "sts", bits="w4a4", algo="qdrop", iters=iters)
-        units = m["report"]["recon"]["unit_reports"]
+        m = run_nlp_quantize("hf:minilm", "sts", bits="w4a4", algo="qdrop", iters=iters, batch_size=8)
+        units = m["report"]["reconstruction"]["unit_reports"]
         return statistics.mean(u["ms_per_iter"] for u in units), m["quant"]
 
     f, score_f = ms_per_iter()
