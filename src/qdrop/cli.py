@@ -261,8 +261,9 @@ _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--ta
                 ("cuda_graph", False, "--cuda-graph"))
 # and the transformer path's flags, refused with a vision model
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
-                     ("calib_len", None, "--calib-len"), ("onnx", False, "--onnx"), ("fine_lr", None, "--fine-lr"), ("down_proj", False, "--down-proj"), ("init", None, "--init"),
-                     ("units", None, "--units"), ("recon_loss", None, "--recon-loss"))
+                     ("calib_len", None, "--calib-len"), ("onnx", False, "--onnx"), ("fine_lr", None, "--fine-lr"),
+                     ("down_proj", False, "--down-proj"), ("init", None, "--init"), ("units", None, "--units"),
+                     ("recon_loss", None, "--recon-loss"))
 
 
 def _refuse(args, flags, why: str) -> None:
@@ -294,7 +295,8 @@ def _quantize_transformer(args, out: Path) -> int:
                        ("recon_loss", None, "--recon-loss")),
                 f"to --algo {args.algo}: they are for adaround|brecq|qdrop")
     m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
-                         calib=args.calib or 256, calib_len=args.calib_len or 128, onnx=args.onnx, seed=args.seed, batch_size=args.batch_size,
+                         calib=args.calib or 256, calib_len=args.calib_len or 128, onnx=args.onnx, seed=args.seed,
+                         batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
                          w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
                          **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)

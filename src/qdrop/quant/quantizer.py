@@ -136,21 +136,28 @@ def _enabled(device) -> torch.Tensor:
     return _ENABLED[device]
 
 
+def _soft_rounding(alpha: torch.Tensor):
+    """sigmoid(V), h(V) = clamp(sigmoid(V)(zeta - gamma) + gamma, 0, 1) and where the clamp is inactive:
+    what both closed-form Functions below need (the gradient of h is (zeta - gamma) sig (1 - sig) there)."""
+    sig = torch.sigmoid(alpha)
+    h = sig * (ZETA - GAMMA) + GAMMA
+    inside = (h > 0) & (h < 1)
+    return sig, h.clamp_(0, 1), inside
+
+
 class _RoundLoss(torch.autograd.Function):
     """AdaRound's regulariser sum(1 - |2h(V) - 1|^beta), h(V) = clamp(sigmoid(V)(zeta - gamma) + gamma, 0, 1),
     with its gradient in closed form:
       dL/dV = -2 beta |2h - 1|^(beta - 1) sign(2h - 1) (zeta - gamma) sigmoid(V)(1 - sigmoid(V)),
     0 where the stretch is clamped. Autograd through abs/pow/clamp/sigmoid keeps ~12 full-size
     temporaries and pow's backward recomputes the power (24 ms for a 1536x384 weight on one Xeon
-    core); this keeps one power and three products (the ratio is in benchmarks/recon_speed.py).
+    core); this keeps one power and three products (the ratio is in benchmarks/rounding_speed.py).
     beta may be a number or a 0-d tensor (the CUDA-graph loop anneals it on the device)."""
 
     @staticmethod
     def forward(ctx, alpha, beta):
-        sig = torch.sigmoid(alpha)
-        h = sig * (ZETA - GAMMA) + GAMMA
-        inside = (h > 0) & (h < 1)
-        c = h.clamp_(0, 1).mul_(2).sub_(1)  # 2h - 1
+        sig, h, inside = _soft_rounding(alpha)
+        c = h.mul_(2).sub_(1)  # 2h - 1
         u = c.abs()
         p = u.pow(beta - 1)
         ctx.save_for_backward(sig, inside, c, p, torch.as_tensor(beta, dtype=alpha.dtype, device=alpha.device))
@@ -174,10 +181,8 @@ class _SoftRoundWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, alpha, s, z, qmin, qmax):
-        sig = torch.sigmoid(alpha)
-        h = sig * (ZETA - GAMMA) + GAMMA
-        inside = (h > 0) & (h < 1)
-        q = torch.floor(w / s).add_(h.clamp_(0, 1)).add_(z)  # the order of _adaround's sum: the same float values
+        sig, h, inside = _soft_rounding(alpha)
+        q = torch.floor(w / s).add_(h).add_(z)  # the order of _adaround's sum: the same float values
         inside &= (q >= qmin) & (q <= qmax)
         ctx.save_for_backward(sig, inside, s)
         return q.clamp_(qmin, qmax).sub_(z).mul_(s)
