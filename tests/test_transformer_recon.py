@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import qdrop  # noqa: E402
-from qdrop.errors import PartitionError, UsageError  # noqa: E402
+from qdrop.errors import PartitionError, ReconstructionError, UsageError  # noqa: E402
 from qdrop.export import ExportError  # noqa: E402
 from qdrop.nlp.units import ScopePartition, find_blocks  # noqa: E402
 from qdrop.quant.state import quant_mode  # noqa: E402
@@ -114,6 +114,52 @@ def test_captured_inputs_are_what_each_block_receives():
     assert "position_embeddings" in part.extras(0)[0][1]  # rotary embeddings reach the block as a keyword
 
 
+@pytest.mark.parametrize("make,parts", [(tiny_bert, ["attention", "intermediate+output"]), (tiny_llama, ["self_attn", "mlp"])],
+                         ids=["bert", "llama"])
+def test_split_blocks_gives_attention_and_mlp_units_that_cover_each_block(make, parts):
+    q = prepared(make, "w8a8")
+    batch = padded_batch()
+    whole, split = ScopePartition(q), ScopePartition(q, split=True)
+    with quant_mode(q, weights=False, acts=False):
+        xs, _ = whole.start([batch], "cpu")
+        xs_split, _ = split.start([batch], "cpu")
+    assert torch.equal(xs[0], xs_split[0])
+    blocks = [n for n, _ in find_blocks(q)]
+    assert [u.name for u in split.blocks] == [f"{b}[{p}]" for b in blocks for p in parts]
+    for k, b in enumerate(whole.blocks):  # each block's layers and input quantizers, each in exactly one part
+        mine = [u for u in split.blocks if u.name.startswith(b.name + "[")]
+        assert sorted(t for u in mine for t in u.layers) == sorted(b.layers)
+        assert sorted(t for u in mine for t in u.act_quants) == sorted(b.act_quants)
+
+
+def test_parts_compute_what_the_block_computes():
+    """Chained on the block inputs, each part gives its last child's output as the whole quantized model
+    computes it; the chain moves to the block's output only after the block's last part."""
+    q = prepared(tiny_llama, "w4a8")
+    batch = padded_batch()
+    part = ScopePartition(q, split=True)
+    seen = {}
+
+    def keep(name):
+        return lambda m, a, out: seen.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+    hooks = [q.get_submodule(f"model.layers.{i}.{c}").register_forward_hook(keep(f"model.layers.{i}[{c}]"))
+             for i in range(3) for c in ("self_attn", "mlp")]
+    with torch.no_grad():
+        q(**batch)  # quantizers on: the part before a part runs quantized, as in the model
+        for h in hooks:
+            h.remove()
+        with quant_mode(q, weights=False, acts=False):
+            xs, _ = part.start([batch], "cpu")
+        x = xs[0]  # (the embeddings: nothing quantized before the first block)
+        for k, u in enumerate(part.blocks):
+            args, kwargs = part.extras(k)[0]
+            assert torch.allclose(part.block_fn(k)(x, *args, **kwargs), seen[u.name], atol=1e-5), u.name
+            carry = part.carry_fn(k)
+            assert (carry is None) == u.name.endswith("[self_attn]")
+            if carry is not None:
+                x = carry(x, *args, **kwargs)
+
+
 # ---- reconstruction ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
@@ -134,6 +180,24 @@ def test_reconstruction_reduces_the_output_error(make, algo):
     # learned rounding is fixed and every quantizer is back on
     assert all(m.weight_quant.round_up is not None for n, m in q.named_modules()
                if isinstance(m, qdrop.nlp.QuantLinear) and n.startswith(find_blocks(q)[0][0].rsplit(".", 1)[0]))
+
+
+@pytest.mark.parametrize("algo", ["qdrop", "adaround"])
+def test_split_blocks_reconstruction_reduces_the_error_and_is_its_own_run(algo, tmp_path):
+    batch = padded_batch()
+    q = prepared(tiny_bert, "w3a8" if algo == "adaround" else "w3a4", batch)
+    before = masked_error(q, batch)
+    state = str(tmp_path / "recon_state.pt")
+    rep = qdrop.reconstruct(q, None, [batch], algo=algo, iters=200, batch_size=8, progress=False, split_blocks=True,
+                            state_path=state)
+    assert masked_error(q, batch) < 0.9 * before
+    assert len(rep["units"]) == 6  # attention and MLP of 3 blocks
+    if algo == "adaround":  # layer units found inside each part: every Linear once
+        assert [r["unit"] for r in rep["unit_reports"]] == [n for n, m in q.named_modules()
+                                                           if isinstance(m, qdrop.nlp.QuantLinear) and ".layer." in n]
+    with pytest.raises(ReconstructionError, match="written by a different run"):  # whole blocks do not resume it
+        qdrop.reconstruct(prepared(tiny_bert, "w3a4", batch), None, [batch], algo=algo, iters=200, batch_size=8,
+                          progress=False, state_path=state)
 
 
 def test_capped_loss_weights_only_outsized_positions():
@@ -269,8 +333,10 @@ def test_api_refuses_what_does_not_apply():
         qdrop.prepare(torch.nn.Linear(2, 2), (torch.randn(1, 2),), act_granularity="per_token")
     fx = qdrop.prepare(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(2, 4),), bits="w8a8")
     qdrop.calibrate(fx, [torch.randn(8, 4)])
-    with pytest.raises(UsageError, match="units= names a transformer's blocks"):
+    with pytest.raises(UsageError, match="units= and split_blocks= set a transformer's units"):
         qdrop.reconstruct(fx, None, torch.randn(8, 4), units="0", iters=1, progress=False)
+    with pytest.raises(UsageError, match="units= and split_blocks= set a transformer's units"):
+        qdrop.reconstruct(fx, None, torch.randn(8, 4), split_blocks=True, iters=1, progress=False)
 
 
 def test_cli_refuses_vision_flags_with_a_hugging_face_model(tmp_path, capsys):
@@ -291,6 +357,12 @@ def test_cli_refuses_vision_flags_with_a_hugging_face_model(tmp_path, capsys):
     rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--algo", "naive", "--recon-loss",
                "capped", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--recon-loss does not apply to --algo naive" in capsys.readouterr().err
+    rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--algo", "qdrop", "--split-blocks",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--split-blocks does not apply to vision models" in capsys.readouterr().err
+    rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--algo", "os", "--split-blocks",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--split-blocks does not apply to --algo os" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

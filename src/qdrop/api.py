@@ -97,13 +97,14 @@ def calibrate(qmodel: nn.Module, batches: Iterable, device: str | torch.device |
 
 
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module | None, calib_data, algo="qdrop", units: str | None = None,
-                **options) -> dict:
+                split_blocks: bool = False, **options) -> dict:
     """Reconstruct a calibrated model in place with adaround / brecq / qdrop (or an Algorithm).
 
     fx path: calib_data is a tensor of calibration inputs [N, ...]; units come from the graph.
     Transformers: calib_data is a list of tokenized batches (dicts with input_ids and
     attention_mask); one unit per repeated block, found structurally or named by `units`
-    ("model.layers"). options: those of qdrop.recon.reconstruct (iters, batch_size, seed, ...).
+    ("model.layers"), or with split_blocks=True one unit per part of a block (its attention, its
+    MLP; qdrop.nlp.units). options: those of qdrop.recon.reconstruct (iters, batch_size, seed, ...).
     """
     from .recon.engine import reconstruct as run
 
@@ -113,9 +114,10 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module | None, calib_data, algo=
         if fp_model is not None:
             raise UsageError("fp_model is not used for transformers: the FP reference is the prepared model with "
                              "quantizers off; pass None")
-        return run(qmodel, None, calib_data, algo, partition=ScopePartition(qmodel, units), **options)
-    if units is not None:
-        raise UsageError("units= names a transformer's blocks; fx-traced models are partitioned from their graph")
+        return run(qmodel, None, calib_data, algo, partition=ScopePartition(qmodel, units, split=split_blocks), **options)
+    if units is not None or split_blocks:
+        raise UsageError("units= and split_blocks= set a transformer's units; fx-traced models are partitioned from "
+                         "their graph")
     return run(qmodel, fp_model, calib_data, algo, **options)
 
 

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--units", default=None, metavar="MODULE",
                    help="transformers: the container of the repeated blocks, one reconstruction unit each (default: found "
                    "from the structure, e.g. model.layers)")
+    q.add_argument("--split-blocks", action="store_true",
+                   help="transformers with adaround|brecq|qdrop: one reconstruction unit per part of each block (its "
+                   "attention, its MLP) instead of one per block")
     q.add_argument("--task", choices=("sts", "lm"), default=None,
                    help="transformers: sts (sentence embeddings, Spearman on STS-B) or lm (perplexity on WikiText-2)")
     q.add_argument("--act-granularity", choices=("per_tensor", "per_token"), default="per_tensor",
@@ -263,6 +266,7 @@ _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--ta
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
                      ("calib_len", None, "--calib-len"), ("onnx", False, "--onnx"), ("fine_lr", None, "--fine-lr"),
                      ("down_proj", False, "--down-proj"), ("init", None, "--init"), ("units", None, "--units"),
+                     ("split_blocks", False, "--split-blocks"),
                      ("recon_loss", None, "--recon-loss"))
 
 
@@ -287,10 +291,12 @@ def _quantize_transformer(args, out: Path) -> int:
         _refuse(args, (("max_windows", None, "--max-windows"), ("calib_len", None, "--calib-len")),
                 f"to --task {args.task}: they set the lm task's text segments")
     recon = args.algo in ALGORITHMS
-    extra = dict(init=args.init, iters=args.iters, lam=args.lam, units=args.units, max_cache_mb=args.max_cache_mb,
+    extra = dict(init=args.init, iters=args.iters, lam=args.lam, units=args.units, split_blocks=args.split_blocks,
+                 max_cache_mb=args.max_cache_mb,
                  lr_iters=args.lr_iters, recon_loss=args.recon_loss) if recon else {}
     if not recon:
-        _refuse(args, (("init", None, "--init"), ("units", None, "--units"), ("lam", None, "--lambda"),
+        _refuse(args, (("init", None, "--init"), ("units", None, "--units"), ("split_blocks", False, "--split-blocks"),
+                       ("lam", None, "--lambda"),
                        ("max_cache_mb", None, "--max-cache-mb"), ("lr_iters", None, "--lr-iters"),
                        ("recon_loss", None, "--recon-loss")),
                 f"to --algo {args.algo}: they are for adaround|brecq|qdrop")

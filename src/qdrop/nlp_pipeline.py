@@ -39,6 +39,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
+                     split_blocks: bool = False,
                      max_cache_mb: int | None = None, lr_iters: int | None = None, recon_loss: str | None = None,
                      fp: float | None = None, onnx: bool = False,
                      progress: bool = False) -> dict:
@@ -57,7 +58,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
 
     algo adaround / brecq / qdrop: block reconstruction, `iters` per block, after `init` (naive:
     observers only, or an equivalent transform: smoothquant / osplus / os) - one unit per repeated
-    block (`units` names them when the structure is unusual). A step samples `batch_size` sentences
+    block (`units` names them when the structure is unusual), or one per part of a block with
+    split_blocks (attention, MLP; qdrop.nlp.units). A step samples `batch_size` sentences
     (sts) or min(batch_size, 8) segments (lm) of the calibration set; padding is not in the error.
     recon_loss: the unit-output error, "mse" (default, the papers') or "capped" (positions whose FP output
     is above the batch's median size count by their relative error; for the massive activations of
@@ -84,8 +86,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         raise UsageError(f"init must be one of {INITS}, got {init!r}")
     transform = init if recon else algo
     if (lam is not None or units is not None or max_cache_mb is not None or lr_iters is not None
-            or recon_loss is not None) and not recon:
-        raise UsageError(f"lam, units, max_cache_mb, recon_loss and lr_iters apply to the reconstruction algorithms "
+            or recon_loss is not None or split_blocks) and not recon:
+        raise UsageError(f"lam, units, split_blocks, max_cache_mb, recon_loss and lr_iters apply to the reconstruction "
+                         f"algorithms "
                          f"{tuple(ALGORITHMS)}, not to {algo!r}")
     if recon_loss not in (None, *UNIT_LOSSES):  # (the prediction objectives fisher / pd are for the torch.fx path)
         raise UsageError(f"recon_loss must be one of {UNIT_LOSSES}, got {recon_loss!r}")
@@ -150,7 +153,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         overrides = {k: v for k, v in (("lr_iters", lr_iters), ("loss", recon_loss)) if v}
         algorithm = get_algorithm(algo, **overrides) if overrides else algo
         report["reconstruction"] = _reconstruct(qmodel, tokenizer, recon_data, algorithm, iters, recon_batch, lam, seed,
-                                                units, max_cache_mb, out, progress)
+                                                units, split_blocks, max_cache_mb, out, progress)
     seconds["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     quant = evaluate(qmodel)
@@ -201,8 +204,8 @@ def _deploy(qmodel: nn.Module, example: dict, out: Path, evaluate) -> dict:
                 graph_optimization="all")
 
 
-def _reconstruct(qmodel: nn.Module, tokenizer, batches, algo, iters, batch_size, lam, seed, units, max_cache_mb, out,
-                 progress) -> dict:
+def _reconstruct(qmodel: nn.Module, tokenizer, batches, algo, iters, batch_size, lam, seed, units, split_blocks,
+                 max_cache_mb, out, progress) -> dict:
     """Block reconstruction of a calibrated transformer (qdrop.reconstruct); the report without curves."""
     from .api import reconstruct
     from .io import atomic_write_json
@@ -211,13 +214,15 @@ def _reconstruct(qmodel: nn.Module, tokenizer, batches, algo, iters, batch_size,
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         state = str(Path(out) / "recon_state.pt")
-    rep = reconstruct(qmodel, None, batches, algo=algo, units=units, iters=iters, batch_size=batch_size, lam=lam,
+    rep = reconstruct(qmodel, None, batches, algo=algo, units=units, split_blocks=split_blocks, iters=iters,
+                      batch_size=batch_size, lam=lam,
                       seed=seed, device="cpu" if not torch.cuda.is_available() else None, state_path=state,
                       progress=progress, max_cache_bytes=None if max_cache_mb is None else max_cache_mb * 2**20)
     if out is not None:
         atomic_write_json(Path(out) / "recon.json", rep)
     keep = ("unit", "iters", "seconds", "ms_per_iter", "final_loss")
     return dict(algo=rep["algo"], stages=rep["stages"], iters=iters, batch_size=batch_size, lam=rep["lam"], units=len(rep["units"]),
+                split_blocks=split_blocks,
                 seconds=rep["seconds"], unit_reports=[{k: r[k] for k in keep} for r in rep["unit_reports"]])
 
 

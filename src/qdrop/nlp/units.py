@@ -12,10 +12,21 @@ mask, rotary position embeddings, position ids, ...). The engine in qdrop.recon 
 hidden states along the chain as it carries a CNN's tensors and passes each block its own
 arguments; the token mask of the batch (its attention_mask) keeps padding out of the error.
 
+Finer units (split=True): each block becomes one unit per part - the block's children that hold
+quantized layers, in the order the forward calls them (an attention, an MLP). A child holding a
+single quantized layer joins the part that follows it (a trailing one, the part before): one Linear
+is a layer, not a sub-block, so BERT's `intermediate` and `output` form its MLP part. A part's
+input is still the block's input (hidden states and arguments) and its output the output of its
+last child, taken by a forward hook that stops the block there: the residuals, norms and masks
+between the parts stay the block's own code, and nothing model-specific is written here. The
+parts before it run quantized, as already reconstructed (their cost is recomputed every
+iteration; it buys this generality). After the block's last part the chain moves on to the block's
+output (carry_fn). Where one child holds every quantized layer, its children are the parts.
+
 This module provides the partition interface qdrop.recon.engine.reconstruct expects (see
-GraphPartition there): blocks, feature_dim, start, extras, block_fn, layer_units, layer_fn,
-layer_io. Layers outside the blocks (an LM head, a pooler) keep their calibrated ranges and
-nearest rounding.
+GraphPartition there): blocks, feature_dim, start, extras, block_fn, carry_fn, layer_units,
+layer_fn, layer_io. Layers outside the blocks (an LM head, a pooler) keep their calibrated ranges
+and nearest rounding.
 """
 from __future__ import annotations
 
@@ -70,16 +81,52 @@ def _block_unit(name: str, block: nn.Module) -> Unit:
     return Unit(name, "block", [], None, None, layers, acts)
 
 
+def _n_layers(m: nn.Module) -> int:
+    return sum(isinstance(x, QuantLayer) for x in m.modules())
+
+
+def _split_parent(name: str, block: nn.Module) -> tuple[str, nn.Module]:
+    """The module whose children are a block's parts: the block, or below it while one child holds
+    every quantized layer."""
+    while True:
+        holding = [(n, c) for n, c in block.named_children() if _n_layers(c)]
+        if len(holding) != 1 or isinstance(holding[0][1], QuantLayer):
+            return name, block
+        name, block = f"{name}.{holding[0][0]}", holding[0][1]
+
+
+def _parts(called: list[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:
+    """Children holding quantized layers, in call order, grouped into parts: consecutive children up to
+    two quantized layers or more (a single-layer child joins the next; a trailing one the part before)."""
+    parts, pending = [], []
+    for name, child in called:
+        pending.append((name, child))
+        if sum(_n_layers(c) for _, c in pending) > 1:
+            parts.append(pending)
+            pending = []
+    if pending:
+        if parts:
+            parts[-1].extend(pending)
+        else:
+            parts.append(pending)
+    return parts
+
+
 class ScopePartition:
-    """Units of a module-swapped transformer (qdrop.nlp.prepare_transformer): one per block."""
+    """Units of a module-swapped transformer (qdrop.nlp.prepare_transformer): one per block, or with
+    split=True one per part of a block (its attention, its MLP; see the module's docstring)."""
 
     feature_dim = -1  # hidden states [batch, tokens, features]: the error sums features, averages real tokens
 
-    def __init__(self, model: nn.Module, units: str | None = None):
+    def __init__(self, model: nn.Module, units: str | None = None, split: bool = False):
         self.model = model
         found = find_blocks(model, units)
-        self.modules = [m for _, m in found]
-        self.blocks = [_block_unit(n, m) for n, m in found]
+        self.modules = [m for _, m in found]  # the blocks' modules, one per block
+        self.block_names = [n for n, _ in found]
+        self.split = split
+        self.blocks = [_block_unit(n, m) for n, m in found]  # the units: blocks, or parts once start() has run
+        self._of_block = list(range(len(found)))  # the block of each unit
+        self._ends: list = [None] * len(found)  # split: the module whose output is the unit's output
         self._extras: list[list] = []
         self._x_key: list = []
 
@@ -114,13 +161,30 @@ class ScopePartition:
                 self._extras[k].append(tree_map(_detach, (tuple(args), kwargs)))
                 if k == 0:
                     xs.append(x.detach())
-                if k == n - 1:
+                if k == n - 1 and not self.split:
                     raise _Stop
+            return hook
+
+        def stop_after(module, args, output):  # split: the last block runs, for the call order of its parts
+            raise _Stop
+
+        # split: the children of each block's split parent, in the order the first batch calls them
+        parents = [_split_parent(nm, m) for nm, m in zip(self.block_names, self.modules)] if self.split else []
+        called = [[] for _ in parents]
+
+        def child_hook(k, name, child):
+            def hook(module, args, output):
+                if not any(c is child for _, c in called[k]):
+                    called[k].append((name, child))
             return hook
 
         config = getattr(self.model, "config", None)
         use_cache = getattr(config, "use_cache", None)
         handles = [m.register_forward_pre_hook(pre_hook(k), with_kwargs=True) for k, m in enumerate(self.modules)]
+        if self.split:
+            handles.append(self.modules[-1].register_forward_hook(stop_after))
+            handles += [c.register_forward_hook(child_hook(k, f"{pn}.{cn}", c)) for k, (pn, p) in enumerate(parents)
+                        for cn, c in p.named_children() if _n_layers(c)]
         try:
             if use_cache is not None:
                 config.use_cache = False  # no key/value cache objects among the captured arguments
@@ -140,19 +204,71 @@ class ScopePartition:
                 h.remove()
             if use_cache is not None:
                 config.use_cache = use_cache
+        if self.split:
+            self._make_parts(called)
         return xs, masks
 
+    def _make_parts(self, called: list) -> None:
+        units, of_block, ends = [], [], []
+        for k, (name, block) in enumerate(zip(self.block_names, self.modules)):
+            seen = {id(c) for _, c in called[k]}
+            missed = [n for n, c in _split_parent(name, block)[1].named_children() if _n_layers(c) and id(c) not in seen]
+            if missed:
+                raise PartitionError(f"block {name}: {missed} hold quantized layers but were not called; "
+                                     "reconstruct whole blocks (no split)")
+            for part in _parts(called[k]):
+                layers = [_join(cn, n) for cn, c in part for n, m in c.named_modules() if isinstance(m, QuantLayer)]
+                acts = [_join(cn, n) for cn, c in part for n, m in c.named_modules()
+                        if isinstance(m, Quantizer) and m.role == "act"]
+                label = "+".join(cn.rsplit(".", 1)[-1] for cn, _ in part)
+                units.append(Unit(f"{name}[{label}]", "block", [], None, None, layers, acts))
+                of_block.append(k)
+                ends.append(part[-1][1])
+        self.blocks, self._of_block, self._ends = units, of_block, ends
+
     def extras(self, k: int) -> list:
-        return self._extras[k]
+        return self._extras[self._of_block[k]]
 
     # ---- running units ---------------------------------------------------------------------
-    def block_fn(self, k: int):
-        module, key = self.modules[k], self._x_key[k]
+    def _whole_block(self, b: int):
+        module, key = self.modules[b], self._x_key[b]
 
         def run(x, *args, **kwargs):
             out = module(x, *args, **kwargs) if key is None else module(*args, **{key: x}, **kwargs)
             return out[0] if isinstance(out, (tuple, list)) else out
         return run
+
+    def block_fn(self, k: int):
+        """Unit k as a function of its block's input: the block, or the block run up to the end of the part."""
+        run_block, end = self._whole_block(self._of_block[k]), self._ends[k]
+        if end is None:
+            return run_block
+
+        def run_part(x, *args, **kwargs):
+            box = {}
+
+            def hook(module, a, output):
+                box["y"] = output
+                raise _Stop
+            handle = end.register_forward_hook(hook)
+            try:
+                run_block(x, *args, **kwargs)
+            except _Stop:
+                if "y" not in box:  # a hook inside the part stopped the block (layer_io): pass it on
+                    raise
+            finally:
+                handle.remove()
+            y = box["y"]
+            return y[0] if isinstance(y, (tuple, list)) else y
+        return run_part
+
+    def carry_fn(self, k: int):
+        """What turns unit k's input into unit k+1's: None where both read the same block input (parts
+        of one block), else the whole block."""
+        b = self._of_block[k]
+        if k + 1 < len(self.blocks) and self._of_block[k + 1] == b:
+            return None
+        return self._whole_block(b)
 
     def layer_units(self, k: int) -> list[Unit]:
         """Each quantized layer of block k (its input quantizer inside it)."""
@@ -202,6 +318,10 @@ class ScopePartition:
         finally:
             handle.remove()
         return ins, (outs if with_output else None)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if name else prefix
 
 
 def _detach(v):

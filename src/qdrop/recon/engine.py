@@ -557,10 +557,22 @@ def reconstruct(
                 step += 1
                 if k == len(sp.blocks) - 1:  # the stage's last unit: its quantized output is not needed
                     break
+                # what makes the next unit's input from this one's: the unit itself, unless the partition says
+                # otherwise (a transformer's parts: None, the next part reads the same block input; after a
+                # block's last part, the whole block)
+                carry = sp.carry_fn(k) if hasattr(sp, "carry_fn") else fn
+                if carry is None:
+                    continue
                 # the FP input goes before the next quantized input is made: three cached tensors at most
-                x_fp, x_q_in = y_fp, x_q
+                x_q_in = x_q
+                if carry is fn:
+                    x_fp = y_fp
+                else:
+                    del y_fp
+                    with quant_mode(qmodel, weights=False, acts=False):
+                        x_fp = run_groups(carry, x_fp, extras, device, cache=cache)
                 with quant_mode(qmodel, weights=True, acts=stage.act_quant):
-                    x_q = run_groups(fn, x_q_in, extras, device, cache=cache)
+                    x_q = run_groups(carry, x_q_in, extras, device, cache=cache)
                 cache_bytes, in_memory = _most((cache_bytes, in_memory), x_q_in, x_fp, x_q)
                 del x_q_in
     finally:
