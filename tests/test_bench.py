@@ -191,7 +191,7 @@ def test_overrides_exclude_and_env(tmp_path, tiny, monkeypatch):
 
 def test_shipped_configs_dry_run(capsys, monkeypatch):
     monkeypatch.setenv("IMAGENET", "/data/imagenet")
-    configs = [("cifar10", 32), ("imagenet_paper", 96), ("nlp", 24), ("deploy", 24), ("beyond", 46)]
+    configs = [("cifar10", 32), ("imagenet_paper", 96), ("nlp", 24), ("deploy", 24), ("beyond", 50)]
     if importlib.util.find_spec("efficientnet_lite_pytorch"):  # qdrop[vision]: lite0.yaml's model needs it
         configs.append(("lite0", 8))
     for name, n in configs:
@@ -213,7 +213,7 @@ def test_shipped_configs_dry_run(capsys, monkeypatch):
     # at four bit-widths, 3 seeds on ResNet-20 and one on ResNet-32, and W2A4 at 500 it
     beyond = [r.config for r in load_sweep(ROOT / "benchmarks" / "beyond.yaml").runs]
     components = {c["algo"] for c in beyond} - {"qdrop", "qdrop-plus"}
-    assert components == {"qdrop-fisher", "qdrop-pd", "qdrop-net", "qdrop-mrecg"}
+    assert components == {"qdrop-fisher", "qdrop-pd", "qdrop-dc", "qdrop-pdquant", "qdrop-net", "qdrop-mrecg"}
     assert {(c["algo"], c["bits"]) for c in beyond if c["algo"] in components} == {
         (a, b) for a in components for b in ("w2a4", "w2a2")}
     assert {c["seed"] for c in beyond if c["model"] == "cifar10_resnet20" and c["algo"] == "qdrop-plus"} == {0, 1, 2}

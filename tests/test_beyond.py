@@ -129,7 +129,75 @@ def test_killed_network_refinement_resumes_to_the_same_model(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_folded_bn_statistics_recover_the_bn_input():
+    """What folding keeps (beta, |gamma|, sqrt(var + eps)) maps the folded layer's output back to the BN's
+    input exactly as the distribution correction reads it: z = (y - beta) * std / |gamma| + running_mean
+    for gamma > 0 (folding multiplies by gamma / std)."""
+    model, qmodel, x = small_setup()
+    with torch.no_grad():
+        for m in model.modules():  # gammas of both signs and a dead channel
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)
+                m.weight[0] = 0.0
+    qmodel = __import__("qdrop").prepare(model, (x[:2],), bits="w4a4")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen = {}
+    hooks = [bn.register_forward_hook(lambda m, a, y: seen.__setitem__(m, a[0])) for bn in bns]
+    convs = [m for m in qmodel.modules() if isinstance(m, QuantLayer) and hasattr(m.layer, "bn_output")]
+    outs = []
+    hooks += [c.register_forward_hook(lambda m, a, y: outs.append(y)) for c in convs]
+    with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
+        model(x[:4])
+        qmodel(x[:4])
+    for h in hooks:
+        h.remove()
+    assert len(convs) == len(bns) and len(outs) == len(bns)
+    for bn, conv, y in zip(bns, convs, outs):  # (both in the order the network runs them)
+        beta, gamma, std = conv.layer.bn_output
+        z = seen[bn]
+        sign = torch.sign(bn.weight).reshape(1, -1, 1, 1)
+        live = (gamma > 0).reshape(1, -1, 1, 1).expand_as(z)
+        want = (z - bn.running_mean.reshape(1, -1, 1, 1)) * sign  # |gamma| un-scales; the sign stays
+        got = (y - beta.reshape(1, -1, 1, 1)) * (std / gamma.clamp(min=1e-12)).reshape(1, -1, 1, 1)
+        torch.testing.assert_close(got[live], want[live], rtol=1e-4, atol=1e-4)
+
+
+def test_distribution_correction_moves_inputs_towards_the_bn_statistics():
+    model, qmodel, x = small_setup()
+    part = engine.GraphPartition(qmodel)
+    with quant_mode(qmodel, weights=False, acts=False):
+        xs, _ = part.start(x, "cpu")
+    k = next(k for k, b in enumerate(part.blocks) if any(hasattr(qmodel.get_submodule(t).layer, "bn_output")
+                                                          for t in b.layers))
+    x_k = [part.block_fn(j) for j in range(k)]
+    with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
+        h = xs[0]
+        for f in x_k:
+            h = f(h)
+    cache = engine._Cache(torch.device("cpu"), None)
+    free, r_free = engine._correct_distribution(qmodel, part.blocks[k], part.block_fn(k), [h],
+                                                Stage(dc_iters=60, dc_lr=1e-2, dc_reg=1.0), "cpu", cache, 16)
+    held, r_held = engine._correct_distribution(qmodel, part.blocks[k], part.block_fn(k), [h],
+                                                Stage(dc_iters=60, dc_lr=1e-2, dc_reg=1e4), "cpu", cache, 16)
+    assert r_free["batches"] == 4 and r_free["stat_loss_last"] < 0.8 * r_free["stat_loss_first"]
+    assert r_free["input_change"] > 10 * r_held["input_change"]  # the constraint keeps the inputs in place
+    assert free[0].shape == h.shape and not torch.equal(free[0], h)
+    assert all(p.grad is None for p in qmodel.parameters())  # the unit's parameters are not touched
+
+
+def test_distribution_correction_reconstructs_and_reports():
+    model, qmodel, x = small_setup()
+    before = output_error(qmodel, model, x)
+    report = reconstruct(qmodel, model, x, algo=get_algorithm("qdrop-pdquant", dc_iters=20), iters=100, batch_size=16,
+                         progress=False)
+    assert output_error(qmodel, model, x) < 0.8 * before
+    dc = [r["distribution_correction"] for r in report["unit_reports"] if "distribution_correction" in r]
+    assert dc and all(d["stat_loss_last"] <= d["stat_loss_first"] for d in dc)
+
+
 def test_bad_options_are_refused():
+    with pytest.raises(UsageError, match="dc_iters"):
+        Stage(dc_iters=-1)
     with pytest.raises(UsageError, match="loss"):
         Stage(loss="l1")
     with pytest.raises(UsageError, match="scope"):
@@ -146,6 +214,8 @@ def test_candidates_are_qdrop_plus_one_component():
     qdrop = get_algorithm("qdrop").stages[0]
     assert CANDIDATES["qdrop-fisher"].stages == (replace(qdrop, loss="fisher"),)
     assert CANDIDATES["qdrop-pd"].stages == (replace(qdrop, loss="pd"),)
+    assert CANDIDATES["qdrop-dc"].stages == (replace(qdrop, dc_iters=500),)
+    assert CANDIDATES["qdrop-pdquant"].stages == (replace(qdrop, loss="pd", dc_iters=500),)
     first, refine = CANDIDATES["qdrop-net"].stages
     assert first == qdrop and refine.scope == "network"
 
@@ -204,5 +274,5 @@ def test_state_files_of_earlier_runs_still_match():
     """Stage fields added later are recorded only when set: a plain qdrop run's recorded stages are the
     fields it had before they existed."""
     meta = engine._stage_meta(get_algorithm("qdrop").stages[0])
-    assert not {"loss", "pd_reg", "pd_temp", "scope"} & set(meta)
+    assert not {"loss", "pd_reg", "pd_temp", "scope", "dc_iters", "dc_lr", "dc_reg"} & set(meta)
     assert engine._stage_meta(CANDIDATES["qdrop-pd"].stages[0])["loss"] == "pd"

@@ -26,6 +26,11 @@ def fold_bn_weights(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn
         b = (b - bn.running_mean) * factor + beta
         fused.weight = nn.Parameter(w)
         fused.bias = nn.Parameter(b)
+        # What the FP network was trained to see at the BN, kept for PD-Quant's distribution correction
+        # (qdrop.recon.engine._correct_distribution): the BN normalised its input to (running_mean,
+        # sqrt(running_var + eps)) per channel and mapped that to (beta, |gamma|) at this layer's output.
+        # A plain attribute: not a buffer, so neither state dicts nor exports see it.
+        fused.bn_output = (beta.detach().clone(), gamma.detach().abs().clone(), (bn.running_var + bn.eps).sqrt().clone())
     return fused
 
 

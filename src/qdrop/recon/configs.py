@@ -24,10 +24,11 @@ qdrop-plus
           0, 1), qdrop-plus 78.25 / 77.96 / 78.38. See docs/algorithms/qdrop-plus.md.
           At 2,000 it/unit (seed 0) it wins only at W2A2 (69.50 vs 66.74) and loses elsewhere (W2A4 77.37,
           W3A3 77.31, W4A4 79.90 vs qdrop 77.92 / 78.66 / 80.13): hence a candidate.
-qdrop-fisher, qdrop-pd, qdrop-net, qdrop-mrecg
+qdrop-fisher, qdrop-pd, qdrop-dc, qdrop-net, qdrop-mrecg, qdrop-pdquant
           qdrop plus one published improvement each (issue #13's ablation, docs/algorithms/beyond.md):
           BRECQ's Fisher-weighted output error (Stage.loss="fisher"); PD-Quant's prediction-difference
-          objective through the FP rest of the network (loss="pd"); a network-wise refinement stage after
+          objective through the FP rest of the network (loss="pd"); PD-Quant's activation distribution
+          correction (Stage.dc_iters), and both (qdrop-pdquant, PD-Quant whole); a network-wise refinement stage after
           the block-wise one (Stage.scope="network"); MRECG-style merging of the blocks of largest capacity
           drop (Algorithm.merge). Candidates until they beat qdrop.
 """
@@ -59,6 +60,12 @@ class Stage:
     pd_reg: float = 0.1  # "pd": weight of the unit-output error added to the prediction-difference KL
     pd_temp: float = 4.0  # "pd": softmax temperature of the KL
     scope: str = "unit"  # "unit": every unit of the partition in turn; "network": one unit, the whole network
+    # PD-Quant's activation distribution correction (engine._correct_distribution; the torch.fx path, BN-folded
+    # convolutions): before a unit is learned, its FP input is moved, batch by batch, towards inputs whose
+    # convolution outputs have the per-channel mean and std the folded BNs were trained on. 0: off.
+    dc_iters: int = 0  # Adam steps per batch of batch_size inputs (PD-Quant: 500)
+    dc_lr: float = 1e-3  # PD-Quant's bn_lr
+    dc_reg: float = 50.0  # weight of the squared distance to the original input (PD-Quant: 1 / lamb_c, lamb_c 0.02)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -67,6 +74,9 @@ class Stage:
             raise UsageError(f"unknown stage scope {self.scope!r}; choose 'unit' or 'network'")
         if not self.pd_temp > 0 or not self.pd_reg >= 0:
             raise UsageError(f"pd_temp must be > 0 and pd_reg >= 0, got {self.pd_temp!r} and {self.pd_reg!r}")
+        if not isinstance(self.dc_iters, int) or self.dc_iters < 0 or not self.dc_lr > 0 or not self.dc_reg >= 0:
+            raise UsageError(f"dc_iters must be an integer >= 0, dc_lr > 0 and dc_reg >= 0, got {self.dc_iters!r}, "
+                             f"{self.dc_lr!r} and {self.dc_reg!r}")
 
 
 LOSSES = ("mse", "capped", "fisher", "pd")
@@ -124,6 +134,10 @@ CANDIDATES = {
     # The published improvements on QDrop, each alone (issue #13's ablation; docs/algorithms/beyond.md).
     "qdrop-fisher": Algorithm("qdrop-fisher", "block", (replace(_QDROP, loss="fisher"),)),
     "qdrop-pd": Algorithm("qdrop-pd", "block", (replace(_QDROP, loss="pd"),)),
+    # PD-Quant's second part alone (distribution correction, the official code's 500 steps per batch), and
+    # PD-Quant whole: its objective and its correction
+    "qdrop-dc": Algorithm("qdrop-dc", "block", (replace(_QDROP, dc_iters=500),)),
+    "qdrop-pdquant": Algorithm("qdrop-pdquant", "block", (replace(_QDROP, loss="pd", dc_iters=500),)),
     "qdrop-net": Algorithm("qdrop-net", "block", (_QDROP, NETWORK_REFINE)),
     "qdrop-mrecg": Algorithm("qdrop-mrecg", "block", (_QDROP,), merge=2),
 }

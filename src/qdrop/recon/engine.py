@@ -460,13 +460,13 @@ def reconstruct(
     qmodel.to(device).eval()
     part = GraphPartition(qmodel) if partition is None else partition
     world, rank = qdist.world_size(), qdist.rank()
-    beyond = [s for s in algorithm.stages if s.loss in PREDICTION_LOSSES or s.scope != "unit"]
+    beyond = [s for s in algorithm.stages if s.loss in PREDICTION_LOSSES or s.scope != "unit" or s.dc_iters]
     if beyond and not hasattr(part, "tail_fn"):
-        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages cover the torch.fx path "
-                         "(CNNs); reconstruct transformers with the unit-output error")
+        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd', distribution correction and network-scope stages "
+                         "cover the torch.fx path (CNNs); reconstruct transformers with the unit-output error")
     if beyond and (world > 1 or algorithm.units != "block"):
-        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd' and network-scope stages need block units "
-                         "in one process (not layer units, not torchrun)")
+        raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd', distribution correction and network-scope stages "
+                         "need block units in one process (not layer units, not torchrun)")
     if algorithm.merge:
         if not hasattr(part, "merged") or algorithm.units != "block":
             raise UsageError(f"{algorithm.name}: merging units (merge={algorithm.merge}) covers block units of the "
@@ -533,7 +533,8 @@ def reconstruct(
             if stage.loss in PREDICTION_LOSSES and logits_fp is None:  # (small: [samples, classes], on the device)
                 with quant_mode(qmodel, weights=False, acts=False):
                     logits_fp = [t.to(device) for t in run_groups(part.network().block_fn(0), xs0, part.extras(0), device)]
-            cache.copies = 4 if stage.loss == "fisher" else 3
+            # cached tensors held at once: x_q, x_fp, y_fp; Fisher weights; the corrected x and y of a correction
+            cache.copies = 3 + (stage.loss == "fisher") + 2 * bool(stage.dc_iters)
             x_fp = cache.put(xs0)
             x_q = x_fp
             for k, block in enumerate(sp.blocks):
@@ -596,7 +597,7 @@ def reconstruct(
 
 # Stage fields added after state files were first written: recorded only when not at their defaults,
 # so that a run started before they existed resumes (its stages are the same configuration).
-_LATER_FIELDS = {"loss": "mse", "pd_reg": 0.1, "pd_temp": 4.0, "scope": "unit"}
+_LATER_FIELDS = {"loss": "mse", "pd_reg": 0.1, "pd_temp": 4.0, "scope": "unit", "dc_iters": 0, "dc_lr": 1e-3, "dc_reg": 50.0}
 
 
 def _stage_meta(stage: Stage) -> dict:
@@ -638,13 +639,23 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
         prefixes = tuple(t + "." for b in part.blocks[k + 1 :] for t in b.layers)
         mode = (quant_mode(qmodel, weights=True, acts=stage.act_quant) if tail is None else switched(
             qmodel, lambda n, q: (q.role == "weight" or stage.act_quant) and n not in later and not n.startswith(prefixes)))
+        # PD-Quant's distribution correction: the unit learns from corrected FP inputs and their FP outputs;
+        # the chain carries on with the uncorrected FP output (each unit corrects the FP model's own inputs)
+        x_t, y_t, dc = x_fp, y_fp, None
+        if stage.dc_iters:
+            x_t, dc = _correct_distribution(qmodel, block, fn, x_fp, stage, device, cache, cfg.batch_size)
+            if x_t is not x_fp:
+                with quant_mode(qmodel, weights=False, acts=False):
+                    y_t = run_groups(fn, x_t, extras, device, cache=cache)
         with mode:
             aux = logits_fp
             if stage.loss == "fisher":
                 aux = _fisher_weights(fn, tail, x_q, logits_fp, extras, device, cache, cfg.batch_size)
-            r = _optimize(qmodel, block, fn, x_q, x_fp, y_fp, stage, stage_iters, cfg, lam, device,
+            r = _optimize(qmodel, block, fn, x_q, x_t, y_t, stage, stage_iters, cfg, lam, device,
                           _unit_seed(cfg.seed, s_idx, k), bar, label, extras=extras, masks=masks, feature_dim=fdim,
                           aux=aux, tail=tail)
+        if dc is not None:
+            r["distribution_correction"] = dc
         report["unit_reports"].append(r)
         return y_fp, (aux if stage.loss == "fisher" else [])
     for j, lu in enumerate(part.layer_units(k)):
@@ -658,6 +669,72 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
                           _unit_seed(cfg.seed, s_idx, k, j + 1), bar, f"{label} [{lu.name}]", masks=masks, feature_dim=fdim)
         report["unit_reports"].append(r)
     return y_fp, []
+
+
+def _correct_distribution(qmodel, unit: Unit, fn, x_fp: list, stage: Stage, device, cache, batch_size: int):
+    """PD-Quant's activation distribution correction (Liu et al., CVPR 2023, eq. 9, as its official code
+    runs it): each batch of `batch_size` FP inputs x of the unit is replaced by the x' that minimises, by
+    `stage.dc_iters` Adam steps (lr dc_lr, halved after 100 steps without progress, down to 1e-5),
+
+        sum over the unit's BN-folded convolutions and over the batch of
+            |mu(z) - running_mean|^2 + |sigma(z) - sqrt(running_var + eps)|^2   (per channel, / batch)
+        + dc_reg * mean over positions of |x' - x|^2 summed over channels
+
+    with z the BN's input (recovered from the folded layer's output, as the FP unit computes it on x') and
+    mu, sigma its mean and standard deviation over each sample's positions. The FP unit, quantizers off.
+    Returns the corrected inputs (x_fp itself when the unit has no BN-folded convolution) and a summary:
+    the statistics' loss and the input's relative change, averaged over the batches."""
+    targets = []
+    for name in unit.layers:
+        layer = qmodel.get_submodule(name)
+        stats = getattr(layer.layer, "bn_output", None)
+        if stats is not None and layer.layer.weight.dim() >= 3:  # statistics over positions: convolutions
+            beta, gamma, std = (t.to(device) for t in stats)
+            # z = (y - beta) * std / gamma + running_mean: so mu(z) - running_mean = (mu(y) - beta) * std / gamma
+            # and sigma(z) - std = (sigma(y) - gamma) * std / gamma (a channel of gamma 0 carries nothing)
+            scale = torch.where(gamma > 0, std / gamma.clamp(min=1e-12), torch.zeros_like(std))
+            targets.append((layer, beta, gamma, scale))
+    if not targets:
+        return x_fp, None
+    outputs = {}
+
+    def keep(module, args, y):
+        outputs[module] = y
+    hooks = [layer.register_forward_hook(keep) for layer, *_ in targets]
+    corrected, before, after, moved = [], [], [], []
+    try:
+        with quant_mode(qmodel, weights=False, acts=False):
+            for x in x_fp:
+                xc = cache.empty(tuple(x.shape), x.numel() / sum(t.numel() for t in x_fp))
+                for i in range(0, x.shape[0], batch_size):
+                    x0 = x[i : i + batch_size].to(device, torch.float32)
+                    p = x0.clone().requires_grad_(True)
+                    opt = torch.optim.Adam([p], lr=stage.dc_lr)
+                    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-5, patience=100)
+                    for it in range(stage.dc_iters):
+                        fn(p)
+                        stat = 0.0
+                        for layer, beta, gamma, scale in targets:
+                            y = outputs[layer].flatten(2)  # [batch, channels, positions]
+                            mu, sigma = y.mean(2), (y.var(2) + 1e-6).sqrt()
+                            stat = stat + (((mu - beta) * scale).pow(2).sum() + ((sigma - gamma) * scale).pow(2).sum()) / y.shape[0]
+                        loss = stat + stage.dc_reg * (p - x0).pow(2).sum(1).mean()
+                        (grad,) = torch.autograd.grad(loss, p)
+                        p.grad = grad
+                        opt.step()
+                        plateau.step(float(loss.detach()))
+                        if it == 0:
+                            before.append(float(stat.detach()))
+                    after.append(float(stat.detach()))
+                    moved.append(float((p - x0).norm() / x0.norm().clamp(min=1e-12)))
+                    xc[i : i + batch_size] = p.detach()
+                corrected.append(xc)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(before)
+    return corrected, dict(batches=n, stat_loss_first=sum(before) / n, stat_loss_last=sum(after) / n,
+                           input_change=sum(moved) / n)
 
 
 def _fisher_weights(fn, tail, x_q, logits_fp, extras, device, cache, batch_size: int) -> list:
