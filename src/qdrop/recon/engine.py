@@ -683,7 +683,8 @@ def _correct_distribution(qmodel, unit: Unit, fn, x_fp: list, stage: Stage, devi
     with z the BN's input (recovered from the folded layer's output, as the FP unit computes it on x') and
     mu, sigma its mean and standard deviation over each sample's positions. The FP unit, quantizers off.
     Returns the corrected inputs (x_fp itself when the unit has no BN-folded convolution) and a summary:
-    the statistics' loss and the input's relative change, averaged over the batches."""
+    the statistics' loss and the input's relative change, averaged over the batches, and the time it took
+    (not in the unit's own `seconds`, which time its reconstruction loop)."""
     targets = []
     for name in unit.layers:
         layer = qmodel.get_submodule(name)
@@ -702,6 +703,7 @@ def _correct_distribution(qmodel, unit: Unit, fn, x_fp: list, stage: Stage, devi
         outputs[module] = y
     hooks = [layer.register_forward_hook(keep) for layer, *_ in targets]
     corrected, before, after, moved = [], [], [], []
+    t0 = time.perf_counter()
     try:
         with quant_mode(qmodel, weights=False, acts=False):
             for x in x_fp:
@@ -726,7 +728,7 @@ def _correct_distribution(qmodel, unit: Unit, fn, x_fp: list, stage: Stage, devi
                         if it == 0:
                             before.append(float(stat.detach()))
                     after.append(float(stat.detach()))
-                    moved.append(float((p - x0).norm() / x0.norm().clamp(min=1e-12)))
+                    moved.append(float((p.detach() - x0).norm() / x0.norm().clamp(min=1e-12)))
                     xc[i : i + batch_size] = p.detach()
                 corrected.append(xc)
     finally:
@@ -734,7 +736,7 @@ def _correct_distribution(qmodel, unit: Unit, fn, x_fp: list, stage: Stage, devi
             h.remove()
     n = len(before)
     return corrected, dict(batches=n, stat_loss_first=sum(before) / n, stat_loss_last=sum(after) / n,
-                           input_change=sum(moved) / n)
+                           input_change=sum(moved) / n, seconds=time.perf_counter() - t0)
 
 
 def _fisher_weights(fn, tail, x_q, logits_fp, extras, device, cache, batch_size: int) -> list:
