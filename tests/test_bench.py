@@ -189,6 +189,25 @@ def test_overrides_exclude_and_env(tmp_path, tiny, monkeypatch):
     assert len({r.run_id for r in sweep.runs}) == len(sweep.runs)
 
 
+# (deploy_bench's records predate the cuda_graph option, which entered every vision run's id as False: a
+# rerun of benchmarks/deploy.yaml recomputes those 24 runs. The sweeps below must not lose theirs again.)
+@pytest.mark.parametrize("config, results", [("transformer_recon.yaml", "transformer_recon/sweep"),
+                                              ("beyond.yaml", "beyond_bench")])
+def test_recorded_runs_keep_their_ids(config, results):
+    """A keyword added to the run functions must not change the ids of runs already recorded (they would be
+    run again): every shipped record's id is what today's code computes from its config."""
+    from qdrop.bench.config import run_id
+
+    records = [json.loads(line) for line in open(ROOT / "benchmarks" / "results" / results / "results.jsonl")]
+    sweep = load_sweep(ROOT / "benchmarks" / config, {"threads": records[0]["config"].get("threads")})
+    ids = {r.run_id for r in sweep.runs}
+    mine = [r for r in records if r.get("sweep") == sweep.name]
+    assert mine
+    for r in mine:
+        assert r["run_id"] == run_id(r["config"])
+        assert r["run_id"] in ids, r["run_id"]
+
+
 def test_shipped_configs_dry_run(capsys, monkeypatch):
     monkeypatch.setenv("IMAGENET", "/data/imagenet")
     configs = [("cifar10", 32), ("imagenet_paper", 96), ("nlp", 24), ("deploy", 24), ("beyond", 50)]

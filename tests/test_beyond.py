@@ -200,6 +200,12 @@ def test_bad_options_are_refused():
         Stage(dc_iters=-1)
     with pytest.raises(UsageError, match="loss"):
         Stage(loss="l1")
+    _, no_bn, x = small_setup()
+    for m in no_bn.modules():  # as a network without BatchNorm would be
+        if isinstance(m, QuantLayer) and hasattr(m.layer, "bn_output"):
+            del m.layer.bn_output
+    with pytest.raises(UsageError, match="has none"):  # nothing to correct: refused, not silently plain qdrop
+        reconstruct(no_bn, None, x, algo="qdrop-dc", iters=5, batch_size=16, progress=False)
     with pytest.raises(UsageError, match="scope"):
         Stage(scope="layer")
     _, qmodel, x = small_setup()

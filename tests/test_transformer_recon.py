@@ -195,6 +195,14 @@ def test_split_blocks_reconstruction_reduces_the_error_and_is_its_own_run(algo, 
     if algo == "adaround":  # layer units found inside each part: every Linear once
         assert [r["unit"] for r in rep["unit_reports"]] == [n for n, m in q.named_modules()
                                                            if isinstance(m, qdrop.nlp.QuantLinear) and ".layer." in n]
+    # rerun on the finished state file: every unit is walked through as done (the chain carried part by part,
+    # under a cache cap), and the model is the one that was learned
+    learned = {k: v.clone() for k, v in q.state_dict().items()}
+    again = prepared(tiny_bert, "w3a8" if algo == "adaround" else "w3a4", batch)
+    qdrop.reconstruct(again, None, [batch], algo=algo, iters=200, batch_size=8, progress=False, split_blocks=True,
+                      state_path=state, max_cache_bytes=3 * 24 * 12 * 32 * 4)
+    for k, v in learned.items():
+        assert torch.equal(v, again.state_dict()[k]), k
     with pytest.raises(ReconstructionError, match="written by a different run"):  # whole blocks do not resume it
         qdrop.reconstruct(prepared(tiny_bert, "w3a4", batch), None, [batch], algo=algo, iters=200, batch_size=8,
                           progress=False, state_path=state)

@@ -97,7 +97,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable, device: str | torch.device |
 
 
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module | None, calib_data, algo="qdrop", units: str | None = None,
-                split_blocks: bool = False, **options) -> dict:
+                split_blocks: bool | None = False, **options) -> dict:
     """Reconstruct a calibrated model in place with adaround / brecq / qdrop (or an Algorithm).
 
     fx path: calib_data is a tensor of calibration inputs [N, ...]; units come from the graph.
@@ -114,7 +114,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module | None, calib_data, algo=
         if fp_model is not None:
             raise UsageError("fp_model is not used for transformers: the FP reference is the prepared model with "
                              "quantizers off; pass None")
-        return run(qmodel, None, calib_data, algo, partition=ScopePartition(qmodel, units, split=split_blocks), **options)
+        return run(qmodel, None, calib_data, algo, partition=ScopePartition(qmodel, units, split=bool(split_blocks)), **options)
     if units is not None or split_blocks:
         raise UsageError("units= and split_blocks= set a transformer's units; fx-traced models are partitioned from "
                          "their graph")

@@ -39,9 +39,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
-                     split_blocks: bool = False,
+                     split_blocks: bool | None = None,
                      max_cache_mb: int | None = None, lr_iters: int | None = None, recon_loss: str | None = None,
-                     fp: float | None = None, onnx: bool = False,
+                     fp: float | None = None, onnx: bool | None = None,
                      progress: bool = False) -> dict:
     """Quantize a Hugging Face model and evaluate it; returns the metrics dict (also written
     atomically to OUT/metrics.json when `out` is given).
@@ -59,7 +59,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     algo adaround / brecq / qdrop: block reconstruction, `iters` per block, after `init` (naive:
     observers only, or an equivalent transform: smoothquant / osplus / os) - one unit per repeated
     block (`units` names them when the structure is unusual), or one per part of a block with
-    split_blocks (attention, MLP; qdrop.nlp.units). A step samples `batch_size` sentences
+    split_blocks (attention, MLP; qdrop.nlp.units; None = False, and kept out of sweep run ids). A step samples `batch_size` sentences
     (sts) or min(batch_size, 8) segments (lm) of the calibration set; padding is not in the error.
     recon_loss: the unit-output error, "mse" (default, the papers') or "capped" (positions whose FP output
     is above the batch's median size count by their relative error; for the massive activations of
@@ -222,7 +222,7 @@ def _reconstruct(qmodel: nn.Module, tokenizer, batches, algo, iters, batch_size,
         atomic_write_json(Path(out) / "recon.json", rep)
     keep = ("unit", "iters", "seconds", "ms_per_iter", "final_loss")
     return dict(algo=rep["algo"], stages=rep["stages"], iters=iters, batch_size=batch_size, lam=rep["lam"], units=len(rep["units"]),
-                split_blocks=split_blocks,
+                split_blocks=bool(split_blocks),
                 seconds=rep["seconds"], unit_reports=[{k: r[k] for k in keep} for r in rep["unit_reports"]])
 
 

@@ -320,7 +320,8 @@ def _slug(text: str) -> str:
 # one exception: runs of the onnxruntime preset recorded before x86 targets existed had full int8
 # weights (today's target_cpu: vnni), while None now means avx2; no shipped sweep used that preset,
 # and such a results folder should be rerun in a new folder.
-ID_IF_SET = {"int32_bias", "target_cpu", "budget", "sensitivity", "lr_iters", "init", "units", "recon_loss"}
+ID_IF_SET = {"int32_bias", "target_cpu", "budget", "sensitivity", "lr_iters", "init", "units", "recon_loss",
+             "split_blocks", "onnx"}
 
 
 def run_id(config: dict) -> str:

@@ -129,6 +129,7 @@ class ScopePartition:
         self._ends: list = [None] * len(found)  # split: the module whose output is the unit's output
         self._extras: list[list] = []
         self._x_key: list = []
+        self._runs: dict = {}  # block -> its function (_whole_block)
 
     # ---- capture -------------------------------------------------------------------------
     @torch.no_grad()
@@ -143,6 +144,7 @@ class ScopePartition:
             if not isinstance(b, dict) or "input_ids" not in b:
                 raise DataError(f"calibration batch {i} is not a dict with input_ids (a tokenizer's output)")
         n = len(self.modules)
+        self._runs = {}
         self._extras = [[] for _ in range(n)]
         self._x_key = [None] * n
         xs, masks = [], []
@@ -231,6 +233,13 @@ class ScopePartition:
 
     # ---- running units ---------------------------------------------------------------------
     def _whole_block(self, b: int):
+        """Block b as a function of its input; one function per block, so that the engine sees that a
+        whole-block unit's carry is the unit itself (and reuses its FP output)."""
+        if b not in self._runs:
+            self._runs[b] = self._make_whole_block(b)
+        return self._runs[b]
+
+    def _make_whole_block(self, b: int):
         module, key = self.modules[b], self._x_key[b]
 
         def run(x, *args, **kwargs):

@@ -467,6 +467,11 @@ def reconstruct(
     if beyond and (world > 1 or algorithm.units != "block"):
         raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd', distribution correction and network-scope stages "
                          "need block units in one process (not layer units, not torchrun)")
+    if any(s.dc_iters for s in algorithm.stages) and not any(
+            getattr(m.layer, "bn_output", None) is not None for m in qmodel.modules() if isinstance(m, QuantLayer)):
+        raise UsageError(f"{algorithm.name}: distribution correction reads the BatchNorm statistics folded into "
+                         "convolutions, and this model has none (no eval-mode BN after a conv); use an algorithm "
+                         "without dc_iters")
     if algorithm.merge:
         if not hasattr(part, "merged") or algorithm.units != "block":
             raise UsageError(f"{algorithm.name}: merging units (merge={algorithm.merge}) covers block units of the "
@@ -540,10 +545,17 @@ def reconstruct(
             for k, block in enumerate(sp.blocks):
                 fn = sp.block_fn(k)
                 extras = sp.extras(k)
+                last = k == len(sp.blocks) - 1
+                # what makes the next unit's input from this one's: the unit itself, unless the partition says
+                # otherwise (a transformer's parts: None, the next part reads the same block input; after a
+                # block's last part, the whole block)
+                carry = None if last else sp.carry_fn(k) if hasattr(sp, "carry_fn") else fn
                 aux = []
                 if step <= done:  # finished before a restart: only move the caches along
-                    with quant_mode(qmodel, weights=False, acts=False):
-                        y_fp = run_groups(fn, x_fp, extras, device, cache=cache)
+                    y_fp = []
+                    if carry is fn:
+                        with quant_mode(qmodel, weights=False, acts=False):
+                            y_fp = run_groups(fn, x_fp, extras, device, cache=cache)
                 else:
                     y_fp, aux = _reconstruct_block(qmodel, sp, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
                                                    stage_iters, cfg, lam, device, bar, report, total_units, step, cache,
@@ -556,13 +568,10 @@ def reconstruct(
                 cache_bytes, in_memory = _most((cache_bytes, in_memory), x_q, x_fp, y_fp, aux)
                 del aux
                 step += 1
-                if k == len(sp.blocks) - 1:  # the stage's last unit: its quantized output is not needed
+                if last:  # the stage's last unit: its quantized output is not needed
                     break
-                # what makes the next unit's input from this one's: the unit itself, unless the partition says
-                # otherwise (a transformer's parts: None, the next part reads the same block input; after a
-                # block's last part, the whole block)
-                carry = sp.carry_fn(k) if hasattr(sp, "carry_fn") else fn
                 if carry is None:
+                    del y_fp  # (three cached tensors at most: the next unit makes its own)
                     continue
                 # the FP input goes before the next quantized input is made: three cached tensors at most
                 x_q_in = x_q
@@ -674,7 +683,7 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
 def _correct_distribution(qmodel, unit: Unit, fn, x_fp: list, stage: Stage, device, cache, batch_size: int):
     """PD-Quant's activation distribution correction (Liu et al., CVPR 2023, eq. 9, as its official code
     runs it): each batch of `batch_size` FP inputs x of the unit is replaced by the x' that minimises, by
-    `stage.dc_iters` Adam steps (lr dc_lr, halved after 100 steps without progress, down to 1e-5),
+    `stage.dc_iters` Adam steps (lr dc_lr, x 0.1 after 100 steps without progress, down to 1e-5),
 
         sum over the unit's BN-folded convolutions and over the batch of
             |mu(z) - running_mean|^2 + |sigma(z) - sqrt(running_var + eps)|^2   (per channel, / batch)
@@ -718,6 +727,8 @@ def _correct_distribution(qmodel, unit: Unit, fn, x_fp: list, stage: Stage, devi
                         stat = 0.0
                         for layer, beta, gamma, scale in targets:
                             y = outputs[layer].flatten(2)  # [batch, channels, positions]
+                            if y.shape[2] < 2:  # (one position: no spread to match)
+                                continue
                             mu, sigma = y.mean(2), (y.var(2) + 1e-6).sqrt()
                             stat = stat + (((mu - beta) * scale).pow(2).sum() + ((sigma - gamma) * scale).pow(2).sum()) / y.shape[0]
                         loss = stat + stage.dc_reg * (p - x0).pow(2).sum(1).mean()
