@@ -76,8 +76,8 @@ def find_blocks(model: nn.Module, units: str | None = None) -> list[tuple[str, n
 
 
 def _block_unit(name: str, block: nn.Module) -> Unit:
-    layers = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, QuantLayer)]
-    acts = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, Quantizer) and m.role == "act"]
+    layers = [_join(name, n) for n, m in block.named_modules() if isinstance(m, QuantLayer)]
+    acts = [_join(name, n) for n, m in block.named_modules() if isinstance(m, Quantizer) and m.role == "act"]
     return Unit(name, "block", [], None, None, layers, acts)
 
 
@@ -219,11 +219,10 @@ class ScopePartition:
                 raise PartitionError(f"block {name}: {missed} hold quantized layers but were not called; "
                                      "reconstruct whole blocks (no split)")
             for part in _parts(called[k]):
-                layers = [_join(cn, n) for cn, c in part for n, m in c.named_modules() if isinstance(m, QuantLayer)]
-                acts = [_join(cn, n) for cn, c in part for n, m in c.named_modules()
-                        if isinstance(m, Quantizer) and m.role == "act"]
+                children = [_block_unit(cn, c) for cn, c in part]
                 label = "+".join(cn.rsplit(".", 1)[-1] for cn, _ in part)
-                units.append(Unit(f"{name}[{label}]", "block", [], None, None, layers, acts))
+                units.append(Unit(f"{name}[{label}]", "block", [], None, None, [t for u in children for t in u.layers],
+                                  [t for u in children for t in u.act_quants]))
                 of_block.append(k)
                 ends.append(part[-1][1])
         self.blocks, self._of_block, self._ends = units, of_block, ends
@@ -236,16 +235,13 @@ class ScopePartition:
         """Block b as a function of its input; one function per block, so that the engine sees that a
         whole-block unit's carry is the unit itself (and reuses its FP output)."""
         if b not in self._runs:
-            self._runs[b] = self._make_whole_block(b)
+            module, key = self.modules[b], self._x_key[b]
+
+            def run(x, *args, **kwargs):
+                out = module(x, *args, **kwargs) if key is None else module(*args, **{key: x}, **kwargs)
+                return out[0] if isinstance(out, (tuple, list)) else out
+            self._runs[b] = run
         return self._runs[b]
-
-    def _make_whole_block(self, b: int):
-        module, key = self.modules[b], self._x_key[b]
-
-        def run(x, *args, **kwargs):
-            out = module(x, *args, **kwargs) if key is None else module(*args, **{key: x}, **kwargs)
-            return out[0] if isinstance(out, (tuple, list)) else out
-        return run
 
     def block_fn(self, k: int):
         """Unit k as a function of its block's input: the block, or the block run up to the end of the part."""

@@ -653,7 +653,7 @@ def _reconstruct_block(qmodel, part, k, fn, extras, masks, x_q, x_fp, algorithm:
         x_t, y_t, dc = x_fp, y_fp, None
         if stage.dc_iters:
             x_t, dc = _correct_distribution(qmodel, block, fn, x_fp, stage, device, cache, cfg.batch_size)
-            if x_t is not x_fp:
+            if dc is not None:
                 with quant_mode(qmodel, weights=False, acts=False):
                     y_t = run_groups(fn, x_t, extras, device, cache=cache)
         with mode:
@@ -724,7 +724,7 @@ def _correct_distribution(qmodel, unit: Unit, fn, x_fp: list, stage: Stage, devi
                     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-5, patience=100)
                     for it in range(stage.dc_iters):
                         fn(p)
-                        stat = 0.0
+                        stat = p.new_zeros(())
                         for layer, beta, gamma, scale in targets:
                             y = outputs[layer].flatten(2)  # [batch, channels, positions]
                             if y.shape[2] < 2:  # (one position: no spread to match)
