@@ -80,10 +80,11 @@ def tiny_bert(layers=2):
     return _spread_norms(BertModel(cfg).eval())
 
 
-def tiny_llama(layers=2):
+def tiny_llama(layers=2, tied=False):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tied)
     return _spread_norms(LlamaForCausalLM(cfg).eval())
 
 
@@ -267,6 +268,10 @@ def test_adapters():
     assert ad.family == "llama" and len(ad.groups) == 4 and len(ad.pairs) == 2
     assert ad.groups[0].linears == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
                                     "model.layers.0.self_attn.v_proj"]
+    # prepared, the final norm -> quantized lm_head is a group too; an lm_head kept in FP is not
+    ad = find_adapter(prepare_transformer(tiny_llama(2)))
+    assert len(ad.groups) == 5 and (ad.groups[-1].norm, ad.groups[-1].linears) == ("model.norm", ["lm_head"])
+    assert len(find_adapter(prepare_transformer(tiny_llama(2), skip=("lm_head",))).groups) == 4
 
 
 def test_gamma_migration_bert_is_exact():
@@ -280,14 +285,18 @@ def test_gamma_migration_bert_is_exact():
     assert not torch.allclose(q.encoder.layer[1].output.LayerNorm.weight, torch.ones(32))
 
 
-@pytest.mark.parametrize("down_proj", [False, True])
-def test_smoothquant_and_osplus_llama_are_exact(down_proj):
-    model, b = tiny_llama(), llama_batch()
-    ref = model(**b).logits
+@pytest.mark.parametrize("down_proj,tied", [(False, False), (True, False), (False, True)])
+def test_smoothquant_and_osplus_llama_are_exact(down_proj, tied):
+    model, b = tiny_llama(tied=tied), llama_batch()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ref, emb = model(**b).logits, model.model.embed_tokens.weight.detach().clone()
     for fn in (smoothquant, osplus):
         q = prepare_transformer(model)
         fn(q, [b], down_proj=down_proj)
         assert (q(**b).logits - ref).abs().max() < 1e-4, fn.__name__
+        # lm_head (the final norm's group) got its own copy to rescale: the embedding is unchanged
+        assert q.lm_head.layer.weight is not q.model.embed_tokens.weight
+        assert torch.equal(q.model.embed_tokens.weight, emb) and not q.config.tie_word_embeddings
     # OS+ gave the bias-free RMSNorm a bias and the Linears after it a bias
     assert hasattr(q.model.layers[0].input_layernorm, "qdrop_bias")
     assert q.model.layers[0].self_attn.q_proj.layer.bias is not None

@@ -42,6 +42,17 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return m.layer if isinstance(m, QuantLayer) else m
 
 
+def _untie(model: nn.Module, lin: nn.Linear) -> None:
+    """A weight shared with another module (lm_head tied to the input embedding) becomes this
+    Linear's own copy, so rescaling its columns leaves the embedding as it was."""
+    holders = sum(1 for m in model.modules() for p in m.parameters(recurse=False) if p is lin.weight)
+    if holders > 1:
+        lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=lin.weight.requires_grad)
+        cfg = getattr(model, "config", None)
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False  # a later tie_weights() must not undo the copy
+
+
 def _norm_bias_hook(module, args, output):
     return output + module.qdrop_bias
 
@@ -89,7 +100,9 @@ def scale_group(model: nn.Module, g: NormGroup, s: torch.Tensor) -> None:
     if hasattr(norm, "qdrop_bias"):
         norm.qdrop_bias.div_(s)
     for n in g.linears:
-        _linear(model, n).weight.data.mul_(s)
+        lin = _linear(model, n)
+        _untie(model, lin)
+        lin.weight.data.mul_(s)
     if g.shortcut:
         _shortcut(model, g.shortcut, s).qdrop_shortcut_scale.mul_(s)
 
