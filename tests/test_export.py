@@ -144,6 +144,33 @@ def test_simulated_int32_bias_equals_the_exported_bias(tmp_path, backend):
     assert checked == 4  # stem, c1, c2, fc
 
 
+def test_int32_bias_of_a_dead_channel_is_clamped_alike(tmp_path):
+    """A channel whose weights are ~0 (weight scale at its floor) with a bias of a few units needs more
+    than 2**31 codes: the export clamps it, never wraps it to the other sign (float32 2**31 - 1 is 2**31,
+    whose int32 cast overflows), and the simulation clamps it identically."""
+    qm, x = _quantized("onnxruntime", "w8a8")
+    layer = next(m for m in qm.modules() if hasattr(m, "weight_quant") and m.bias_scale() is not None)
+    wq = layer.weight_quant
+    with torch.no_grad():
+        layer.layer.weight[:2].zero_()
+        layer.layer.bias[:2] = torch.tensor([5.0, -5.0])
+        scale = wq.scale.detach().clone().reshape(-1)
+        scale[:2] = 1e-8
+    wq.set_range(scale, wq.zero_point.detach().clone())
+    assert (layer.layer.bias[:2].abs() / layer.bias_scale()[:2] > 2**31).all()  # beyond int32 codes
+    export_onnx(qm, tmp_path / "m.onnx", x[:1])
+    model = onnx.load(tmp_path / "m.onnx")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    # the layer's bias: its first two codes are the clamp's ends, positive then negative
+    node = next(nd for nd in model.graph.node if nd.op_type in ("Conv", "Gemm") and len(nd.input) == 3
+                and inits[producer[nd.input[2]].input[0]][:2].tolist() == [int(2.0**31 - 128), -(2**31)])
+    b_dq = producer[node.input[2]]
+    codes, s_b = inits[b_dq.input[0]], inits[b_dq.input[1]]
+    with torch.no_grad():
+        np.testing.assert_array_equal(codes.astype(np.float32) * s_b, layer.effective_bias().numpy())
+
+
 def test_int32_bias_follows_the_preset_and_can_be_switched():
     x = torch.randn(8, 3, 16, 16)
     for backend, expected in [("onnxruntime", True), ("qnn", True), ("academic", False), ("tensorrt", False)]:

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import ExportError
 from ..graph.prepare import quantizers
 from ..io import atomic_write
-from ..quant.layers import QuantLayer
+from ..quant.layers import INT32_BIAS_MAX, INT32_BIAS_MIN, QuantLayer
 from ..quant.quantizer import Quantizer
 
 
@@ -352,7 +352,7 @@ def _quantize_biases(model, bias_scale_of: dict) -> int:
             if bias.shape != s_b.shape:
                 raise ExportError(f"{node.name}: bias of shape {list(bias.shape)} does not match its "
                                   f"{s_b.size} int32-bias scales")
-            codes = np.clip(np.rint(bias / s_b), -(2**31), 2**31 - 1).astype(np.int32)
+            codes = np.clip(np.rint(bias / s_b), INT32_BIAS_MIN, INT32_BIAS_MAX).astype(np.int32)  # as simulated
             base = node.input[2]
             b_int = numpy_helper.from_array(codes, f"{base}.int32")
             b_s = numpy_helper.from_array(s_b, f"{base}.scale")

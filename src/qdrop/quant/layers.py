@@ -9,6 +9,11 @@ from .quantizer import Quantizer
 from .scheme import QScheme
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# The int32 bias codes' range, as float32 can hold it: 2**31 - 1 rounds up to 2**31 in float32, whose cast to
+# int32 overflows (to -2**31 on x86), so the largest code is the float32 just below, 2**31 - 128. A channel
+# whose weights are ~0 (a dead channel after BN folding; EfficientNet-Lite0 has dozens, weight scale at its
+# 1e-8 floor) needs |b| / (s_x * s_w) > 2**31: the runtime clamps its bias, so the simulation clamps it too.
+INT32_BIAS_MIN, INT32_BIAS_MAX = -(2.0**31), 2.0**31 - 128
 _PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}
 
 
@@ -51,7 +56,11 @@ class QuantLayer(nn.Module):
         if torch.jit.is_tracing():  # exporting: the quantizers are placeholders, the exporter writes the codes
             return b
         s = self.bias_scale()
-        return b if s is None else b + (torch.round(b / s) * s - b).detach()
+        if s is None:
+            return b
+        # the value is exactly codes * s (b + (v - b) is not, once the clamp moves v far from b);
+        # the gradient reaches b straight through
+        return (torch.round(b / s).clamp(INT32_BIAS_MIN, INT32_BIAS_MAX) * s).detach() + (b - b.detach())
 
     @property
     def weight(self):
