@@ -42,7 +42,7 @@ def _save(obj, name):
 
 
 def run_parity(args):
-    from qdrop.export.x86 import emulator
+    from qdrop.export.x86 import describe_cpu, emulator
     from qdrop.io import environment
     from qdrop.pipeline import QuantizeJob, run_export, run_quantize
 
@@ -62,6 +62,7 @@ def run_parity(args):
             ("cifar10_resnet20", "onnxruntime", "qdrop", None, "vnni"),
             ("cifar10_resnet20", "onnxruntime", "naive", False, "avx2"), ("cifar10_resnet20", "academic", "naive", None, None)]
     emulations = [None] + (["avx2"] if emulator() and not args.native_only else [])
+    native_kind = describe_cpu()["kind"]
     for model, backend, algo, int32_bias, target in runs:
         if args.only and model not in args.only:
             continue
@@ -78,7 +79,8 @@ def run_parity(args):
 
         sim_bias = PRESETS[backend].int32_bias if int32_bias is None else int32_bias
         for emulate in emulations:
-            key = (model, backend, algo, "int32" if sim_bias else "float", target, bool(emulate))
+            kind = emulate or native_kind
+            key = (model, backend, algo, "int32" if sim_bias else "float", target, kind, bool(emulate))
             if key in done:
                 rows.append(done[key])
                 continue
@@ -113,7 +115,10 @@ def _merged(rows: list, old: list) -> list:
 
 
 def _row_key(r: dict) -> tuple:
-    return (r["model"], r["backend"], r["algo"], r["sim_bias"], r.get("target_cpu"), bool(r["cpu"].get("emulated")))
+    """A row is one configuration scored on one kind of CPU (vnni / avx2, emulated or not): rows measured on
+    another machine's kind are neither reused nor replaced."""
+    return (r["model"], r["backend"], r["algo"], r["sim_bias"], r.get("target_cpu"), r["cpu"]["kind"],
+            bool(r["cpu"].get("emulated")))
 
 
 def _median_ms(fn, runs, warmup=5):
