@@ -79,8 +79,7 @@ def run_parity(args):
 
         sim_bias = PRESETS[backend].int32_bias if int32_bias is None else int32_bias
         for emulate in emulations:
-            kind = emulate or native_kind
-            key = (model, backend, algo, "int32" if sim_bias else "float", target, kind, bool(emulate))
+            key = _key(model, backend, algo, "int32" if sim_bias else "float", target, emulate or native_kind, bool(emulate))
             if key in done:
                 rows.append(done[key])
                 continue
@@ -114,11 +113,16 @@ def _merged(rows: list, old: list) -> list:
     return rows + [r for r in old if "cpu" in r and _row_key(r) not in keys]
 
 
-def _row_key(r: dict) -> tuple:
+def _key(model, backend, algo, sim_bias, target, cpu_kind, emulated) -> tuple:
     """A row is one configuration scored on one kind of CPU (vnni / avx2, emulated or not): rows measured on
-    another machine's kind are neither reused nor replaced."""
-    return (r["model"], r["backend"], r["algo"], r["sim_bias"], r.get("target_cpu"), r["cpu"]["kind"],
-            bool(r["cpu"].get("emulated")))
+    another machine's kind are neither reused nor replaced. The one definition for rows to be measured and
+    rows already written."""
+    return (model, backend, algo, sim_bias, target, cpu_kind, emulated)
+
+
+def _row_key(r: dict) -> tuple:
+    return _key(r["model"], r["backend"], r["algo"], r["sim_bias"], r.get("target_cpu"), r["cpu"]["kind"],
+                bool(r["cpu"].get("emulated")))
 
 
 def _median_ms(fn, runs, warmup=5):

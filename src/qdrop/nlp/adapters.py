@@ -85,8 +85,8 @@ def find_adapter(model: nn.Module) -> Adapter:
             ad.groups.append(NormGroup(_join(n, "input_layernorm"), [_join(n, f"self_attn.{k}_proj") for k in "qkv"]))
             ad.groups.append(NormGroup(_join(n, "post_attention_layernorm"), [_join(n, "mlp.gate_proj"), _join(n, "mlp.up_proj")]))
             ad.pairs.append(LinearPair(_join(n, "mlp.up_proj"), _join(n, "mlp.down_proj")))
-        stack = llama[-1][0].rsplit(".", 1)[0]  # "model.layers"
-        final_norm = _join(stack.rsplit(".", 1)[0], "norm") if "." in stack else "norm"
+        stack = llama[-1][0].rpartition(".")[0]  # "model.layers"
+        final_norm = _join(stack.rpartition(".")[0], "norm")  # "model.norm"
         # an lm_head kept in floating point (prepare's skip=) has no quantized input to smooth
         if _has(model, final_norm, "lm_head") and hasattr(model.get_submodule("lm_head"), "input_quant"):
             ad.groups.append(NormGroup(final_norm, ["lm_head"]))

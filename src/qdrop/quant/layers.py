@@ -12,7 +12,7 @@ QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 # The int32 bias codes' range, as float32 can hold it: 2**31 - 1 rounds up to 2**31 in float32, whose cast to
 # int32 overflows (to -2**31 on x86), so the largest code is the float32 just below, 2**31 - 128. A channel
 # whose weights are ~0 (a dead channel after BN folding; EfficientNet-Lite0 has dozens, weight scale at its
-# 1e-8 floor) needs |b| / (s_x * s_w) > 2**31: the runtime clamps its bias, so the simulation clamps it too.
+# 1e-8 floor) needs |b| / (s_x * s_w) > 2**31: the exported codes must be clamped, so the simulation clamps alike.
 INT32_BIAS_MIN, INT32_BIAS_MAX = -(2.0**31), 2.0**31 - 128
 _PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}
 
