@@ -46,6 +46,7 @@ class Adapter:
     family: str
     groups: list[NormGroup] = field(default_factory=list)
     pairs: list[LinearPair] = field(default_factory=list)
+    mlp_outputs: list[str] = field(default_factory=list)  # each MLP's second Linear (reads the inner activation)
 
 
 def _has(m: nn.Module, *paths: str) -> bool:
@@ -74,6 +75,7 @@ def find_adapter(model: nn.Module) -> Adapter:
             if prev_norm is not None:
                 ad.groups.append(NormGroup(prev_norm, qkv, _join(n, "attention.output")))
             ad.groups.append(NormGroup(_join(n, "attention.output.LayerNorm"), [_join(n, "intermediate.dense")], _join(n, "output")))
+            ad.mlp_outputs.append(_join(n, "output.dense"))
             prev_norm = _join(n, "output.LayerNorm")
         return ad
     llama = [(n, m) for n, m in model.named_modules()
@@ -85,6 +87,7 @@ def find_adapter(model: nn.Module) -> Adapter:
             ad.groups.append(NormGroup(_join(n, "input_layernorm"), [_join(n, f"self_attn.{k}_proj") for k in "qkv"]))
             ad.groups.append(NormGroup(_join(n, "post_attention_layernorm"), [_join(n, "mlp.gate_proj"), _join(n, "mlp.up_proj")]))
             ad.pairs.append(LinearPair(_join(n, "mlp.up_proj"), _join(n, "mlp.down_proj")))
+            ad.mlp_outputs.append(_join(n, "mlp.down_proj"))
         stack = llama[-1][0].rpartition(".")[0]  # "model.layers"
         final_norm = _join(stack.rpartition(".")[0], "norm")  # "model.norm"
         # an lm_head kept in floating point (prepare's skip=) has no quantized input to smooth

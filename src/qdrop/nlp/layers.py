@@ -38,8 +38,13 @@ class QuantLinear(QuantLayer):
         self.input_quant = Quantizer(a_scheme, role=DYNAMIC if per_token else "act")
         if per_token:
             self.input_quant.mark_dynamic()  # nothing to calibrate: ranges are computed per call
+        # an orthogonal R set by qdrop.nlp.rotation: the layer reads x @ R and its weight is W @ R
+        # (exact: x Wᵀ = (x R)(W R)ᵀ); the product is computed online, in floating point, also in ONNX
+        self.register_buffer("input_rotation", None)
 
     def forward(self, x):
+        if self.input_rotation is not None:
+            x = x @ self.input_rotation
         q = self.input_quant
         if not isinstance(q, Quantizer):  # ONNX export's stand-in (qdrop.export.onnx_qdq): QDQ in the graph
             x = q(x)

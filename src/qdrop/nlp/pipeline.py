@@ -9,6 +9,7 @@ from torch import nn
 from .clipping import token_wise_clipping
 from .equalize import gamma_migration, osplus, smoothquant
 from .prepare import calibrate_transformer, prepare_transformer
+from .rotation import rotate_mlp_inputs
 from ..errors import UsageError
 
 NLP_ALGOS = ("naive", "smoothquant", "osplus", "os")
@@ -24,7 +25,7 @@ FINE_LR = 1e-2
 def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a8", algo: str = "naive",
                          act_granularity: str = "per_tensor", w_observer: str = "mse", a_observer: str = "minmax",
                          quantize_attention_matmuls: bool = False, skip=(), down_proj: bool = False,
-                         alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
+                         rotate_mlp: bool = False, alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
                          patience: int | None = None, seed: int = 0, inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
     """prepare -> (transform) -> calibrate -> (token-wise clipping). Returns (qmodel, report).
 
@@ -33,6 +34,7 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
     osplus       OS+ shift + searched scale, then observers
     os           Outlier Suppression: gamma migration, observers, token-wise clipping (coarse + LSQ+ fine);
                  loss_on='mean_pool' makes its loss the mean-pooled output (sentence embedders)
+    rotate_mlp: after the transform, every MLP's inner activation is rotated online (qdrop.nlp.rotation)
     """
     if algo not in NLP_ALGOS:
         raise UsageError(f"algo must be one of {NLP_ALGOS}, got {algo!r}")
@@ -46,6 +48,8 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
         report["osplus"] = osplus(qmodel, calib_batches, down_proj=down_proj, seed=seed)
     elif algo == "os":
         report["gamma_migration"] = gamma_migration(qmodel)
+    if rotate_mlp:
+        report["rotate_mlp"] = rotate_mlp_inputs(qmodel, seed=seed)
     calibrate_transformer(qmodel, calib_batches)
     if algo == "os":
         # causal LMs: the loss is taken on the decoder's last hidden state, not on 50k-wide

@@ -1,0 +1,76 @@
+"""Online rotation of the MLP's inner activation (the input of its second Linear).
+
+The equivalent transforms (equalize.py) act on a norm's output, where a per-channel scale or
+shift can be folded into the norm. The MLP's inner activation (Llama: act(gate) * up, read by
+down_proj; BERT: GELU(intermediate), read by output.dense) has no such place to fold into, and
+its outliers are what remains of SmolLM2's W8A8 loss (README, #12): a handful of channels of a
+few tokens reach 4-9 where the calibrated per-tensor range is +-1-3.
+
+An orthogonal R spreads each token's energy over all channels: a lone outlier v in one channel
+becomes about v / sqrt(n) in every channel. The layer computes x Wᵀ = (x R)(W R)ᵀ, so storing
+W R and multiplying the input by R at run time is exact in real arithmetic; the input quantizer
+then sees x R. This is the online Hadamard rotation of QuaRot (Ashkboos et al., 2024) applied to
+the one activation that needs it here; the residual stream is left alone (its inputs to q/k/v and
+gate/up are handled by the norm transforms).
+
+R = diag(signs) (Q kron H): H the normalised Sylvester-Hadamard matrix of the largest power of two
+p dividing n, Q a random orthogonal m x m (m = n / p; 1536 = 3 x 512), signs random. One R per
+width and seed, shared by every layer of that width (as in QuaRot). It is stored dense: the product
+costs n^2 multiply-adds per token, more than a structured Hadamard would, and is one MatMul in ONNX.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import find_adapter
+from ..errors import UsageError
+from .layers import QuantLinear
+
+
+def hadamard(p: int) -> torch.Tensor:
+    """The p x p Sylvester-Hadamard matrix divided by sqrt(p) (orthogonal, symmetric), p a power of 2."""
+    if p < 1 or p & (p - 1):
+        raise ValueError(f"a Sylvester-Hadamard matrix needs a power of 2, got {p}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / p ** 0.5
+
+
+def rotation_matrix(n: int, seed: int = 0) -> torch.Tensor:
+    """An n x n orthogonal float64 matrix diag(signs) (Q kron H) (module docstring)."""
+    p = n & -n  # the largest power of 2 dividing n
+    m = n // p
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0] if m > 1 else torch.ones(1, 1, dtype=torch.float64)
+    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+    return signs[:, None] * torch.kron(q.contiguous(), hadamard(p))
+
+
+@torch.no_grad()
+def rotate_mlp_inputs(model: nn.Module, seed: int = 0) -> dict:
+    """Rotate the input of every quantized MLP second Linear (exact with quantizers off). Apply after
+    the norm transforms and before calibration: the input quantizer must observe x R. Returns the
+    count and widths rotated."""
+    names = find_adapter(model).mlp_outputs
+    rotated, widths, shared = [], set(), {}
+    for name in names:
+        lin = model.get_submodule(name)
+        if not isinstance(lin, QuantLinear):  # kept in floating point (prepare's skip=): nothing to spread
+            continue
+        if lin.input_rotation is not None:
+            raise UsageError(f"{name}: its input is already rotated (rotate_mlp_inputs ran twice)")
+        w = lin.layer.weight
+        n = w.shape[1]
+        if n not in shared:
+            r = rotation_matrix(n, seed)
+            shared[n] = (r, r.to(w.dtype))
+        r, r_stored = shared[n]
+        w.data.copy_((w.data.double() @ r).to(w.dtype))
+        lin.input_rotation = r_stored
+        rotated.append(name)
+        widths.add(n)
+    if hasattr(model, "qdrop_nlp"):
+        model.qdrop_nlp.setdefault("transforms", []).append(dict(name="rotate_mlp", seed=seed, layers=len(rotated)))
+    return dict(layers=len(rotated), widths=sorted(widths))
