@@ -374,6 +374,10 @@ def test_rotate_mlp_inputs_is_exact(make, batch):
     assert masked_diff(hidden(q, b), ref, b["attention_mask"]) < 1e-4
     with pytest.raises(ValueError, match="already rotated"):
         rotate_mlp_inputs(q)
+    calibrated = prepare_transformer(model)
+    calibrate_transformer(calibrated, [b])
+    with pytest.raises(ValueError, match="rotate before calibrate_transformer"):
+        rotate_mlp_inputs(calibrated)
     # the whole method: transform, rotation, calibration (the quantizer observes the rotated input)
     qm, report = quantize_transformer(model, [b], "w8a8", "osplus", rotate_mlp=True)
     assert report["rotate_mlp"]["layers"] == 2 and qm.get_submodule(names[0]).input_rotation is not None

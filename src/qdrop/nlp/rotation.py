@@ -61,6 +61,9 @@ def rotate_mlp_inputs(model: nn.Module, seed: int = 0) -> dict:
             continue
         if lin.input_rotation is not None:
             raise UsageError(f"{name}: its input is already rotated (rotate_mlp_inputs ran twice)")
+        if lin.input_quant.calibrated and not lin.per_token:
+            raise UsageError(f"{name}: its input range was calibrated on the unrotated input; rotate before "
+                             "calibrate_transformer (quantize_transformer(rotate_mlp=True) does)")
         w = lin.layer.weight
         n = w.shape[1]
         if n not in shared:
