@@ -50,18 +50,21 @@ def worst_pair_sums(qmodel) -> list[dict]:
     return rows
 
 
-def saturation_warning(rows: list[dict], backend: str = "onnxruntime") -> str | None:
-    """One line naming the layers that can saturate on non-VNNI CPUs and the remedy, or None."""
+def saturation_warning(rows: list[dict], backend: str = "onnxruntime", remedy: str | None = None) -> str | None:
+    """One line naming the layers that can saturate on non-VNNI CPUs and the remedy, or None.
+    remedy: the advice to give instead of the vision presets' (the transformer path has no --target-cpu)."""
     bad = [r for r in rows if r["saturates_without_vnni"]]
     if not bad:
         return None
     names = ", ".join(r["layer"] for r in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
     worst = max(r["worst_pair_sum"] for r in bad)
+    if remedy is None:
+        remedy = ("for any x86 CPU re-quantize with --target-cpu avx2 (7-bit weights)" if backend == "onnxruntime" else
+                  f"the {backend} preset targets its own runtime; for ONNX Runtime on any x86 CPU quantize with "
+                  "--backend onnxruntime (its default --target-cpu avx2)")
     return (f"{len(bad)} of {len(rows)} integer layers can saturate ONNX Runtime's u8s8 kernels on x86 CPUs without "
             f"VNNI (AVX2, AVX-512F/BW): worst pair sum {worst} > {INT16_MAX} in {names}. Exact only on VNNI/AMX CPUs; "
-            + ("for any x86 CPU re-quantize with --target-cpu avx2 (7-bit weights)" if backend == "onnxruntime" else
-               f"the {backend} preset targets its own runtime; for ONNX Runtime on any x86 CPU quantize with "
-               "--backend onnxruntime (its default --target-cpu avx2)"))
+            + remedy)
 
 
 def cpu_flags() -> dict:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .adapters import find_adapter
+from .equalize import _record
 from ..errors import UsageError
 from .layers import QuantLinear
 
@@ -54,7 +55,7 @@ def rotate_mlp_inputs(model: nn.Module, seed: int = 0) -> dict:
     the norm transforms and before calibration: the input quantizer must observe x R. Returns the
     count and widths rotated."""
     names = find_adapter(model).mlp_outputs
-    rotated, widths, shared = [], set(), {}
+    rotated, shared = 0, {}  # shared: width -> (R in float64 for the weights, R stored in the layers' dtype)
     for name in names:
         lin = model.get_submodule(name)
         if not isinstance(lin, QuantLinear):  # kept in floating point (prepare's skip=): nothing to spread
@@ -72,8 +73,6 @@ def rotate_mlp_inputs(model: nn.Module, seed: int = 0) -> dict:
         r, r_stored = shared[n]
         w.data.copy_((w.data.double() @ r).to(w.dtype))
         lin.input_rotation = r_stored
-        rotated.append(name)
-        widths.add(n)
-    if hasattr(model, "qdrop_nlp"):
-        model.qdrop_nlp.setdefault("transforms", []).append(dict(name="rotate_mlp", seed=seed, layers=len(rotated)))
-    return dict(layers=len(rotated), widths=sorted(widths))
+        rotated += 1
+    _record(model, dict(name="rotate_mlp", seed=seed, layers=rotated))
+    return dict(layers=rotated, widths=sorted(shared))
