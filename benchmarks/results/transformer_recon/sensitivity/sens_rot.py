@@ -1,5 +1,6 @@
-import sys, time, fnmatch, json
-sys.path.insert(0, "/work/main/src"); sys.path.insert(0, "/work/main/benchmarks")
+"""SmolLM2 W8A8 OS+ down_proj rotated: perplexity (32 windows) with one group of activation quantizers off at a time (stop 19, AMD EPYC, 2 threads; the numbers are in smollm2_w8a8_osplus_rot.json).
+A one-off analysis kept as run, less its dead lines: PYTHONPATH=src python benchmarks/results/transformer_recon/sensitivity/sens_rot.py w8a8"""
+import sys, time, fnmatch
 import torch
 torch.set_num_threads(2)
 from qdrop.data.paths import data_root
