@@ -385,6 +385,46 @@ def test_rotate_mlp_inputs_is_exact(make, batch):
     assert err < 0.2 * ref.abs().max().item()
 
 
+def test_osplus_down_proj_search_in_the_rotated_basis():
+    """With the rotation to come, OS+ scores its down_proj scale on (x/s) R against (W s) R; the scale it
+    picks then leaves no larger an error, in the basis the quantizer will really see, than the scale
+    picked on the unrotated input, and here a milder one (the rotation already spreads the outlier)."""
+    from qdrop.nlp.equalize import _qerror, _search_scale, _Stats
+
+    q = prepare_transformer(tiny_llama(), "w8a6")
+    ql = q.model.layers[0].mlp.down_proj
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    x[:, 5] *= 8  # two outlier channels
+    x[:, 9] *= 4
+    x[:8] *= 6  # and a few outlier tokens
+    w = torch.randn(32, 64, generator=g) / 8
+    r = rotation_matrix(64, 0).float()
+    lo, hi = x.amin(0), x.amax(0)
+
+    def rotated_error(s):  # what calibration (minmax over all rows) then quantization do
+        xr = (x / s) @ r
+        return _qerror(xr, xr.min(), xr.max(), [(w * s) @ r], ql, [x @ w.T])
+
+    stats = _Stats(keep=0, gen=g, extremes=4)
+    for chunk in x.split(100):
+        stats.update(chunk[None])
+    kept = {i for i in range(512) if any(torch.equal(x[i], t) for t in stats.top)}
+    assert {x.norm(dim=1).argmax().item(), x.abs().amax(1).argmax().item()} <= kept and len(kept) <= 8
+    s_plain, _, _ = _search_scale(x, lo, hi, [w], ql, 20)
+    s_rot, _, _ = _search_scale(x[8:], lo, hi, [w], ql, 20, rotation=r, extremes=stats.top)
+    assert rotated_error(s_rot) < 0.7 * rotated_error(s_plain)
+    assert s_rot.max() < s_plain.max()
+    # the whole method with the rotation stays exact with quantizers off
+    model, b = tiny_llama(), llama_batch()
+    ref = model(**b).logits
+    q = prepare_transformer(model)
+    report = osplus(q, [b], down_proj=True, rotation=lambda n: rotation_matrix(n, 0))
+    assert [e["rotated"] for e in report["groups"] if e["norm"].endswith("down_proj")] == [True, True]
+    rotate_mlp_inputs(q, seed=0)
+    assert (q(**b).logits - ref).abs().max() < 1e-4
+
+
 # ---- token-wise clipping -----------------------------------------------------------------
 def test_token_wise_clipping():
     model = tiny_bert()

@@ -22,6 +22,7 @@ Hooks and buffers (not wrapper modules) keep every module name unchanged.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -138,12 +139,15 @@ def scale_pair(model: nn.Module, p: LinearPair, s: torch.Tensor) -> None:
 
 # ---- statistics ------------------------------------------------------------------------
 class _Stats:
-    """Per-channel min/max over real tokens, plus a random sample of token rows."""
+    """Per-channel min/max over real tokens, plus a random sample of token rows and, with
+    `extremes`, the rows of largest L2 norm and of largest |value| (the rows that set a
+    per-tensor range once the channels are mixed by a rotation)."""
 
-    def __init__(self, keep: int, gen: torch.Generator):
+    def __init__(self, keep: int, gen: torch.Generator, extremes: int = 0):
         self.min = self.max = None
         self.rows: list[torch.Tensor] = []
-        self.keep, self.gen = keep, gen
+        self.keep, self.gen, self.extremes = keep, gen, extremes
+        self.top: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = real_tokens(x.detach()).reshape(-1, x.shape[-1]).float()
@@ -155,6 +159,12 @@ class _Stats:
         if self.keep:
             idx = torch.randperm(x.shape[0], generator=self.gen)[: self.keep].to(x.device)
             self.rows.append(x[idx])
+        if self.extremes:
+            cand = x if self.top is None else torch.cat([self.top, x])
+            k = min(self.extremes, cand.shape[0])
+            by_norm = cand.norm(dim=1).topk(k).indices
+            by_peak = cand.abs().amax(1).topk(k).indices
+            self.top = cand[torch.unique(torch.cat([by_norm, by_peak]))]
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.rows)
@@ -162,10 +172,11 @@ class _Stats:
 
 @torch.no_grad()
 def channel_stats(model: nn.Module, batches, adapter: Adapter, sample_tokens: int = 0, seed: int = 0,
-                  pairs: bool = True) -> dict[str, _Stats]:
+                  pairs: bool = True, pair_extremes: int = 0) -> dict[str, _Stats]:
     """FP statistics of every group's norm output (key: norm name) and every pair's `next`
-    input (key: next name), over the real tokens of `batches`. Quantizers are switched off
-    for the pass and restored afterwards."""
+    input (key: next name), over the real tokens of `batches`; pairs also keep their
+    `pair_extremes` most extreme rows (_Stats). Quantizers are switched off for the pass and
+    restored afterwards."""
     batches = list(batches)
     gen = torch.Generator().manual_seed(seed)
     keep = math.ceil(sample_tokens / max(1, len(batches))) if sample_tokens else 0
@@ -181,7 +192,7 @@ def channel_stats(model: nn.Module, batches, adapter: Adapter, sample_tokens: in
         stats[g.norm] = _Stats(keep, gen)
         handles.append(model.get_submodule(g.norm).register_forward_hook(out_hook(g.norm)))
     for p in adapter.pairs if pairs else []:
-        stats[p.next] = _Stats(keep, gen)
+        stats[p.next] = _Stats(keep, gen, pair_extremes)
         handles.append(model.get_submodule(p.next).register_forward_pre_hook(in_hook(p.next)))
     was_training = model.training
     model.eval()
@@ -270,18 +281,30 @@ def _qerror(x, lo, hi, weights, ql: QuantLinear, ref) -> float:
     return err
 
 
-def _search_scale(x, lo_c, hi_c, weights, ql, grid) -> tuple[torch.Tensor, float, float]:
+def _search_scale(x, lo_c, hi_c, weights, ql, grid, rotation=None, extremes=None) -> tuple[torch.Tensor, float, float]:
     """OS+ scale s_j = max(hi_j/t, lo_j/(-t), 1), t from a grid of the channels' own
     extents (t = the largest extent is 'no scaling'), minimising the quantized output error
-    of the Linears reading x. Returns (s, t, relative error)."""
+    of the Linears reading x. Returns (s, t, relative error).
+
+    rotation: the orthogonal R the Linear will multiply its input by (rotate_mlp_inputs), so the
+    quantizer will see (x/s) R and the weight be (W s) R. The error is then scored in that basis,
+    where the per-channel extents no longer give the per-tensor range: it is taken from the rows
+    `extremes` (the calibration rows of largest norm and peak) together with the sample x."""
     ext = torch.maximum(hi_c, -lo_c).clamp(min=1e-8)
     cands = torch.unique(torch.quantile(ext, torch.linspace(0, 1, grid + 1)))
     ref = [x @ w.T for w in weights]
     ref_norm = sum(r.pow(2).sum().item() for r in ref)
+    if rotation is not None:
+        rotation = rotation.to(x)
+        span_rows = x if extremes is None else torch.cat([x, extremes])
     best = (None, None, math.inf)
     for t in cands.flip(0):  # from 'no scaling' downwards: ties keep the milder scaling
         s = (ext / t).clamp(min=1.0)
-        err = _qerror(x / s, (lo_c / s).min(), (hi_c / s).max(), [w * s for w in weights], ql, ref)
+        if rotation is None:
+            err = _qerror(x / s, (lo_c / s).min(), (hi_c / s).max(), [w * s for w in weights], ql, ref)
+        else:
+            span = (span_rows / s) @ rotation
+            err = _qerror((x / s) @ rotation, span.min(), span.max(), [(w * s) @ rotation for w in weights], ql, ref)
         if err < best[2]:
             best = (s, float(t), err)
     return best[0], best[1], best[2] / max(ref_norm, 1e-30)
@@ -289,15 +312,23 @@ def _search_scale(x, lo_c, hi_c, weights, ql, grid) -> tuple[torch.Tensor, float
 
 @torch.no_grad()
 def osplus(model: nn.Module, batches, grid: int = 20, sample_tokens: int = 512, down_proj: bool = False,
-           seed: int = 0) -> dict:
+           seed: int = 0, rotation: Callable[[int], torch.Tensor] | None = None, extremes: int = 64) -> dict:
     """OS+ (Wei et al., EMNLP 2023) on a prepared (not yet calibrated) model:
     channel shift z = (max + min)/2 at every norm output, folded into the norm's bias and the
     next Linears' biases; then channel scale s = max(max'/t, min'/(-t), 1) with t searched
     to minimise the quantized-vs-FP output error of those Linears (minmax ranges, on
     `sample_tokens` calibration tokens). down_proj=True also scales up_proj -> down_proj
-    (no shift there: down_proj reads act(gate) * up, which a shift of up cannot pass)."""
+    (no shift there: down_proj reads act(gate) * up, which a shift of up cannot pass).
+
+    rotation: width -> the R that rotate_mlp_inputs will apply afterwards to every MLP's second
+    Linear (its input then is (x/s) R). Given, the down_proj search scores its candidates in the
+    rotated basis, its range from the sample and the `extremes` most extreme calibration rows
+    (largest norm, largest peak) of each layer; without it the search scores the unrotated input,
+    which overstates what scaling gains once a rotation has spread the outlier channels."""
     ad = find_adapter(model)
-    stats = channel_stats(model, batches, ad, sample_tokens=sample_tokens, seed=seed, pairs=down_proj)
+    rotated = set(ad.mlp_outputs) if rotation is not None else set()
+    stats = channel_stats(model, batches, ad, sample_tokens=sample_tokens, seed=seed, pairs=down_proj,
+                          pair_extremes=extremes if rotated else 0)
     report = []
     for g in ad.groups:
         st = stats[g.norm]
@@ -311,8 +342,12 @@ def osplus(model: nn.Module, batches, grid: int = 20, sample_tokens: int = 512, 
     for p in ad.pairs if down_proj else []:
         st = stats[p.next]
         ql = _quant_linear(model, p.next)
-        s, t, err = _search_scale(st.sample(), st.min, st.max, [_linear(model, p.next).weight.detach().float()], ql, grid)
+        w = _linear(model, p.next).weight.detach().float()
+        rot = rotation(w.shape[1]).float() if p.next in rotated else None
+        s, t, err = _search_scale(st.sample(), st.min, st.max, [w], ql, grid, rotation=rot,
+                                  extremes=st.top if rot is not None else None)
         scale_pair(model, p, s)
-        report.append(dict(norm=p.next, t=t, scaled=int((s > 1).sum()), rel_err=err))
-    _record(model, dict(name="osplus", grid=grid, sample_tokens=sample_tokens, down_proj=down_proj))
+        report.append(dict(norm=p.next, t=t, scaled=int((s > 1).sum()), rel_err=err, rotated=rot is not None))
+    _record(model, dict(name="osplus", grid=grid, sample_tokens=sample_tokens, down_proj=down_proj,
+                        rotation_aware=bool(rotated and down_proj)))
     return dict(groups=report)

@@ -9,7 +9,7 @@ from torch import nn
 from .clipping import token_wise_clipping
 from .equalize import gamma_migration, osplus, smoothquant
 from .prepare import calibrate_transformer, prepare_transformer
-from .rotation import rotate_mlp_inputs
+from .rotation import rotate_mlp_inputs, rotation_matrix
 from ..errors import UsageError
 
 NLP_ALGOS = ("naive", "smoothquant", "osplus", "os")
@@ -45,7 +45,9 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
     if algo == "smoothquant":
         report["smoothquant"] = smoothquant(qmodel, calib_batches, alpha=alpha, down_proj=down_proj)
     elif algo == "osplus":
-        report["osplus"] = osplus(qmodel, calib_batches, down_proj=down_proj, seed=seed)
+        # with the rotation to come, OS+ scores its down_proj scales in the rotated basis
+        rotation = (lambda n: rotation_matrix(n, seed)) if rotate_mlp and down_proj else None
+        report["osplus"] = osplus(qmodel, calib_batches, down_proj=down_proj, seed=seed, rotation=rotation)
     elif algo == "os":
         report["gamma_migration"] = gamma_migration(qmodel)
     if rotate_mlp:
