@@ -281,6 +281,9 @@ def _qerror(x, lo, hi, weights, ql: QuantLinear, ref) -> float:
     return err
 
 
+TOP_EXTENTS = 32
+
+
 def _search_scale(x, lo_c, hi_c, weights, ql, grid, rotation=None, extremes=None) -> tuple[torch.Tensor, float, float]:
     """OS+ scale s_j = max(hi_j/t, lo_j/(-t), 1), t from a grid of the channels' own
     extents (t = the largest extent is 'no scaling'), minimising the quantized output error
@@ -297,6 +300,10 @@ def _search_scale(x, lo_c, hi_c, weights, ql, grid, rotation=None, extremes=None
     if rotation is not None:
         rotation = rotation.to(x)
         span_rows = x if extremes is None else torch.cat([x, extremes])
+        # rotated, the search scales few channels (0-384 of SmolLM2's 1,536): between 'none' and the top
+        # 5 % the quantile grid has no candidate, so the TOP_EXTENTS largest extents are candidates too
+        # (t = the k-th largest extent scales the k-1 largest channels)
+        cands = torch.unique(torch.cat([cands, ext.topk(min(TOP_EXTENTS, ext.numel())).values]))
     best = (None, None, math.inf)
     for t in cands.flip(0):  # from 'no scaling' downwards: ties keep the milder scaling
         s = (ext / t).clamp(min=1.0)
