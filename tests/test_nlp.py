@@ -412,7 +412,7 @@ def test_osplus_down_proj_search_in_the_rotated_basis():
     kept = {i for i in range(512) if any(torch.equal(x[i], t) for t in stats.top)}
     assert {x.norm(dim=1).argmax().item(), x.abs().amax(1).argmax().item()} <= kept and len(kept) <= 8
     s_plain, _, _ = _search_scale(x, lo, hi, [w], ql, 20)
-    s_rot, _, _ = _search_scale(x[8:], lo, hi, [w], ql, 20, rotation=r, extremes=stats.top)
+    s_rot, _, _ = _search_scale(x[8:], lo, hi, [w], ql, 20, rotation=r, range_rows=stats.top)
     assert rotated_error(s_rot) < 0.7 * rotated_error(s_plain)
     assert s_rot.max() < s_plain.max()
     # one outlier channel: the largest extents are candidates, so the rotated search can scale that
@@ -422,7 +422,7 @@ def test_osplus_down_proj_search_in_the_rotated_basis():
     w1 = torch.randn(32, 64, generator=g1) / 8
     x1[:, 5] *= 40
     x1[:8] *= 6
-    s1, _, _ = _search_scale(x1, x1.amin(0), x1.amax(0), [w1], ql, 20, rotation=r, extremes=x1[:8])
+    s1, _, _ = _search_scale(x1, x1.amin(0), x1.amax(0), [w1], ql, 20, rotation=r, range_rows=x1[:8])
     assert (s1 > 1).nonzero().flatten().tolist() == [5]
     # the whole method with the rotation stays exact with quantizers off
     model, b = tiny_llama(), llama_batch()

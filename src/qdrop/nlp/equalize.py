@@ -284,22 +284,22 @@ def _qerror(x, lo, hi, weights, ql: QuantLinear, ref) -> float:
 TOP_EXTENTS = 32
 
 
-def _search_scale(x, lo_c, hi_c, weights, ql, grid, rotation=None, extremes=None) -> tuple[torch.Tensor, float, float]:
+def _search_scale(x, lo_c, hi_c, weights, ql, grid, rotation=None, range_rows=None) -> tuple[torch.Tensor, float, float]:
     """OS+ scale s_j = max(hi_j/t, lo_j/(-t), 1), t from a grid of the channels' own
     extents (t = the largest extent is 'no scaling'), minimising the quantized output error
     of the Linears reading x. Returns (s, t, relative error).
 
     rotation: the orthogonal R the Linear will multiply its input by (rotate_mlp_inputs), so the
     quantizer will see (x/s) R and the weight be (W s) R. The error is then scored in that basis,
-    where the per-channel extents no longer give the per-tensor range: it is taken from the rows
-    `extremes` (the calibration rows of largest norm and peak) together with the sample x."""
+    where the per-channel extents no longer give the per-tensor range: it is taken from
+    `range_rows` (the calibration rows of largest norm and peak, _Stats.top) together with the sample x."""
     ext = torch.maximum(hi_c, -lo_c).clamp(min=1e-8)
     cands = torch.unique(torch.quantile(ext, torch.linspace(0, 1, grid + 1)))
     ref = [x @ w.T for w in weights]
     ref_norm = sum(r.pow(2).sum().item() for r in ref)
     if rotation is not None:
         rotation = rotation.to(x)
-        span_rows = x if extremes is None else torch.cat([x, extremes])
+        span_rows = x if range_rows is None else torch.cat([x, range_rows])
         # rotated, the search scales few channels (0-384 of SmolLM2's 1,536): between 'none' and the top
         # 5 % the quantile grid has no candidate, so the TOP_EXTENTS largest extents are candidates too
         # (t = the k-th largest extent scales the k-1 largest channels)
@@ -352,7 +352,7 @@ def osplus(model: nn.Module, batches, grid: int = 20, sample_tokens: int = 512, 
         w = _linear(model, p.next).weight.detach().float()
         rot = rotation(w.shape[1]).float() if p.next in rotated else None
         s, t, err = _search_scale(st.sample(), st.min, st.max, [w], ql, grid, rotation=rot,
-                                  extremes=st.top if rot is not None else None)
+                                  range_rows=st.top if rot is not None else None)
         scale_pair(model, p, s)
         report.append(dict(norm=p.next, t=t, scaled=int((s > 1).sum()), rel_err=err, rotated=rot is not None))
     _record(model, dict(name="osplus", grid=grid, sample_tokens=sample_tokens, down_proj=down_proj,
