@@ -34,8 +34,10 @@ from qdrop.nlp import (  # noqa: E402
     gamma_migration,
     osplus,
     prepare_transformer,
+    quant_linears,
     quantize_transformer,
-    rotate_mlp_inputs,
+    rotate_inputs,
+    rotation_targets,
     rotation_matrix,
     smoothquant,
     token_mask,
@@ -359,28 +361,35 @@ def test_rotation_spreads_an_outlier_channel():
     assert rotated < plain / 4
 
 
+@pytest.mark.parametrize("sites", ["mlp", "all"])
 @pytest.mark.parametrize("make,batch", [(tiny_bert, bert_batch), (tiny_llama, llama_batch)])
-def test_rotate_mlp_inputs_is_exact(make, batch):
+def test_rotate_inputs_is_exact(make, batch, sites):
     model, b = make(), batch()
     ref = hidden(model, b)
     q = prepare_transformer(model)
-    names = find_adapter(q).mlp_outputs
+    names = rotation_targets(q, sites)
+    linears = dict(quant_linears(q))
+    assert names == (find_adapter(q).mlp_outputs if sites == "mlp" else list(linears))
     before = {n: q.get_submodule(n).layer.weight.detach().clone() for n in names}
-    assert rotate_mlp_inputs(q) == dict(layers=2, widths=[64])
+    widths = sorted({linears[n].layer.in_features for n in names})
+    assert rotate_inputs(q, sites) == dict(layers=len(names), widths=widths)
+    assert sites == "mlp" and widths == [64] or len(widths) > 1
     for n in names:
         lin = q.get_submodule(n)
         assert torch.allclose(lin.layer.weight, before[n] @ lin.input_rotation, atol=1e-6)
         assert not torch.allclose(lin.layer.weight, before[n])
     assert masked_diff(hidden(q, b), ref, b["attention_mask"]) < 1e-4
     with pytest.raises(ValueError, match="already rotated"):
-        rotate_mlp_inputs(q)
+        rotate_inputs(q, sites)
+    with pytest.raises(ValueError, match="rotate must be one of"):
+        rotate_inputs(prepare_transformer(model), "attention")
     calibrated = prepare_transformer(model)
     calibrate_transformer(calibrated, [b])
     with pytest.raises(ValueError, match="rotate before calibrate_transformer"):
-        rotate_mlp_inputs(calibrated)
+        rotate_inputs(calibrated, sites)
     # the whole method: transform, rotation, calibration (the quantizer observes the rotated input)
-    qm, report = quantize_transformer(model, [b], "w8a8", "osplus", rotate_mlp=True)
-    assert report["rotate_mlp"]["layers"] == 2 and qm.get_submodule(names[0]).input_rotation is not None
+    qm, report = quantize_transformer(model, [b], "w8a8", "osplus", rotate=sites)
+    assert report["rotate"]["layers"] == len(names) and all(qm.get_submodule(n).input_rotation is not None for n in names)
     err = masked_diff(hidden(qm, b), ref, b["attention_mask"])
     assert err < 0.2 * ref.abs().max().item()
 
@@ -428,9 +437,15 @@ def test_osplus_down_proj_search_in_the_rotated_basis():
     model, b = tiny_llama(), llama_batch()
     ref = model(**b).logits
     q = prepare_transformer(model)
-    report = osplus(q, [b], down_proj=True, rotation=lambda n: rotation_matrix(n, 0))
-    assert [e["rotated"] for e in report["groups"] if e["norm"].endswith("down_proj")] == [True, True]
-    rotate_mlp_inputs(q, seed=0)
+    report = osplus(q, [b], down_proj=True, rotation=lambda n: rotation_matrix(n, 0), rotated=rotation_targets(q, "mlp"))
+    assert [e["rotated"] for e in report["groups"]] == [e["norm"].endswith("down_proj") for e in report["groups"]]
+    rotate_inputs(q, "mlp", seed=0)
+    assert (q(**b).logits - ref).abs().max() < 1e-4
+    # every input rotated: every group (norm -> q/k/v, gate/up, lm_head) is scored in the rotated basis too
+    q = prepare_transformer(model)
+    report = osplus(q, [b], down_proj=True, rotation=lambda n: rotation_matrix(n, 0), rotated=rotation_targets(q, "all"))
+    assert all(e["rotated"] for e in report["groups"]) and len(report["groups"]) == 2 * 3 + 1
+    rotate_inputs(q, "all", seed=0)
     assert (q(**b).logits - ref).abs().max() < 1e-4
 
 
@@ -705,7 +720,7 @@ def test_smollm2_transforms_are_exact():
     assert (q(**b).logits - ref).abs().max() < 2e-3 * ref.abs().max()
 
 
-@pytest.mark.parametrize("kind,rotate", [("bert", None), ("llama", None), ("llama", True)])
+@pytest.mark.parametrize("kind,rotate", [("bert", None), ("llama", None), ("llama", "mlp"), ("llama", "all")])
 def test_run_nlp_quantize_onnx_scores_the_exported_model(tmp_path, kind, rotate):
     """onnx=True: OUT/model.onnx is written and scored in ONNX Runtime on the same evaluation data, and
     the deployed score is the simulated one on every x86 CPU: the transformer path's weights are asymmetric
@@ -725,9 +740,9 @@ def test_run_nlp_quantize_onnx_scores_the_exported_model(tmp_path, kind, rotate)
         data.write_text(" ".join(words[j] for j in torch.randint(0, 100, (600,), generator=g)))
         kw = dict(task="lm", calib=4, calib_len=32, window=64, max_windows=3)
     m = run_nlp_quantize(f"hf:{d}", data=data, bits="w8a8", algo="naive", out=tmp_path / "out", onnx=True,
-                         rotate_mlp=rotate, **kw)
+                         rotate=rotate, **kw)
     dep = m["onnx"]
-    assert m["rotate_mlp"] == bool(rotate)
+    assert m["rotate"] == rotate
     assert dep["can_saturate_without_vnni"] == 0 and dep["worst_pair_sum"] == 0  # no signed weights
     assert (tmp_path / "out" / "model.onnx").exists() and dep["path"].endswith("model.onnx")
     assert sum(dep["integer_ops"].values()) > 0 and dep["ort_version"] and isinstance(dep["cpu"]["vnni"], bool)

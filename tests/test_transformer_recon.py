@@ -400,6 +400,30 @@ def test_cli_calib_len_reaches_the_lm_pipeline_and_is_refused_elsewhere(tmp_path
     assert not (tmp_path / "o3").exists()
 
 
+def test_cli_rotate_reaches_the_pipeline_and_is_refused_with_vision_models(tmp_path, capsys, monkeypatch):
+    import qdrop.nlp_pipeline
+    from qdrop.cli import main
+
+    seen = {}
+
+    def fake_run(model, task, **kw):
+        seen.update(kw)
+        return dict(model=model, bits=kw["bits"], algo=kw["algo"], fp=18.0, quant=19.0, metric="wikitext2_ppl")
+
+    monkeypatch.setattr(qdrop.nlp_pipeline, "run_nlp_quantize", fake_run)
+    base = ["quantize", "--model", "hf:smollm2", "--task", "lm", "--bits", "w6a6", "--algo", "osplus"]
+    for flags, want in (([], None), (["--rotate", "all"], "all"), (["--rotate", "mlp"], "mlp"), (["--rotate-mlp"], "mlp")):
+        assert main(base + flags + ["--out", str(tmp_path / "o")]) == 0
+        assert seen["rotate"] == want
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(base + ["--rotate", "attention", "--out", str(tmp_path / "o2")])
+    assert "invalid choice: 'attention'" in capsys.readouterr().err
+    rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--rotate", "all", "--out", str(tmp_path / "o3")])
+    assert rc == 2 and "--rotate does not apply to vision models" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o2").exists()
+
+
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
 def test_transformer_onnx_export_runs_in_onnx_runtime_like_the_simulation(make, tmp_path):
     """qdrop.export_onnx on a quantized (and reconstructed) HF model: traced once on one batch, the file

@@ -2,7 +2,7 @@
 
     qmodel = prepare_transformer(model, bits="w8a8")          # every nn.Linear -> QuantLinear, quantizers off
     smoothquant(qmodel, batches) | osplus(qmodel, batches) | gamma_migration(qmodel)   # optional, FP-exact
-    rotate_mlp_inputs(qmodel)                                 # optional, FP-exact: the MLP's inner activation
+    rotate_inputs(qmodel, "mlp" | "all")                      # optional, FP-exact: Linear inputs rotated online
     calibrate_transformer(qmodel, batches)                    # padding never enters a range
     token_wise_clipping(qmodel, batches)                      # Outlier Suppression, optional
 
@@ -16,7 +16,7 @@ from .errors import DataError, ModelError, TokenizerMissingError, UnsupportedMod
 from .layers import QuantLinear, per_token_fake_quant
 from .mask import current_mask, token_mask
 from .pipeline import NLP_ALGOS, quantize_transformer
-from .rotation import rotate_mlp_inputs, rotation_matrix
+from .rotation import ROTATE_SITES, rotate_inputs, rotation_matrix, rotation_targets
 from .units import ScopePartition, find_blocks
 from .prepare import calibrate_transformer, prepare_transformer, quant_linears
 
@@ -24,6 +24,6 @@ __all__ = [
     "Adapter", "DataError", "LinearPair", "ModelError", "NLP_ALGOS", "NormGroup", "QuantLinear", "TokenizerMissingError",
     "UnsupportedModelError", "calibrate_transformer", "channel_stats", "coarse_clipping", "fine_clipping", "current_mask", "find_adapter",
     "gamma_migration", "osplus", "per_token_fake_quant", "prepare_transformer", "quant_linears", "quantize_transformer",
-    "rotate_mlp_inputs", "rotation_matrix",
+    "ROTATE_SITES", "rotate_inputs", "rotation_matrix", "rotation_targets",
     "ScopePartition", "find_blocks", "smoothquant", "token_mask", "token_wise_clipping",
 ]

@@ -22,7 +22,7 @@ Hooks and buffers (not wrapper modules) keep every module name unchanged.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -172,11 +172,12 @@ class _Stats:
 
 @torch.no_grad()
 def channel_stats(model: nn.Module, batches, adapter: Adapter, sample_tokens: int = 0, seed: int = 0,
-                  pairs: bool = True, pair_extremes: int = 0) -> dict[str, _Stats]:
+                  pairs: bool = True, extremes: dict[str, int] | None = None) -> dict[str, _Stats]:
     """FP statistics of every group's norm output (key: norm name) and every pair's `next`
-    input (key: next name), over the real tokens of `batches`; pairs also keep their
-    `pair_extremes` most extreme rows (_Stats). Quantizers are switched off for the pass and
-    restored afterwards."""
+    input (key: next name), over the real tokens of `batches`; the keys in `extremes` also keep
+    that many most extreme rows (_Stats). Quantizers are switched off for the pass and restored
+    afterwards."""
+    extremes = extremes or {}
     batches = list(batches)
     gen = torch.Generator().manual_seed(seed)
     keep = math.ceil(sample_tokens / max(1, len(batches))) if sample_tokens else 0
@@ -189,10 +190,10 @@ def channel_stats(model: nn.Module, batches, adapter: Adapter, sample_tokens: in
         return lambda m, a: stats[key].update(a[0])
 
     for g in adapter.groups:
-        stats[g.norm] = _Stats(keep, gen)
+        stats[g.norm] = _Stats(keep, gen, extremes.get(g.norm, 0))
         handles.append(model.get_submodule(g.norm).register_forward_hook(out_hook(g.norm)))
     for p in adapter.pairs if pairs else []:
-        stats[p.next] = _Stats(keep, gen, pair_extremes)
+        stats[p.next] = _Stats(keep, gen, extremes.get(p.next, 0))
         handles.append(model.get_submodule(p.next).register_forward_pre_hook(in_hook(p.next)))
     was_training = model.training
     model.eval()
@@ -289,7 +290,7 @@ def _search_scale(x, lo_c, hi_c, weights, ql, grid, rotation=None, range_rows=No
     extents (t = the largest extent is 'no scaling'), minimising the quantized output error
     of the Linears reading x. Returns (s, t, relative error).
 
-    rotation: the orthogonal R the Linear will multiply its input by (rotate_mlp_inputs), so the
+    rotation: the orthogonal R the Linear will multiply its input by (rotate_inputs), so the
     quantizer will see (x/s) R and the weight be (W s) R. The error is then scored in that basis,
     where the per-channel extents no longer give the per-tensor range: it is taken from
     `range_rows` (the calibration rows of largest norm and peak, _Stats.top) together with the sample x."""
@@ -319,7 +320,8 @@ def _search_scale(x, lo_c, hi_c, weights, ql, grid, rotation=None, range_rows=No
 
 @torch.no_grad()
 def osplus(model: nn.Module, batches, grid: int = 20, sample_tokens: int = 512, down_proj: bool = False,
-           seed: int = 0, rotation: Callable[[int], torch.Tensor] | None = None, extremes: int = 64) -> dict:
+           seed: int = 0, rotation: Callable[[int], torch.Tensor] | None = None, rotated: Iterable[str] = (),
+           extremes: int = 64) -> dict:
     """OS+ (Wei et al., EMNLP 2023) on a prepared (not yet calibrated) model:
     channel shift z = (max + min)/2 at every norm output, folded into the norm's bias and the
     next Linears' biases; then channel scale s = max(max'/t, min'/(-t), 1) with t searched
@@ -327,34 +329,40 @@ def osplus(model: nn.Module, batches, grid: int = 20, sample_tokens: int = 512, 
     `sample_tokens` calibration tokens). down_proj=True also scales up_proj -> down_proj
     (no shift there: down_proj reads act(gate) * up, which a shift of up cannot pass).
 
-    rotation: width -> the R that rotate_mlp_inputs will apply afterwards to every MLP's second
-    Linear (its input then is (x/s) R). Given, the down_proj search scores its candidates in the
-    rotated basis, its range from the sample and the `extremes` most extreme calibration rows
-    (largest norm, largest peak) of each layer; without it the search scores the unrotated input,
-    which overstates what scaling gains once a rotation has spread the outlier channels."""
+    rotation: width -> the R that rotate_inputs will apply afterwards to the Linears named in
+    `rotated` (their input then is (x/s) R). A group or pair whose Linears are all rotated scores its
+    candidates in the rotated basis, its range from the sample and the `extremes` most extreme
+    calibration rows (largest norm, largest peak) of its input; scored unrotated, the search
+    overstates what scaling gains once a rotation has spread the outlier channels."""
     ad = find_adapter(model)
-    rotated = set(ad.mlp_outputs) if rotation is not None else set()
+    rotated = set(rotated) if rotation is not None else set()
+    group_rot = {g.norm: all(n in rotated for n in g.linears) for g in ad.groups}
+    pair_rot = {p.next: p.next in rotated for p in (ad.pairs if down_proj else [])}
+    keep_rows = {k: extremes for k, r in {**group_rot, **pair_rot}.items() if r}
     stats = channel_stats(model, batches, ad, sample_tokens=sample_tokens, seed=seed, pairs=down_proj,
-                          pair_extremes=extremes if rotated else 0)
+                          extremes=keep_rows)
+
+    def search(st, z, weights, ql, key):
+        rot = rotation(weights[0].shape[1]).float() if key in keep_rows else None
+        top = st.top - z if rot is not None else None
+        return _search_scale(st.sample() - z, st.min - z, st.max - z, weights, ql, grid, rotation=rot,
+                             range_rows=top) + (rot is not None,)
+
     report = []
     for g in ad.groups:
         st = stats[g.norm]
         z = (st.max + st.min) / 2
         shift_group(model, g, z)
-        ql = _quant_linear(model, g.linears[0])
         weights = [_linear(model, n).weight.detach().float() for n in g.linears]
-        s, t, err = _search_scale(st.sample() - z, st.min - z, st.max - z, weights, ql, grid)
+        s, t, err, rot = search(st, z, weights, _quant_linear(model, g.linears[0]), g.norm)
         scale_group(model, g, s)
-        report.append(dict(norm=g.norm, t=t, scaled=int((s > 1).sum()), rel_err=err))
+        report.append(dict(norm=g.norm, t=t, scaled=int((s > 1).sum()), rel_err=err, rotated=rot))
     for p in ad.pairs if down_proj else []:
         st = stats[p.next]
-        ql = _quant_linear(model, p.next)
         w = _linear(model, p.next).weight.detach().float()
-        rot = rotation(w.shape[1]).float() if p.next in rotated else None
-        s, t, err = _search_scale(st.sample(), st.min, st.max, [w], ql, grid, rotation=rot,
-                                  range_rows=st.top if rot is not None else None)
+        s, t, err, rot = search(st, 0.0, [w], _quant_linear(model, p.next), p.next)
         scale_pair(model, p, s)
-        report.append(dict(norm=p.next, t=t, scaled=int((s > 1).sum()), rel_err=err, rotated=rot is not None))
+        report.append(dict(norm=p.next, t=t, scaled=int((s > 1).sum()), rel_err=err, rotated=rot))
     _record(model, dict(name="osplus", grid=grid, sample_tokens=sample_tokens, down_proj=down_proj,
-                        rotation_aware=bool(rotated and down_proj)))
+                        rotation_aware=sorted(keep_rows)))
     return dict(groups=report)

@@ -9,7 +9,7 @@ from torch import nn
 from .clipping import token_wise_clipping
 from .equalize import gamma_migration, osplus, smoothquant
 from .prepare import calibrate_transformer, prepare_transformer
-from .rotation import rotate_mlp_inputs, rotation_matrix
+from .rotation import rotate_inputs, rotation_matrix, rotation_targets
 from ..errors import UsageError
 
 NLP_ALGOS = ("naive", "smoothquant", "osplus", "os")
@@ -25,7 +25,7 @@ FINE_LR = 1e-2
 def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a8", algo: str = "naive",
                          act_granularity: str = "per_tensor", w_observer: str = "mse", a_observer: str = "minmax",
                          quantize_attention_matmuls: bool = False, skip=(), down_proj: bool = False,
-                         rotate_mlp: bool = False, alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
+                         rotate: str | None = None, alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
                          patience: int | None = None, seed: int = 0, inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
     """prepare -> (transform) -> calibrate -> (token-wise clipping). Returns (qmodel, report).
 
@@ -34,7 +34,8 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
     osplus       OS+ shift + searched scale, then observers
     os           Outlier Suppression: gamma migration, observers, token-wise clipping (coarse + LSQ+ fine);
                  loss_on='mean_pool' makes its loss the mean-pooled output (sentence embedders)
-    rotate_mlp: after the transform, every MLP's inner activation is rotated online (qdrop.nlp.rotation)
+    rotate: after the transform, rotate Linear inputs online (qdrop.nlp.rotation): "mlp" every MLP's inner
+                 activation, "all" every quantized Linear's input; OS+ then scores those scales in the rotated basis
     """
     if algo not in NLP_ALGOS:
         raise UsageError(f"algo must be one of {NLP_ALGOS}, got {algo!r}")
@@ -45,13 +46,14 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
     if algo == "smoothquant":
         report["smoothquant"] = smoothquant(qmodel, calib_batches, alpha=alpha, down_proj=down_proj)
     elif algo == "osplus":
-        # with the rotation to come, OS+ scores its down_proj scales in the rotated basis
-        rotation = (lambda n: rotation_matrix(n, seed)) if rotate_mlp and down_proj else None
-        report["osplus"] = osplus(qmodel, calib_batches, down_proj=down_proj, seed=seed, rotation=rotation)
+        # with the rotation to come, OS+ scores the scales of the rotated Linears in the rotated basis
+        rotation = (lambda n: rotation_matrix(n, seed)) if rotate else None
+        report["osplus"] = osplus(qmodel, calib_batches, down_proj=down_proj, seed=seed, rotation=rotation,
+                                  rotated=rotation_targets(qmodel, rotate) if rotate else ())
     elif algo == "os":
         report["gamma_migration"] = gamma_migration(qmodel)
-    if rotate_mlp:
-        report["rotate_mlp"] = rotate_mlp_inputs(qmodel, seed=seed)
+    if rotate:
+        report["rotate"] = rotate_inputs(qmodel, rotate, seed=seed)
     calibrate_transformer(qmodel, calib_batches)
     if algo == "os":
         # causal LMs: the loss is taken on the decoder's last hidden state, not on 50k-wide
