@@ -2,6 +2,7 @@
 algorithms for transformers (the job that evaluates and writes files is qdrop.nlp_pipeline)."""
 from __future__ import annotations
 
+import functools
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
         report["smoothquant"] = smoothquant(qmodel, calib_batches, alpha=alpha, down_proj=down_proj)
     elif algo == "osplus":
         # with the rotation to come, OS+ scores the scales of the rotated Linears in the rotated basis
-        rotation = (lambda n: rotation_matrix(n, seed)) if rotate else None
+        rotation = functools.cache(lambda n: rotation_matrix(n, seed)) if rotate else None  # one R per width
         report["osplus"] = osplus(qmodel, calib_batches, down_proj=down_proj, seed=seed, rotation=rotation,
                                   rotated=rotation_targets(qmodel, rotate) if rotate else ())
     elif algo == "os":
