@@ -31,6 +31,7 @@ from .adapters import find_adapter
 from .equalize import _record
 from ..errors import UsageError
 from .layers import QuantLinear
+from .prepare import quant_linears
 
 
 def hadamard(p: int) -> torch.Tensor:
@@ -66,7 +67,7 @@ def rotation_targets(model: nn.Module, sites: str) -> list[str]:
     if sites == "mlp":
         names = find_adapter(model).mlp_outputs
         return [n for n in names if isinstance(model.get_submodule(n), QuantLinear)]
-    return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    return [n for n, _ in quant_linears(model)]
 
 
 @torch.no_grad()
