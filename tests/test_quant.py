@@ -277,6 +277,28 @@ def test_mse_search_never_worse_than_minmax(symmetric, bits):
         assert (err(blo, bhi) < err(lo, hi)).all()  # clipping the tail pays at low bits
 
 
+@pytest.mark.parametrize("observer", ["mse", "percentile"])
+def test_weight_ranges_search_every_value_of_every_row(observer):
+    """A weight is observed whole: 1,280 rows of 320 (EfficientNet-Lite0's head conv) used to
+    keep 51 sampled values per row, so a row's range came from a sixth of its values."""
+    from qdrop.quant import Quantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(1280, 320, 1, 1) * torch.rand(1280, 1, 1, 1)
+    w[:, 7] *= 8  # an outlier in every row that sampling would usually miss
+    scheme = QScheme(bits=4, ch_axis=0, observer=observer)
+    q = Quantizer(scheme, num_channels=1280, role="weight")
+    q.calibrate_on(w)
+    r = rows(w, 0)
+    if observer == "mse":
+        lo, hi = mse_search(r, r.amin(1), r.amax(1), scheme)
+    else:
+        lo, hi = torch.quantile(r, 1 - 0.9999, dim=1), torch.quantile(r, 0.9999, dim=1)
+    s, z = qparams_from_range(lo, hi, scheme)
+    torch.testing.assert_close(q.scale.detach().reshape(-1), s.reshape(-1))
+    torch.testing.assert_close(q.zero_point.detach().reshape(-1), z.reshape(-1).to(q.zero_point.dtype))
+
+
 def test_scheme_rejects_bits():
     with pytest.raises(ValueError):
         QScheme(bits=1)

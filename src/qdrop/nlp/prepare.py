@@ -15,8 +15,7 @@ from torch import nn
 
 from ..quant.calibration import calibrate_observers
 from ..quant.state import quantizers, set_quant_state
-from ..quant.observers import mse_search, rows
-from ..quant.scheme import QScheme, parse_bits, qparams_from_range
+from ..quant.scheme import QScheme, parse_bits
 from .errors import UnsupportedModelError
 from .layers import DYNAMIC, AttnMatmulQuant, QuantLinear
 from .mask import current_mask, pop_mask, push_mask
@@ -92,21 +91,11 @@ def prepare_transformer(
 
 @torch.no_grad()
 def calibrate_weights(qmodel: nn.Module) -> None:
-    """Weight ranges from the current weights. The MSE search runs on every value of each
-    row: the sampling observer keeps 65,536 // rows values per row and batch, which for
-    lm_head (49,152 rows) is one value per row - its ranges collapsed and SmolLM2's
-    perplexity went from 15 to 4e5 at W8 - and for MiniLM's Linears 42-170 of 384-1536."""
+    """Weight ranges from the current (possibly transformed) weights, each observed whole:
+    an MSE search sees every value of every row (lm_head's 49,152 rows included)."""
     for _, m in quant_linears(qmodel):
-        wq = m.weight_quant
-        if wq.calibrated:
-            continue
-        if wq.scheme.observer != "mse":
-            wq.calibrate_on(m.layer.weight)  # minmax is exact; percentile keeps its sampling
-            continue
-        r = rows(m.layer.weight, 0)
-        lo, hi = mse_search(r, r.amin(1), r.amax(1), wq.scheme)
-        scale, zp = qparams_from_range(lo, hi, wq.scheme)
-        wq.set_range(scale, zp)
+        if not m.weight_quant.calibrated:
+            m.weight_quant.calibrate_on(m.layer.weight)
 
 
 @torch.no_grad()

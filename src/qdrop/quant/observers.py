@@ -89,7 +89,9 @@ class Observer:
         self.max: torch.Tensor | None = None
         self.batches = 0
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, whole: bool = False) -> None:
+        """Observe a batch. whole: x is the entire population (a weight, seen once), which
+        sampling observers then search in full instead of sampling."""
         r = rows(x, self.scheme.ch_axis)
         bmin, bmax = r.amin(1), r.amax(1)
         if self.min is None:
@@ -97,9 +99,9 @@ class Observer:
         else:
             self.min, self.max = torch.minimum(self.min, bmin), torch.maximum(self.max, bmax)
         self.batches += 1
-        self._update(r, bmin, bmax)
+        self._update(r, bmin, bmax, whole)
 
-    def _update(self, r, bmin, bmax) -> None:
+    def _update(self, r, bmin, bmax, whole) -> None:
         pass
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +127,7 @@ class EMAMinMaxObserver(Observer):
         self.momentum = momentum
         self.ema_min = self.ema_max = None
 
-    def _update(self, r, bmin, bmax):
+    def _update(self, r, bmin, bmax, whole):
         if self.ema_min is None:
             self.ema_min, self.ema_max = bmin, bmax
         else:
@@ -138,14 +140,24 @@ class EMAMinMaxObserver(Observer):
 
 
 class _SamplingObserver(Observer):
-    """Keeps a bounded uniform sample of each row (all of it when small, e.g. weights)."""
+    """Keeps a bounded uniform sample of each row, or every value of a tensor observed whole.
+
+    The bound is per tensor, so a per-channel scheme keeps SAMPLE_PER_BATCH // rows values
+    of each row: for a weight that would be 42 of each of MiniLM's 384-value rows, one of
+    each of SmolLM2's lm_head rows, 51 of EfficientNet-Lite0's 320. Weights are therefore
+    observed whole (Quantizer.calibrate_on), and are small enough to search in full."""
 
     def __init__(self, scheme: QScheme, seed: int = 0):
         super().__init__(scheme)
         self.samples: list[torch.Tensor] = []
+        self.whole = False
         self.gen = torch.Generator().manual_seed(seed)
 
-    def _update(self, r, bmin, bmax):
+    def _update(self, r, bmin, bmax, whole):
+        if whole:
+            self.whole = True
+            self.samples.append(r.clone())
+            return
         C, K = r.shape
         keep = max(1, SAMPLE_PER_BATCH // C)
         if K > keep:
@@ -155,6 +167,8 @@ class _SamplingObserver(Observer):
 
     def sample(self) -> torch.Tensor:
         s = torch.cat(self.samples, 1)
+        if self.whole:
+            return s
         C, K = s.shape
         limit = max(1, SAMPLE_TOTAL // C)
         if K > limit:

@@ -275,7 +275,7 @@ class Quantizer(nn.Module):
     def calibrate_on(self, x: torch.Tensor) -> None:
         """Observe one tensor and freeze (weights: the tensor is the whole population)."""
         self.observe()
-        self.observer.update(x)
+        self.observer.update(x, whole=True)
         self.freeze()
 
     def learn_scale(self, zero_point: bool = False) -> None:
