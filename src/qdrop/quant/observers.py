@@ -3,7 +3,8 @@
 Every observer reduces a tensor to rows, one per channel (a single row when per-tensor),
 and returns (lo, hi) of shape [C] (or [] per-tensor). MinMax and EMA keep running
 statistics; Percentile and MSE keep a bounded random sample of each row so that
-memory stays flat however many batches are observed.
+memory stays flat however many batches are observed, except for a tensor observed whole
+(a weight, Quantizer.calibrate_on), which they search in full.
 """
 from __future__ import annotations
 
