@@ -46,6 +46,8 @@ from qdrop.nlp import (  # noqa: E402
 from qdrop.nlp_pipeline import run_nlp_quantize  # noqa: E402
 from qdrop.nlp.data import lm_splits, read_sentences, read_sts, sts_splits  # noqa: E402
 from qdrop.nlp.mask import current_mask, real_tokens  # noqa: E402
+from qdrop.errors import UsageError  # noqa: E402
+from qdrop.quant.state import quant_mode  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nlp"
 STSB = SHARED / "stsb_dev.tsv"
@@ -392,6 +394,24 @@ def test_rotate_inputs_is_exact(make, batch, sites):
     assert report["rotate"]["layers"] == len(names) and all(qm.get_submodule(n).input_rotation is not None for n in names)
     err = masked_diff(hidden(qm, b), ref, b["attention_mask"])
     assert err < 0.2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_keep_fp_leaves_lm_head_exact_through_osplus_and_rotation(tied):
+    """skip / --keep-fp: lm_head stays an FP nn.Linear with the model's own weights (tied or not), OS+
+    drops the final norm's group, every other Linear is quantized and rotated; a pattern that matches
+    nothing is an error, not a silently quantized layer."""
+    model, b = tiny_llama(tied=tied), llama_batch()
+    qm, report = quantize_transformer(model, [b], "w4a8", "osplus", skip=("lm_head",), down_proj=True, rotate="all")
+    assert type(qm.lm_head) is torch.nn.Linear and torch.equal(qm.lm_head.weight, model.lm_head.weight)
+    names = [n for n, _ in quant_linears(qm)]
+    assert "lm_head" not in names and len(names) == 7 * len(model.model.layers)
+    assert report["rotate"]["layers"] == len(names)
+    assert all(g["norm"] != "model.norm" for g in report["osplus"]["groups"])
+    with quant_mode(qm, weights=False, acts=False):  # the transform and rotation stay exact with the FP head
+        assert masked_diff(hidden(qm, b), hidden(model, b), b["attention_mask"]) < 1e-4
+    with pytest.raises(UsageError, match="'lm_haed' matches no Linear"):
+        quantize_transformer(model, [b], "w4a8", "naive", skip=("lm_haed",))
 
 
 def test_osplus_down_proj_search_in_the_rotated_basis():

@@ -415,12 +415,17 @@ def test_cli_rotate_reaches_the_pipeline_and_is_refused_with_vision_models(tmp_p
     for flags, want in (([], None), (["--rotate", "all"], "all"), (["--rotate", "mlp"], "mlp"), (["--rotate-mlp"], "mlp")):
         assert main(base + flags + ["--out", str(tmp_path / "o")]) == 0
         assert seen["rotate"] == want
+    assert seen["keep_fp"] == ()
+    assert main(base + ["--keep-fp", "lm_head", "--keep-fp", "*.down_proj", "--out", str(tmp_path / "o")]) == 0
+    assert seen["keep_fp"] == ("lm_head", "*.down_proj")
     capsys.readouterr()
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(base + ["--rotate", "attention", "--out", str(tmp_path / "o2")])
     assert "invalid choice: 'attention'" in capsys.readouterr().err
     rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--rotate", "all", "--out", str(tmp_path / "o3")])
     assert rc == 2 and "--rotate does not apply to vision models" in capsys.readouterr().err
+    rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--keep-fp", "fc", "--out", str(tmp_path / "o3")])
+    assert rc == 2 and "--keep-fp does not apply to vision models" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o2").exists()
 
 

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(down_proj / output.dense input), all = every quantized Linear's input")
     q.add_argument("--rotate-mlp", dest="rotate", action="store_const", const="mlp",
                    help="the same as --rotate mlp (kept: earlier results name it)")
+    q.add_argument("--keep-fp", action="append", default=None, metavar="PATTERN",
+                   help="transformers: keep the Linears whose names match this fnmatch pattern in floating point "
+                   "(repeatable; e.g. lm_head, as GPTQ/AWQ/QuaRot's published W4 results do); recorded in metrics.json")
     q.add_argument("--backend", choices=sorted(PRESETS), default="academic")
     q.add_argument("--calib", type=_positive, default=None,
                    help="calibration samples from the training split (default: 1024; transformers: 256)")
@@ -271,7 +274,8 @@ _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--ta
 # and the transformer path's flags, refused with a vision model
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
                      ("calib_len", None, "--calib-len"), ("onnx", False, "--onnx"), ("fine_lr", None, "--fine-lr"),
-                     ("down_proj", False, "--down-proj"), ("rotate", None, "--rotate"), ("init", None, "--init"), ("units", None, "--units"),
+                     ("down_proj", False, "--down-proj"), ("rotate", None, "--rotate"), ("keep_fp", None, "--keep-fp"),
+                     ("init", None, "--init"), ("units", None, "--units"),
                      ("split_blocks", False, "--split-blocks"),
                      ("recon_loss", None, "--recon-loss"))
 
@@ -310,7 +314,7 @@ def _quantize_transformer(args, out: Path) -> int:
                          calib=args.calib or 256, calib_len=args.calib_len or 128, onnx=args.onnx, seed=args.seed,
                          batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
-                         rotate=args.rotate,
+                         rotate=args.rotate, keep_fp=tuple(args.keep_fp or ()),
                          w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
                          **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)
     init = f" (init {m['init']}, {m['iters']} it/block)" if recon else ""

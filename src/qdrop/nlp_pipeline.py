@@ -37,7 +37,8 @@ RECON_GROUP = 32  # sentences per length group in reconstruction (see length_sor
 def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo: str = "naive", out=None,
                      calib: int = 256, seed: int = 0, act_granularity: str = "per_tensor", w_observer: str | None = None,
                      a_observer: str = "minmax", window: int = 1024, max_windows: int | None = None,
-                     calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, rotate: str | None = None, fine_epochs: int = 3,
+                     calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, rotate: str | None = None,
+                     keep_fp: tuple = (), fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
                      split_blocks: bool | None = None,
@@ -149,7 +150,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     seconds["eval_fp"] = time.perf_counter() - t
     t = time.perf_counter()
     qmodel, report = quantize_transformer(fp_model, calib_batches, bits, transform, act_granularity, w_observer, a_observer,
-                                          quantize_attention_matmuls, down_proj=down_proj, rotate=rotate, fine_epochs=fine_epochs,
+                                          quantize_attention_matmuls, skip=tuple(keep_fp), down_proj=down_proj, rotate=rotate,
+                                          fine_epochs=fine_epochs,
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
     if recon:
@@ -172,7 +174,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    recon_loss=(recon_loss or "mse") if recon else None,
                    backend="academic" if act_granularity == "per_tensor" else "academic-per-token",
                    act_granularity=act_granularity, w_observer=w_observer, a_observer=a_observer,
-                   down_proj=down_proj, rotate=rotate, calib_size=calib_size, calib_source=calib_source, seed=seed, metric=METRIC[task],
+                   down_proj=down_proj, rotate=rotate, **({"keep_fp": list(keep_fp)} if keep_fp else {}),
+                   calib_size=calib_size, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},
                    report=_jsonable(report), environment=environment())
