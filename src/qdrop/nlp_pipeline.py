@@ -70,6 +70,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     `out`, a killed run resumes at the first unfinished block (OUT/recon_state.pt).
     rotate: rotate Linear inputs online after the transform (qdrop.nlp.rotation): "mlp" every MLP's inner
     activation, "all" every quantized Linear's input; None = no rotation, and kept out of sweep run ids.
+    keep_fp: fnmatch patterns of Linears kept in floating point (prepare_transformer's skip, e.g. "lm_head");
+    each must match a Linear; recorded in the metrics only when given.
     onnx: also export OUT/model.onnx (QDQ, qdrop.export.transformer) and score it on the same evaluation data
     in ONNX Runtime: metrics["onnx"] holds the deployed score, the integer kernels ONNX Runtime runs, the CPU
     and ONNX Runtime's version (what the runtime delivers, beside what the simulation predicts).
