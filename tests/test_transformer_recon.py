@@ -415,7 +415,7 @@ def test_cli_rotate_reaches_the_pipeline_and_is_refused_with_vision_models(tmp_p
     for flags, want in (([], None), (["--rotate", "all"], "all"), (["--rotate", "mlp"], "mlp"), (["--rotate-mlp"], "mlp")):
         assert main(base + flags + ["--out", str(tmp_path / "o")]) == 0
         assert seen["rotate"] == want
-    assert seen["keep_fp"] == ()
+    assert seen["keep_fp"] is None
     assert main(base + ["--keep-fp", "lm_head", "--keep-fp", "*.down_proj", "--out", str(tmp_path / "o")]) == 0
     assert seen["keep_fp"] == ("lm_head", "*.down_proj")
     capsys.readouterr()

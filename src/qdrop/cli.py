@@ -314,7 +314,7 @@ def _quantize_transformer(args, out: Path) -> int:
                          calib=args.calib or 256, calib_len=args.calib_len or 128, onnx=args.onnx, seed=args.seed,
                          batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
-                         rotate=args.rotate, keep_fp=tuple(args.keep_fp or ()),
+                         rotate=args.rotate, keep_fp=tuple(args.keep_fp) if args.keep_fp else None,
                          w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
                          **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)
     init = f" (init {m['init']}, {m['iters']} it/block)" if recon else ""

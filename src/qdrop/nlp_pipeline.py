@@ -7,6 +7,7 @@ block, after an equivalent transform chosen by `init` (none, smoothquant, osplus
 """
 from __future__ import annotations
 
+import fnmatch
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib: int = 256, seed: int = 0, act_granularity: str = "per_tensor", w_observer: str | None = None,
                      a_observer: str = "minmax", window: int = 1024, max_windows: int | None = None,
                      calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, rotate: str | None = None,
-                     keep_fp: tuple = (), fine_epochs: int = 3,
+                     keep_fp: tuple | None = None, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
                      split_blocks: bool | None = None,
@@ -71,7 +72,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     rotate: rotate Linear inputs online after the transform (qdrop.nlp.rotation): "mlp" every MLP's inner
     activation, "all" every quantized Linear's input; None = no rotation, and kept out of sweep run ids.
     keep_fp: fnmatch patterns of Linears kept in floating point (prepare_transformer's skip, e.g. "lm_head");
-    each must match a Linear; recorded in the metrics only when given.
+    each must match a Linear of the model; None = none, recorded (and in sweep run ids) only when given.
     onnx: also export OUT/model.onnx (QDQ, qdrop.export.transformer) and score it on the same evaluation data
     in ONNX Runtime: metrics["onnx"] holds the deployed score, the integer kernels ONNX Runtime runs, the CPU
     and ONNX Runtime's version (what the runtime delivers, beside what the simulation predicts).
@@ -118,6 +119,12 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     seconds = {}
     fp_model, tokenizer = load_hf(model, task)
     seconds["load"] = time.perf_counter() - t0
+    keep_fp = tuple(keep_fp or ())
+    linears = [n for n, m in fp_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for pattern in keep_fp:  # a typo would otherwise quantize the layer the user meant to keep
+        if not any(fnmatch.fnmatch(n, pattern) for n in linears):
+            raise UsageError(f"--keep-fp {pattern!r} matches no Linear of {type(fp_model).__name__} (e.g. "
+                             f"{', '.join(linears[:2])}, ..., {linears[-1] if linears else ''}); fix the pattern")
 
     t = time.perf_counter()
     if task == "sts":
@@ -152,7 +159,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     seconds["eval_fp"] = time.perf_counter() - t
     t = time.perf_counter()
     qmodel, report = quantize_transformer(fp_model, calib_batches, bits, transform, act_granularity, w_observer, a_observer,
-                                          quantize_attention_matmuls, skip=tuple(keep_fp), down_proj=down_proj, rotate=rotate,
+                                          quantize_attention_matmuls, skip=keep_fp, down_proj=down_proj, rotate=rotate,
                                           fine_epochs=fine_epochs,
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
