@@ -411,6 +411,37 @@ def test_keep_fp_leaves_lm_head_exact_through_osplus_and_rotation(tied):
         assert masked_diff(hidden(qm, b), hidden(model, b), b["attention_mask"]) < 1e-4
 
 
+@pytest.mark.parametrize("make,batch", [(tiny_llama, llama_batch), (tiny_bert, bert_batch)], ids=["llama", "bert"])
+def test_gptq_codes_fit_the_model_better_than_nearest_and_ignore_padding(make, batch):
+    """w_rounding='gptq' (qdrop.nlp.gptq) on a rotated W3A8 model: every quantized Linear (an LM head
+    included) takes GPTQ codes with a smaller proxy error than nearest rounding's, the model's output on
+    held-out tokens moves less from FP, the FP weights are untouched, and the ids under padding do not
+    change a single code (the statistics are taken over real tokens only)."""
+    model = make()
+    calib, test = [batch(s) for s in range(8)], batch(100)
+    ref = hidden(model, test)
+    real = test["attention_mask"].bool()
+    err, codes = {}, {}
+    for rounding in ("nearest", "gptq"):
+        qm, report = quantize_transformer(model, calib, "w3a8", "naive", rotate="all", w_rounding=rounding)
+        err[rounding] = (hidden(qm, test) - ref)[real].pow(2).mean().item()
+    linears = quant_linears(qm)
+    assert report["gptq"]["layers"] == len(linears) and report["gptq"]["proxy_error_vs_nearest"]["worst"] < 1
+    assert all(m.weight_quant.round_up.dtype == torch.int16 for _, m in linears)
+    assert err["gptq"] < 0.8 * err["nearest"], err
+    with quant_mode(qm, weights=False, acts=False):
+        assert masked_diff(hidden(qm, test), ref, test["attention_mask"]) < 1e-4
+    codes = {n: m.weight_quant.int_repr(m.layer.weight) for n, m in linears}
+    noisy = []
+    for b in calib:
+        b = dict(b)
+        b["input_ids"] = torch.where(b["attention_mask"].bool(), b["input_ids"], torch.randint(1, 120, b["input_ids"].shape))
+        noisy.append(b)
+    assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(calib, noisy)) == (make is tiny_bert)
+    qm2, _ = quantize_transformer(model, noisy, "w3a8", "naive", rotate="all", w_rounding="gptq")
+    assert all(torch.equal(m.weight_quant.int_repr(m.layer.weight), codes[n]) for n, m in quant_linears(qm2))
+
+
 def test_osplus_down_proj_search_in_the_rotated_basis():
     """With the rotation to come, OS+ scores its down_proj scale on (x/s) R against (W s) R; the scale it
     picks then leaves no larger an error, in the basis the quantizer will really see, than the scale
@@ -625,8 +656,9 @@ def test_run_nlp_quantize_sts_and_lm(tmp_path):
     text = tmp_path / "wiki.txt"
     text.write_text(" ".join(words[j] for j in torch.randint(0, 100, (600,), generator=g)))
     m = run_nlp_quantize(f"hf:{d}", "lm", data=text, bits="w8a8", algo="osplus", calib=4, calib_len=32, window=64,
-                         max_windows=3, down_proj=True)
+                         max_windows=3, down_proj=True, w_rounding="gptq")
     assert m["down_proj"] and any(g["norm"].endswith("down_proj") for g in m["report"]["osplus"]["groups"])
+    assert m["w_rounding"] == "gptq" and m["report"]["gptq"]["layers"] == 15  # 7 per block and lm_head
     assert m["lm"]["windows"] == 3 and m["lm"]["tokens"] == 192 and m["metric"] == "wikitext2_ppl"
     assert m["quant"] > 1 and m["fp"] > 1
 
@@ -656,6 +688,10 @@ def test_run_nlp_quantize_with_block_reconstruction(tmp_path):
 
 
 def test_run_nlp_quantize_errors(tmp_path):
+    with pytest.raises(UsageError, match="w_rounding gptq applies to .*qdrop learns its own rounding"):
+        run_nlp_quantize("hf:x", "lm", data=tmp_path, algo="qdrop", w_rounding="gptq")
+    with pytest.raises(UsageError, match="w_rounding must be one of"):
+        run_nlp_quantize("hf:x", "lm", data=tmp_path, algo="naive", w_rounding="gtpq")
     with pytest.raises(ValueError, match="algo"):
         run_nlp_quantize("hf:x", "sts", data=tmp_path, algo="nope")
     with pytest.raises(ValueError, match="task"):

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qdrop.errors import UsageError
 from qdrop.quant import QScheme, Quantizer, parse_bits, qparams_from_range
 from qdrop.quant.observers import make_observer, mse_search, rows
 from qdrop.quant.quantizer import GAMMA, ZETA, _fake_quant_per_tensor, bernoulli_mask
@@ -297,6 +298,70 @@ def test_weight_ranges_search_every_value_of_every_row(observer):
     s, z = qparams_from_range(lo, hi, scheme)
     torch.testing.assert_close(q.scale.detach().reshape(-1), s.reshape(-1))
     torch.testing.assert_close(q.zero_point.detach().reshape(-1), z.reshape(-1).to(q.zero_point.dtype))
+
+
+# ---- GPTQ ----------------------------------------------------------------------------------
+def _weight_quantizer(w, bits, symmetric=False):
+    q = Quantizer(QScheme(bits=bits, ch_axis=0, symmetric=symmetric, observer="minmax"), w.shape[0], "weight")
+    q.calibrate_on(w)
+    return q
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_gptq_with_uncorrelated_inputs_is_nearest_rounding(bits, symmetric, act_order, seed):
+    """A diagonal H (inputs that never co-vary; some never seen at all) gives no column another's error
+    to absorb: GPTQ's codes are nearest rounding's, in any column order."""
+    from qdrop.quant.gptq import gptq_codes
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, 20, generator=g) * torch.rand(12, 1, generator=g) * 3
+    diag = torch.rand(20, generator=g) * 10
+    diag[torch.rand(20, generator=g) < 0.2] = 0  # dead inputs
+    q = _weight_quantizer(w, bits, symmetric)
+    codes = gptq_codes(w, torch.diag(diag), q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax, act_order=act_order, block=7)
+    assert torch.equal(codes, q.int_repr(w))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("seed", range(4))
+def test_gptq_fits_correlated_inputs_better_than_nearest(bits, seed):
+    """With correlated inputs X (H = XᵀX) GPTQ's codes leave a smaller output error ||X (W - Ŵ)ᵀ||² than
+    nearest rounding's on the same grid, and the codes stay on the grid."""
+    from qdrop.quant.gptq import gptq_codes
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2000, 16, generator=g) @ torch.randn(16, 48, generator=g) + 0.1 * torch.randn(2000, 48, generator=g)
+    w = torch.randn(32, 48, generator=g)
+    q = _weight_quantizer(w, bits)
+    s, z = q.scale.reshape(-1, 1), q.zero_point.reshape(-1, 1)
+    codes = gptq_codes(w, x.T @ x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax, block=16)
+    assert codes.min() >= q.scheme.qmin and codes.max() <= q.scheme.qmax
+    err_gptq = (x @ (w - (codes - z) * s).T).pow(2).sum()
+    err_nearest = (x @ (w - q(w)).T).pow(2).sum()
+    assert err_gptq < 0.7 * err_nearest, (float(err_gptq), float(err_nearest))
+    assert ((codes - q.int_repr(w)).abs() > 1).any()  # codes further than one step from nearest do occur
+
+
+def test_fixed_codes_quantize_the_weight_reload_and_refuse_adaround():
+    """Quantizer.fix_codes: the quantizer's weight is (codes - z) s, its integer weights are the codes
+    (what the export writes), a checkpoint reloads them, the FP weight is untouched, and AdaRound,
+    whose decisions are floor or ceil, refuses to start from them."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 10)
+    before = w.clone()
+    q = _weight_quantizer(w, 4)
+    codes = torch.clamp(q.int_repr(w) + torch.randint(-3, 4, w.shape), q.scheme.qmin, q.scheme.qmax)
+    q.fix_codes(w, codes)
+    s, z = q.scale.reshape(-1, 1), q.zero_point.reshape(-1, 1)
+    assert torch.equal(q.int_repr(w), codes)
+    torch.testing.assert_close(q(w), (codes - z) * s, rtol=0, atol=1e-6)
+    assert torch.equal(w, before)
+    fresh = _weight_quantizer(w, 4)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.int_repr(w), codes)
+    with pytest.raises(UsageError, match="cannot express"):
+        q.init_adaround(w)
 
 
 def test_scheme_rejects_bits():

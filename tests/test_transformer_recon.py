@@ -417,7 +417,9 @@ def test_cli_rotate_reaches_the_pipeline_and_is_refused_with_vision_models(tmp_p
         assert seen["rotate"] == want
     assert seen["keep_fp"] is None
     assert main(base + ["--keep-fp", "lm_head", "--keep-fp", "*.down_proj", "--out", str(tmp_path / "o")]) == 0
-    assert seen["keep_fp"] == ("lm_head", "*.down_proj")
+    assert seen["keep_fp"] == ("lm_head", "*.down_proj") and seen["w_rounding"] is None
+    assert main(base + ["--w-rounding", "gptq", "--out", str(tmp_path / "o")]) == 0
+    assert seen["w_rounding"] == "gptq"
     capsys.readouterr()
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(base + ["--rotate", "attention", "--out", str(tmp_path / "o2")])
@@ -426,6 +428,8 @@ def test_cli_rotate_reaches_the_pipeline_and_is_refused_with_vision_models(tmp_p
     assert rc == 2 and "--rotate does not apply to vision models" in capsys.readouterr().err
     rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--keep-fp", "fc", "--out", str(tmp_path / "o3")])
     assert rc == 2 and "--keep-fp does not apply to vision models" in capsys.readouterr().err
+    rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--w-rounding", "gptq", "--out", str(tmp_path / "o3")])
+    assert rc == 2 and "--w-rounding does not apply to vision models" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o2").exists()
 
 

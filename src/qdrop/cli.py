@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-fp", action="append", default=None, metavar="PATTERN",
                    help="transformers: keep the Linears whose names match this fnmatch pattern in floating point "
                    "(repeatable; e.g. lm_head, as GPTQ/AWQ/QuaRot's published W4 results do); recorded in metrics.json")
+    q.add_argument("--w-rounding", choices=("nearest", "gptq"), default=None,
+                   help="transformers, observer-based algorithms: weight codes by nearest rounding (default) or by GPTQ, "
+                   "chosen block by block against each Linear's calibration inputs (docs/nlp.md)")
     q.add_argument("--backend", choices=sorted(PRESETS), default="academic")
     q.add_argument("--calib", type=_positive, default=None,
                    help="calibration samples from the training split (default: 1024; transformers: 256)")
@@ -275,6 +278,7 @@ _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--ta
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
                      ("calib_len", None, "--calib-len"), ("onnx", False, "--onnx"), ("fine_lr", None, "--fine-lr"),
                      ("down_proj", False, "--down-proj"), ("rotate", None, "--rotate"), ("keep_fp", None, "--keep-fp"),
+                     ("w_rounding", None, "--w-rounding"),
                      ("init", None, "--init"), ("units", None, "--units"),
                      ("split_blocks", False, "--split-blocks"),
                      ("recon_loss", None, "--recon-loss"))
@@ -315,6 +319,7 @@ def _quantize_transformer(args, out: Path) -> int:
                          batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
                          rotate=args.rotate, keep_fp=tuple(args.keep_fp) if args.keep_fp else None,
+                         w_rounding=args.w_rounding,
                          w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
                          **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)
     init = f" (init {m['init']}, {m['iters']} it/block)" if recon else ""

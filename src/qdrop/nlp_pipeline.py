@@ -22,7 +22,7 @@ from .eval.nlp_metrics import perplexity, sts_spearman
 from .io import atomic_write_json, environment
 from .nlp.data import length_sorted_batches, lm_splits, read_tokens, segment_batches, sentence_calib_batches, sts_splits
 from .nlp.models import TASKS, load_hf
-from .nlp.pipeline import FINE_LR, NLP_ALGOS, quantize_transformer
+from .nlp.pipeline import FINE_LR, NLP_ALGOS, W_ROUNDINGS, quantize_transformer
 from .quant.scheme import parse_bits
 from .recon.configs import ALGORITHMS, UNIT_LOSSES, get_algorithm
 
@@ -39,7 +39,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib: int = 256, seed: int = 0, act_granularity: str = "per_tensor", w_observer: str | None = None,
                      a_observer: str = "minmax", window: int = 1024, max_windows: int | None = None,
                      calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, rotate: str | None = None,
-                     keep_fp: tuple | None = None, fine_epochs: int = 3,
+                     keep_fp: tuple | None = None, w_rounding: str | None = None, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
                      split_blocks: bool | None = None,
@@ -73,6 +73,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     activation, "all" every quantized Linear's input; None = no rotation, and kept out of sweep run ids.
     keep_fp: fnmatch patterns of Linears kept in floating point (prepare_transformer's skip, e.g. "lm_head");
     each must match a Linear of the model; None = none, recorded (and in sweep run ids) only when given.
+    w_rounding: the observer-based algorithms' weight codes, "nearest" (None: the default, kept out of sweep run ids
+    and metrics) or "gptq" (qdrop.nlp.gptq); the reconstruction algorithms learn their own rounding.
     onnx: also export OUT/model.onnx (QDQ, qdrop.export.transformer) and score it on the same evaluation data
     in ONNX Runtime: metrics["onnx"] holds the deployed score, the integer kernels ONNX Runtime runs, the CPU
     and ONNX Runtime's version (what the runtime delivers, beside what the simulation predicts).
@@ -97,6 +99,11 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         raise UsageError(f"lam, units, split_blocks, max_cache_mb, recon_loss and lr_iters apply to the reconstruction "
                          f"algorithms "
                          f"{tuple(ALGORITHMS)}, not to {algo!r}")
+    if w_rounding not in (None, *W_ROUNDINGS):
+        raise UsageError(f"w_rounding must be one of {W_ROUNDINGS}, got {w_rounding!r}")
+    if w_rounding == "gptq" and recon:
+        raise UsageError(f"w_rounding gptq applies to {NLP_ALGOS}: {algo} learns its own rounding (AdaRound), "
+                         "which cannot start from GPTQ's codes")
     if recon_loss not in (None, *UNIT_LOSSES):  # (the prediction objectives fisher / pd are for the torch.fx path)
         raise UsageError(f"recon_loss must be one of {UNIT_LOSSES}, got {recon_loss!r}")
     if recon and (not isinstance(iters, int) or iters < 1):
@@ -160,6 +167,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     t = time.perf_counter()
     qmodel, report = quantize_transformer(fp_model, calib_batches, bits, transform, act_granularity, w_observer, a_observer,
                                           quantize_attention_matmuls, skip=keep_fp, down_proj=down_proj, rotate=rotate,
+                                          w_rounding=w_rounding or "nearest",
                                           fine_epochs=fine_epochs,
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
@@ -184,6 +192,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    backend="academic" if act_granularity == "per_tensor" else "academic-per-token",
                    act_granularity=act_granularity, w_observer=w_observer, a_observer=a_observer,
                    down_proj=down_proj, rotate=rotate, **({"keep_fp": list(keep_fp)} if keep_fp else {}),
+                   **({"w_rounding": w_rounding} if w_rounding else {}),
                    calib_size=calib_size, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},

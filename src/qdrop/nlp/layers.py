@@ -43,17 +43,21 @@ class QuantLinear(QuantLayer):
         self.register_buffer("input_rotation", None)
 
     def forward(self, x):
+        return F.linear(self.weight_input(x), self._weight(), self.layer.bias)
+
+    def weight_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the weight multiplies: x rotated (when set) and quantized (as the input quantizer's state says)."""
         if self.input_rotation is not None:
             x = x @ self.input_rotation
         q = self.input_quant
         if not isinstance(q, Quantizer):  # ONNX export's stand-in (qdrop.export.onnx_qdq): QDQ in the graph
-            x = q(x)
-        elif q.state == "observe":
+            return q(x)
+        if q.state == "observe":
             if not self.per_token:
                 q.observer.update(real_tokens(x))  # padding never enters the range
         elif q.state == "quant":
             x = per_token_fake_quant(x, q.scheme) if self.per_token else q(x)
-        return F.linear(x, self._weight(), self.layer.bias)
+        return x
 
     def _weight(self) -> torch.Tensor:
         """The (fake-)quantized weight. Evaluation re-quantized every weight on every call

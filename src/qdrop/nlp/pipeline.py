@@ -9,11 +9,13 @@ from torch import nn
 
 from .clipping import token_wise_clipping
 from .equalize import gamma_migration, osplus, smoothquant
+from .gptq import gptq_transformer
 from .prepare import calibrate_transformer, prepare_transformer
 from .rotation import rotate_inputs, rotation_matrix, rotation_targets
 from ..errors import UsageError
 
 NLP_ALGOS = ("naive", "smoothquant", "osplus", "os")
+W_ROUNDINGS = ("nearest", "gptq")
 
 
 # Fine stage of token-wise clipping: Adam on the quantizers' scale/offset. The OS paper's lr 1e-5
@@ -26,7 +28,7 @@ FINE_LR = 1e-2
 def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a8", algo: str = "naive",
                          act_granularity: str = "per_tensor", w_observer: str = "mse", a_observer: str = "minmax",
                          quantize_attention_matmuls: bool = False, skip=(), down_proj: bool = False,
-                         rotate: str | None = None, alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
+                         rotate: str | None = None, w_rounding: str = "nearest", alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
                          patience: int | None = None, seed: int = 0, inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
     """prepare -> (transform) -> calibrate -> (token-wise clipping). Returns (qmodel, report).
 
@@ -37,9 +39,13 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
                  loss_on='mean_pool' makes its loss the mean-pooled output (sentence embedders)
     rotate: after the transform, rotate Linear inputs online (qdrop.nlp.rotation): "mlp" every MLP's inner
                  activation, "all" every quantized Linear's input; OS+ then scores those scales in the rotated basis
+    w_rounding: how weights take their codes on the observer's grid: "nearest", or "gptq" (qdrop.nlp.gptq: chosen
+                 block by block against each Linear's calibration inputs, after the activation ranges are set)
     """
     if algo not in NLP_ALGOS:
         raise UsageError(f"algo must be one of {NLP_ALGOS}, got {algo!r}")
+    if w_rounding not in W_ROUNDINGS:
+        raise UsageError(f"w_rounding must be one of {W_ROUNDINGS}, got {w_rounding!r}")
     torch.manual_seed(seed)
     qmodel = prepare_transformer(model, bits, act_granularity, quantize_attention_matmuls, w_observer, a_observer,
                                  skip=skip, inplace=inplace)
@@ -56,6 +62,8 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
     if rotate:
         report["rotate"] = rotate_inputs(qmodel, rotate, seed=seed)
     calibrate_transformer(qmodel, calib_batches)
+    if w_rounding == "gptq":
+        report["gptq"] = gptq_transformer(qmodel, calib_batches, progress=progress)
     if algo == "os":
         # causal LMs: the loss is taken on the decoder's last hidden state, not on 50k-wide
         # logits (memory); lm_head's input keeps its observer range

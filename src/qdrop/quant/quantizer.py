@@ -294,6 +294,9 @@ class Quantizer(nn.Module):
         """V from the weights' distance to the grid point below (AdaRound's initialisation), or, when the
         rounding was already decided (fix_rounding: a later stage re-opens it), from those decisions: h(V)
         starts at 0.01 / 0.99, off the clamp so that V has a gradient, and 0.01 of a step from the kept model."""
+        if self.round_up is not None and self.round_up.dtype != torch.uint8:
+            raise UsageError("this weight holds fixed codes of another rounding (GPTQ) that AdaRound's "
+                             "up-or-down decisions cannot express; reconstruct from nearest rounding instead")
         s = _bshape(w, self.scheme.ch_axis, self.scale.detach())
         if self.round_up is not None:
             rest = 0.01 + 0.98 * self.round_up.to(w.dtype)
@@ -335,6 +338,21 @@ class Quantizer(nn.Module):
         buffer and drop V. The FP weight itself is never modified, so the FP model (all
         quantizers off) stays the original - needed by later stages and by resuming."""
         self.round_up = (self.alpha.detach() >= 0).to(torch.uint8)
+        self.alpha = None
+        self.hard_round = False
+
+    def fix_codes(self, w: torch.Tensor, codes: torch.Tensor) -> None:
+        """Quantize the weight w to these integer codes (another rounding's, e.g. GPTQ's, which may lie
+        further than one step from w). Kept like AdaRound's decisions, as an offset from floor(w / s) + z
+        (int16), so the FP weight stays unmodified; AdaRound cannot start from them (init_adaround)."""
+        s = _bshape(w, self.scheme.ch_axis, self.scale.detach())
+        z = _bshape(w, self.scheme.ch_axis, self.zero_point.detach())
+        with torch.no_grad():
+            codes = torch.clamp(codes.to(w.device), self.scheme.qmin, self.scheme.qmax)
+            offset = codes.to(w.dtype) - torch.floor(w.detach() / s) - z
+            if offset.abs().max() > torch.iinfo(torch.int16).max:  # a weight ~32k steps outside its range
+                raise ValueError("fix_codes: a code lies more than 32767 steps from its weight")
+            self.round_up = offset.round().to(torch.int16)
         self.alpha = None
         self.hard_round = False
 
