@@ -433,18 +433,24 @@ def test_cli_rotate_reaches_the_pipeline_and_is_refused_with_vision_models(tmp_p
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o2").exists()
 
 
+@pytest.mark.parametrize("rounding", ["qdrop", "gptq"])
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
-def test_transformer_onnx_export_runs_in_onnx_runtime_like_the_simulation(make, tmp_path):
-    """qdrop.export_onnx on a quantized (and reconstructed) HF model: traced once on one batch, the file
-    runs batches of other sizes, lengths and padding; ONNX Runtime's float Q/DQ graph (no fusion)
-    computes the simulation on the real tokens, and its optimised graph runs integer kernels."""
+def test_transformer_onnx_export_runs_in_onnx_runtime_like_the_simulation(make, rounding, tmp_path):
+    """qdrop.export_onnx on a quantized HF model whose weights were rounded by reconstruction (qdrop) or
+    GPTQ (codes possibly several steps from the weight): traced once on one batch, the file runs batches of
+    other sizes, lengths and padding; ONNX Runtime's float Q/DQ graph (no fusion) computes the simulation on
+    the real tokens, and its optimised graph runs integer kernels."""
+    from qdrop.nlp.gptq import gptq_transformer
     pytest.importorskip("onnxruntime")
     from qdrop.export.check import optimized_op_counts
     from qdrop.export.x86 import describe_cpu, saturation_warning, u8s8_saturates, worst_pair_sums
     from qdrop.export.transformer import OrtTransformer
 
     q = prepared(make, "w8a8")
-    qdrop.reconstruct(q, None, [padded_batch()], algo="qdrop", iters=10, batch_size=8, progress=False)
+    if rounding == "qdrop":
+        qdrop.reconstruct(q, None, [padded_batch()], algo="qdrop", iters=10, batch_size=8, progress=False)
+    else:
+        gptq_transformer(q, [padded_batch()])
     report = qdrop.export_onnx(q, tmp_path / "m.onnx", padded_batch(n=2, t=7, seed=3))
     assert not any(m.training for m in q.modules())  # the export leaves the model as it found it
     n_linear = sum(isinstance(m, torch.nn.Linear) for _, b in find_blocks(q) for m in b.modules())
