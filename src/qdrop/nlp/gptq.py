@@ -38,6 +38,7 @@ def _input_moments(linears: list[QuantLinear], run) -> dict:
         stats[module] = xtx if module not in stats else stats[module].add_(xtx)
 
     handles = [m.register_forward_pre_hook(hook) for m in linears]
+    states = [m.weight_quant.state for m in linears]
     for m in linears:
         m.weight_quant.set_state("off")
     try:
@@ -45,8 +46,8 @@ def _input_moments(linears: list[QuantLinear], run) -> dict:
     finally:
         for h in handles:
             h.remove()
-        for m in linears:
-            m.weight_quant.set_state("quant")
+        for m, state in zip(linears, states):
+            m.weight_quant.set_state(state)
     return stats
 
 
