@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -440,6 +441,30 @@ def test_gptq_codes_fit_the_model_better_than_nearest_and_ignore_padding(make, b
     assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(calib, noisy)) == (make is tiny_bert)
     qm2, _ = quantize_transformer(model, noisy, "w3a8", "naive", rotate="all", w_rounding="gptq")
     assert all(torch.equal(m.weight_quant.int_repr(m.layer.weight), codes[n]) for n, m in quant_linears(qm2))
+
+
+def test_quant_linear_uses_codes_fixed_again_after_its_weight_was_cached():
+    """QuantLinear caches its quantized weight; codes fixed a second time (gptq_transformer run again, or
+    after AdaRound's decisions) must reach its output, not the cached weight of the first codes."""
+    for start in ("nearest", "adaround"):
+        q = prepare_transformer(tiny_llama(), "w4a8")
+        calibrate_transformer(q, [llama_batch()])
+        lin = q.model.layers[0].mlp.down_proj
+        x = torch.randn(3, lin.layer.in_features)
+        wq, w = lin.weight_quant, lin.layer.weight
+        if start == "adaround":  # AdaRound's decisions (uint8) fixed first
+            wq.init_adaround(w)
+            wq.fix_rounding()
+        with torch.no_grad():
+            lin(x)  # the weight of the current codes is cached (no gradient wanted)
+        nearest = wq.int_repr(w)
+        for shift in (1, -1):  # fixed twice: the second edits the first's tensor in place
+            codes = torch.clamp(nearest + shift, wq.scheme.qmin, wq.scheme.qmax)
+            wq.fix_codes(w, codes)
+            with torch.no_grad():
+                z = wq.zero_point.reshape(-1, 1)
+                want = F.linear(lin.weight_input(x), (codes - z) * wq.scale.reshape(-1, 1), lin.layer.bias)
+                torch.testing.assert_close(lin(x), want)
 
 
 def test_osplus_down_proj_search_in_the_rotated_basis():

@@ -72,8 +72,9 @@ class QuantLinear(QuantLayer):
             return wq(w)
         if torch.is_grad_enabled() and (w.requires_grad or wq.scale.requires_grad or wq.zero_point.requires_grad):
             return wq(w)
+        r = wq.round_up  # fixed codes: a new tensor (other dtype) or the same one edited in place (a new version)
         key = (w.data_ptr(), w._version, wq.scale._version, wq.zero_point._version,
-               -1 if wq.round_up is None else wq.round_up._version)
+               None if r is None else (r.dtype, r.data_ptr(), r._version))
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
             with torch.no_grad():

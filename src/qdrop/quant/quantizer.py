@@ -352,7 +352,11 @@ class Quantizer(nn.Module):
             offset = codes.to(w.dtype) - torch.floor(w.detach() / s) - z
             if offset.abs().max() > torch.iinfo(torch.int16).max:  # a weight ~32k steps outside its range
                 raise ValueError("fix_codes: a code lies more than 32767 steps from its weight")
-            self.round_up = offset.round().to(torch.int16)
+            offset = offset.round().to(torch.int16)
+            if self.round_up is not None and self.round_up.dtype == offset.dtype and self.round_up.shape == offset.shape:
+                self.round_up.copy_(offset)  # in place: a new version, which cached weights (QuantLinear) see
+            else:
+                self.round_up = offset
         self.alpha = None
         self.hard_round = False
 
