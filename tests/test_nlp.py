@@ -710,6 +710,8 @@ def test_run_nlp_quantize_with_block_reconstruction(tmp_path):
     with pytest.raises(UsageError, match="--keep-fp 'lm_haed' matches no Linear of LlamaForCausalLM"):
         run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="naive", keep_fp=("lm_haed",), out=tmp_path / "typo")
     assert not (tmp_path / "typo").exists()  # refused before anything is written
+    with pytest.raises(UsageError, match="--keep-fp 'lm_haed' matches"):  # one bare pattern (a sweep's yaml) is one pattern
+        run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="naive", keep_fp="lm_haed", out=tmp_path / "typo")
 
 
 def test_run_nlp_quantize_errors(tmp_path):

@@ -126,7 +126,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     seconds = {}
     fp_model, tokenizer = load_hf(model, task)
     seconds["load"] = time.perf_counter() - t0
-    keep_fp = tuple(keep_fp or ())
+    keep_fp = (keep_fp,) if isinstance(keep_fp, str) else tuple(keep_fp or ())  # a sweep may give one bare pattern
     linears = [n for n, m in fp_model.named_modules() if isinstance(m, torch.nn.Linear)]
     for pattern in keep_fp:  # a typo would otherwise quantize the layer the user meant to keep
         if not any(fnmatch.fnmatch(n, pattern) for n in linears):
