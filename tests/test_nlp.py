@@ -45,6 +45,8 @@ from qdrop.nlp import (  # noqa: E402
     token_wise_clipping,
 )
 from qdrop.nlp_pipeline import run_nlp_quantize  # noqa: E402
+from qdrop.nlp.gptq import gptq_transformer  # noqa: E402
+from qdrop.quant.gptq import gptq_codes  # noqa: E402
 from qdrop.nlp.data import lm_splits, read_sentences, read_sts, sts_splits  # noqa: E402
 from qdrop.nlp.mask import current_mask, real_tokens  # noqa: E402
 from qdrop.errors import UsageError  # noqa: E402
@@ -441,6 +443,46 @@ def test_gptq_codes_fit_the_model_better_than_nearest_and_ignore_padding(make, b
     assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(calib, noisy)) == (make is tiny_bert)
     qm2, _ = quantize_transformer(model, noisy, "w3a8", "naive", rotate="all", w_rounding="gptq")
     assert all(torch.equal(m.weight_quant.int_repr(m.layer.weight), codes[n]) for n, m in quant_linears(qm2))
+
+
+@pytest.mark.parametrize("make,batch", [(tiny_llama, llama_batch), (tiny_bert, bert_batch)], ids=["llama", "bert"])
+def test_sequential_gptq_takes_each_linears_statistics_from_the_model_it_ends_in(make, batch):
+    """Sequential GPTQ (sequential=True): every Linear's H is gathered with every Linear called before it already on
+    its GPTQ codes, so each Linear's codes are exactly GPTQ's for the inputs it receives in the final quantized
+    model (H taken by one pass of that model over the calibration data). The default per-block variant (a block's
+    weights in FP while its statistics are gathered) misses this for the Linears after a block's first group.
+    Either, run again on codes already fixed, gives the same codes and measures its proxy error against nearest
+    rounding, not against the codes it found before."""
+    torch.manual_seed(0)
+    model = make()
+    calib = [batch(s) for s in range(4)]
+    for sequential in (True, False):
+        qm, _ = quantize_transformer(model, calib, "w3a8", "naive", rotate="all")
+        report = gptq_transformer(qm, calib, sequential=sequential)
+        linears = [m for _, m in quant_linears(qm)]
+        assert report["layers"] == len(linears) and report["sequential"] is sequential
+        h = {}
+
+        def hook(m, args):
+            x = real_tokens(m.weight_input(args[0]))
+            x = x.reshape(-1, x.shape[-1]).float()
+            h[m] = h.get(m, 0) + (x.T @ x).double()  # as gptq_transformer sums it, batch after batch
+        handles = [m.register_forward_pre_hook(hook) for m in linears]
+        with torch.no_grad():
+            for b in calib:
+                qm(**b)
+        for hd in handles:
+            hd.remove()
+        same = []
+        for m in linears:
+            wq, w = m.weight_quant, m.layer.weight
+            want = gptq_codes(w, h[m], wq.scale, wq.zero_point, wq.scheme.qmin, wq.scheme.qmax, damp=report["damp"])
+            same.append(torch.equal(wq.int_repr(w), want))
+        assert all(same) if sequential else not all(same), same
+        codes = [m.weight_quant.int_repr(m.layer.weight) for m in linears]
+        again = gptq_transformer(qm, calib, sequential=sequential)
+        assert all(torch.equal(m.weight_quant.int_repr(m.layer.weight), c) for m, c in zip(linears, codes))
+        assert again["proxy_error_vs_nearest"] == report["proxy_error_vs_nearest"]
 
 
 def test_quant_linear_uses_codes_fixed_again_after_its_weight_was_cached():
