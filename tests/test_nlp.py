@@ -412,6 +412,8 @@ def test_keep_fp_leaves_lm_head_exact_through_osplus_and_rotation(tied):
     assert all(g["norm"] != "model.norm" for g in report["osplus"]["groups"])
     with quant_mode(qm, weights=False, acts=False):  # the transform and rotation stay exact with the FP head
         assert masked_diff(hidden(qm, b), hidden(model, b), b["attention_mask"]) < 1e-4
+    bare = prepare_transformer(model, "w4a8", skip="lm_head")  # one bare pattern is one pattern, not characters
+    assert type(bare.lm_head) is torch.nn.Linear and len(quant_linears(bare)) == 7 * len(model.model.layers)
 
 
 @pytest.mark.parametrize("make,batch", [(tiny_llama, llama_batch), (tiny_bert, bert_batch)], ids=["llama", "bert"])

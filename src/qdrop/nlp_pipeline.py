@@ -23,6 +23,7 @@ from .io import atomic_write_json, environment
 from .nlp.data import length_sorted_batches, lm_splits, read_tokens, segment_batches, sentence_calib_batches, sts_splits
 from .nlp.models import TASKS, load_hf
 from .nlp.pipeline import FINE_LR, NLP_ALGOS, W_ROUNDINGS, quantize_transformer
+from .nlp.prepare import skip_patterns
 from .quant.scheme import parse_bits
 from .recon.configs import ALGORITHMS, UNIT_LOSSES, get_algorithm
 
@@ -126,7 +127,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     seconds = {}
     fp_model, tokenizer = load_hf(model, task)
     seconds["load"] = time.perf_counter() - t0
-    keep_fp = (keep_fp,) if isinstance(keep_fp, str) else tuple(keep_fp or ())  # a sweep may give one bare pattern
+    keep_fp = skip_patterns(keep_fp)
     linears = [n for n, m in fp_model.named_modules() if isinstance(m, torch.nn.Linear)]
     for pattern in keep_fp:  # a typo would otherwise quantize the layer the user meant to keep
         if not any(fnmatch.fnmatch(n, pattern) for n in linears):

@@ -41,6 +41,12 @@ def _pop_mask(module, args, kwargs, output):
     pop_mask()
 
 
+def skip_patterns(skip) -> tuple:
+    """skip / keep_fp as a tuple of fnmatch patterns: one bare string (a sweep's yaml value, an API call) is one
+    pattern, not one per character."""
+    return (skip,) if isinstance(skip, str) else tuple(skip or ())
+
+
 def prepare_transformer(
     model: nn.Module,
     bits: str = "w8a8",
@@ -64,6 +70,7 @@ def prepare_transformer(
     if act_granularity not in GRANULARITIES:
         raise UsageError(f"act_granularity must be one of {GRANULARITIES}, got {act_granularity!r}")
     w_bits, a_bits = parse_bits(bits)
+    skip = skip_patterns(skip)
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(fnmatch.fnmatch(n, p) for p in skip)]
     if not targets:
         kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
