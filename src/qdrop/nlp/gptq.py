@@ -104,8 +104,8 @@ def _round(linears: list[QuantLinear], stats: dict, damp: float) -> list[float]:
         if m not in stats:  # never called on the calibration data: nearest rounding stays
             continue
         wq, w, h = m.weight_quant, m.layer.weight, stats[m]
-        s, z = wq.scale.reshape(-1, 1), wq.zero_point.reshape(-1, 1)  # nearest codes, whatever codes wq holds now
-        nearest = (torch.clamp(torch.round(w * (1.0 / s)) + z, wq.scheme.qmin, wq.scheme.qmax) - z) * s
+        s, z = wq.scale.reshape(-1, 1), wq.zero_point.reshape(-1, 1)
+        nearest = (wq.nearest_codes(w) - z) * s  # the baseline, whatever codes wq holds now
         codes = gptq_codes(w, h, wq.scale, wq.zero_point, wq.scheme.qmin, wq.scheme.qmax, damp=damp)
         wq.fix_codes(w, codes)
         chosen = wq(w).detach()

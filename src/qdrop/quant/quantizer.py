@@ -369,15 +369,22 @@ class Quantizer(nn.Module):
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of x on this quantizer's grid (int64): nearest rounding, or the
         learned AdaRound decisions when this quantizer holds them (x is then the weight)."""
+        if self.alpha is None and self.round_up is None:
+            return self.nearest_codes(x)
         s = _bshape(x, self.scheme.ch_axis, self.scale.detach())
         z = _bshape(x, self.scheme.ch_axis, self.zero_point.detach())
         with torch.no_grad():
-            if self.alpha is not None or self.round_up is not None:
-                q = torch.floor(x / s) + self.rounding().detach() + z
-            else:
-                # x * (1/s), not x / s: the same float arithmetic as PyTorch's fake-quant kernels, so
-                # that exact ties (a min/max weight at +-127.5 steps) round as in the simulation
-                q = torch.round(x * (1.0 / s)) + z
+            q = torch.floor(x / s) + self.rounding().detach() + z
+        return torch.clamp(q, self.scheme.qmin, self.scheme.qmax).long()
+
+    def nearest_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x by nearest rounding on this quantizer's grid (int64), whatever codes it holds."""
+        s = _bshape(x, self.scheme.ch_axis, self.scale.detach())
+        z = _bshape(x, self.scheme.ch_axis, self.zero_point.detach())
+        with torch.no_grad():
+            # x * (1/s), not x / s: the same float arithmetic as PyTorch's fake-quant kernels, so
+            # that exact ties (a min/max weight at +-127.5 steps) round as in the simulation
+            q = torch.round(x * (1.0 / s)) + z
         return torch.clamp(q, self.scheme.qmin, self.scheme.qmax).long()
 
     # ---- forward ---------------------------------------------------------------------
