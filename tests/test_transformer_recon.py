@@ -163,7 +163,7 @@ def test_parts_compute_what_the_block_computes():
 # ---- reconstruction ---------------------------------------------------------------------------
 
 # CI's fast subset keeps every algorithm on BERT and qdrop on both; adaround and brecq on Llama are the
-# slowest pair of the suite (about 4 min each on a 2-core CPU) and run with `make test-all`
+# slowest pair of the fast subset's reconstruction tests and run with `make test-all`
 SLOW_PAIR = pytest.mark.slow
 @pytest.mark.parametrize("algo, make", [
     ("adaround", tiny_bert), ("brecq", tiny_bert), ("qdrop", tiny_bert), ("qdrop", tiny_llama),
