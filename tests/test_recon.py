@@ -318,7 +318,7 @@ def test_options_at_their_neutral_values_give_the_paper_result():
         assert all(torch.equal(a[k], b[k]) for k in a), lr_iters
 
 
-@pytest.mark.slow  # issue #13's engine options, among the fast subset's slowest: `make test-all`
+@pytest.mark.slow  # issue #13's engine options; among the slowest of CI's subset, so `make test-all` runs it
 def test_lr_iters_scales_the_learning_rates_and_decides_more_rounding(monkeypatch):
     from qdrop.recon import get_algorithm
 
@@ -348,7 +348,7 @@ def test_warmup_and_beta_overrides_change_the_result():
         assert any(not torch.equal(a[k], b[k]) for k in a), override
 
 
-@pytest.mark.slow  # issue #13's engine options, among the fast subset's slowest: `make test-all`
+@pytest.mark.slow  # issue #13's engine options; among the slowest of CI's subset, so `make test-all` runs it
 def test_hard_tail_freezes_the_rounding_and_keeps_learning_step_sizes():
     from qdrop.recon import get_algorithm
 

@@ -162,12 +162,11 @@ def test_parts_compute_what_the_block_computes():
 
 # ---- reconstruction ---------------------------------------------------------------------------
 
-# CI's fast subset keeps every algorithm on BERT and qdrop on both; adaround and brecq on Llama are the
-# slowest pair of the fast subset's reconstruction tests and run with `make test-all`
-SLOW_PAIR = pytest.mark.slow
+# CI's fast subset keeps every algorithm on BERT and qdrop on both; adaround and brecq on Llama were the
+# slowest pair of its reconstruction tests and run with `make test-all`
 @pytest.mark.parametrize("algo, make", [
     ("adaround", tiny_bert), ("brecq", tiny_bert), ("qdrop", tiny_bert), ("qdrop", tiny_llama),
-    pytest.param("adaround", tiny_llama, marks=SLOW_PAIR), pytest.param("brecq", tiny_llama, marks=SLOW_PAIR),
+    pytest.param("adaround", tiny_llama, marks=pytest.mark.slow), pytest.param("brecq", tiny_llama, marks=pytest.mark.slow),
 ])
 def test_reconstruction_reduces_the_output_error(make, algo):
     batch = padded_batch()

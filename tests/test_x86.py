@@ -150,7 +150,7 @@ def test_emulated_avx2_runs_the_avx2_target_exactly_and_saturates_full_int8(tmp_
 @needs_cifar
 @needs_qemu
 @pytest.mark.shared_data
-@pytest.mark.slow  # the slowest fast test under QEMU: `make test-all`; the fast subset keeps the emulated exactness test above
+@pytest.mark.slow  # was CI's slowest test (QEMU): `make test-all`; the fast subset keeps the emulated exactness test above
 # and, on an AVX2 machine, test_export's real-data parity runs natively
 def test_cli_parity_on_an_emulated_avx2_cpu_on_real_data(tmp_path, capsys):
     """The issue's reproduction: ResNet-20 W8A8 for ONNX Runtime, checked as an AVX2 CPU runs it."""
