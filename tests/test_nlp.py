@@ -732,6 +732,29 @@ def test_run_nlp_quantize_sts_and_lm(tmp_path):
     assert m["quant"] > 1 and m["fp"] > 1
 
 
+def test_gptq_statistics_from_more_segments_and_other_damping(tmp_path):
+    """gptq_calib: GPTQ's H from the file's last N segments while the ranges keep calib's (the same N as calib is
+    the default run exactly); gptq_damp reaches GPTQ; both recorded, refused without w_rounding gptq."""
+    g = torch.Generator().manual_seed(0)
+    d, words = _tiny_hf_dir(tmp_path, "llama")
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(words[j] for j in torch.randint(0, 100, (600,), generator=g)))
+    args = dict(data=text, bits="w4a8", algo="naive", calib=4, calib_len=32, window=64, max_windows=2, batch_size=2,
+                w_rounding="gptq", fp=1.0)
+    base = run_nlp_quantize(f"hf:{d}", "lm", **args)
+    same = run_nlp_quantize(f"hf:{d}", "lm", gptq_calib=4, **args)
+    more = run_nlp_quantize(f"hf:{d}", "lm", gptq_calib=8, gptq_damp=0.1, **args)
+    assert same["quant"] == base["quant"] and base["report"]["gptq"]["batches"] == 2 and "gptq_calib" not in base
+    assert more["report"]["gptq"]["batches"] == 4 and more["report"]["gptq"]["damp"] == 0.1
+    assert more["gptq_calib"] == 8 and more["gptq_damp"] == 0.1 and more["calib_size"] == 4
+    assert more["quant"] != base["quant"]  # other statistics, other codes
+    assert more["lm"]["tokens"] == base["lm"]["tokens"]  # the evaluation windows are the same
+    with pytest.raises(UsageError, match="give them with w_rounding='gptq'"):
+        run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="naive", gptq_damp=0.1)
+    with pytest.raises(UsageError, match="gptq_damp must be a positive"):
+        run_nlp_quantize(f"hf:{d}", "lm", **args, gptq_damp=0.0)
+
+
 def test_run_nlp_quantize_with_block_reconstruction(tmp_path):
     """algo qdrop after init osplus: the transform, then one unit per block; recon.json written, the
     resume state removed once metrics.json is there; a rerun with the same output starts afresh."""

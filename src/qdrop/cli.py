@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-rounding", choices=("nearest", "gptq"), default=None,
                    help="transformers, observer-based algorithms: weight codes by nearest rounding (default) or by GPTQ, "
                    "chosen block by block against each Linear's calibration inputs (docs/nlp.md)")
+    q.add_argument("--gptq-calib", type=_positive, default=None, metavar="N",
+                   help="with --w-rounding gptq: GPTQ's input statistics from N calibration samples (lm: the file's last N "
+                   "segments) while the transform and the ranges keep --calib's (default: --calib's)")
+    q.add_argument("--gptq-damp", type=float, default=None, metavar="F",
+                   help="with --w-rounding gptq: GPTQ's damping, a fraction of H's mean diagonal (default 0.01, the paper's)")
     q.add_argument("--backend", choices=sorted(PRESETS), default="academic")
     q.add_argument("--calib", type=_positive, default=None,
                    help="calibration samples from the training split (default: 1024; transformers: 256)")
@@ -278,7 +283,8 @@ _VISION_ONLY = (("backend", "academic", "--backend"), ("target_cpu", None, "--ta
 _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("max_windows", None, "--max-windows"),
                      ("calib_len", None, "--calib-len"), ("onnx", False, "--onnx"), ("fine_lr", None, "--fine-lr"),
                      ("down_proj", False, "--down-proj"), ("rotate", None, "--rotate"), ("keep_fp", None, "--keep-fp"),
-                     ("w_rounding", None, "--w-rounding"),
+                     ("w_rounding", None, "--w-rounding"), ("gptq_calib", None, "--gptq-calib"),
+                     ("gptq_damp", None, "--gptq-damp"),
                      ("init", None, "--init"), ("units", None, "--units"),
                      ("split_blocks", False, "--split-blocks"),
                      ("recon_loss", None, "--recon-loss"))
@@ -319,7 +325,7 @@ def _quantize_transformer(args, out: Path) -> int:
                          batch_size=args.batch_size,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
                          rotate=args.rotate, keep_fp=tuple(args.keep_fp) if args.keep_fp else None,
-                         w_rounding=args.w_rounding,
+                         w_rounding=args.w_rounding, gptq_calib=args.gptq_calib, gptq_damp=args.gptq_damp,
                          w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
                          **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)
     init = f" (init {m['init']}, {m['iters']} it/block)" if recon else ""

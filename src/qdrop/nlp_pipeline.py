@@ -40,7 +40,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib: int = 256, seed: int = 0, act_granularity: str = "per_tensor", w_observer: str | None = None,
                      a_observer: str = "minmax", window: int = 1024, max_windows: int | None = None,
                      calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, rotate: str | None = None,
-                     keep_fp: tuple | None = None, w_rounding: str | None = None, fine_epochs: int = 3,
+                     keep_fp: tuple | None = None, w_rounding: str | None = None, gptq_calib: int | None = None,
+                     gptq_damp: float | None = None, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
                      split_blocks: bool | None = None,
@@ -76,6 +77,10 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     each must match a Linear of the model; None = none, recorded (and in sweep run ids) only when given.
     w_rounding: the observer-based algorithms' weight codes, "nearest" (None: the default, kept out of sweep run ids
     and metrics) or "gptq" (qdrop.nlp.gptq); the reconstruction algorithms learn their own rounding.
+    gptq_calib: GPTQ's input statistics from this many calibration samples instead of `calib` (lm: the last
+    gptq_calib segments of the file, which hold the calibration's; sts: a draw of gptq_calib sentences), while the
+    transform's scales and the ranges keep `calib`'s; gptq_damp: GPTQ's damping (qdrop.quant.gptq.DAMP). Both
+    None = GPTQ's defaults, kept out of sweep run ids and metrics.
     onnx: also export OUT/model.onnx (QDQ, qdrop.export.transformer) and score it on the same evaluation data
     in ONNX Runtime: metrics["onnx"] holds the deployed score, the integer kernels ONNX Runtime runs, the CPU
     and ONNX Runtime's version (what the runtime delivers, beside what the simulation predicts).
@@ -105,6 +110,13 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if w_rounding == "gptq" and recon:
         raise UsageError(f"w_rounding gptq applies to {NLP_ALGOS}: {algo} learns its own rounding (AdaRound), "
                          "which cannot start from GPTQ's codes")
+    if (gptq_calib is not None or gptq_damp is not None) and w_rounding != "gptq":
+        raise UsageError("gptq_calib and gptq_damp set GPTQ's statistics: give them with w_rounding='gptq' "
+                         "(--w-rounding gptq), or drop them")
+    if gptq_calib is not None and gptq_calib < 1:
+        raise UsageError(f"gptq_calib must be at least 1, got {gptq_calib}")
+    if gptq_damp is not None and not gptq_damp > 0:
+        raise UsageError(f"gptq_damp must be a positive fraction of H's mean diagonal (e.g. 0.01), got {gptq_damp!r}")
     if recon_loss not in (None, *UNIT_LOSSES):  # (the prediction objectives fisher / pd are for the torch.fx path)
         raise UsageError(f"recon_loss must be one of {UNIT_LOSSES}, got {recon_loss!r}")
     if recon and (not isinstance(iters, int) or iters < 1):
@@ -138,6 +150,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if task == "sts":
         eval_set, calib_sentences, calib_source = sts_splits(data, calib, seed)
         calib_batches = sentence_calib_batches(tokenizer, calib_sentences, batch_size)
+        if gptq_calib is not None:
+            gptq_batches = sentence_calib_batches(tokenizer, sts_splits(data, gptq_calib, seed)[1], batch_size)
         # reconstruction: groups of RECON_GROUP sentences of similar length (a step samples batch_size of one group),
         # so that steps do not compute on padding
         recon_batch = min(batch_size, len(calib_sentences))
@@ -148,8 +162,14 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             return sts_spearman(m, tokenizer, eval_set.sentences1, eval_set.sentences2, eval_set.scores, progress=progress)
     else:
         tokens = read_tokens(data, tokenizer)
-        eval_tokens, cal = lm_splits(tokens, calib, calib_len, window, max_windows)
-        calib_batches = segment_batches(cal, batch_size=max(1, min(batch_size, 8)))
+        # the calibration is the file's last `calib` segments; GPTQ's statistics its last gptq_calib (a superset when
+        # larger), and neither overlaps the evaluation windows
+        eval_tokens, cal = lm_splits(tokens, max(calib, gptq_calib or 0), calib_len, window, max_windows)
+        lm_batch = max(1, min(batch_size, 8))
+        if gptq_calib is not None:
+            gptq_batches = segment_batches(cal[cal.shape[0] - gptq_calib:], batch_size=lm_batch)
+        cal = cal[cal.shape[0] - calib:]
+        calib_batches = segment_batches(cal, batch_size=lm_batch)
         recon_data = segment_batches(cal, batch_size=cal.shape[0]) if recon else None
         recon_batch = max(1, min(batch_size, 8, cal.shape[0]))
         calib_size, eval_size = cal.shape[0], eval_tokens.numel()
@@ -161,6 +181,11 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             lm_info.update(windows=r["windows"], window=window, tokens=r["tokens"], predicted_tokens=r["predicted_tokens"])
             return r["ppl"]
     seconds["data"] = time.perf_counter() - t
+    gptq = {}
+    if gptq_calib is not None:
+        gptq.update(gptq_batches=gptq_batches)
+    if gptq_damp is not None:
+        gptq.update(gptq_damp=gptq_damp)
 
     t = time.perf_counter()
     fp_score = evaluate(fp_model) if fp is None else fp
@@ -168,7 +193,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     t = time.perf_counter()
     qmodel, report = quantize_transformer(fp_model, calib_batches, bits, transform, act_granularity, w_observer, a_observer,
                                           quantize_attention_matmuls, skip=keep_fp, down_proj=down_proj, rotate=rotate,
-                                          w_rounding=w_rounding or "nearest",
+                                          w_rounding=w_rounding or "nearest", **gptq,
                                           fine_epochs=fine_epochs,
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
@@ -194,6 +219,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    act_granularity=act_granularity, w_observer=w_observer, a_observer=a_observer,
                    down_proj=down_proj, rotate=rotate, **({"keep_fp": list(keep_fp)} if keep_fp else {}),
                    **({"w_rounding": w_rounding} if w_rounding else {}),
+                   **{k: v for k, v in (("gptq_calib", gptq_calib), ("gptq_damp", gptq_damp)) if v is not None},
                    calib_size=calib_size, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},

@@ -321,7 +321,8 @@ def _slug(text: str) -> str:
 # weights (today's target_cpu: vnni), while None now means avx2; no shipped sweep used that preset,
 # and such a results folder should be rerun in a new folder.
 ID_IF_SET = {"int32_bias", "target_cpu", "budget", "sensitivity", "lr_iters", "init", "units", "recon_loss",
-             "split_blocks", "onnx", "rotate", "keep_fp", "w_rounding"}
+             "split_blocks", "onnx", "rotate", "keep_fp", "w_rounding",
+             "gptq_calib", "gptq_damp"}
 
 
 def run_id(config: dict) -> str:

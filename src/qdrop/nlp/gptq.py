@@ -121,7 +121,7 @@ def gptq_transformer(qmodel: nn.Module, batches: list, units: str | None = None,
     run: the weight grids and the input ranges exist). batches: the calibration batches (dicts of model inputs).
     sequential: False (the default): one pass per block gathers every Linear's statistics with the block's weights
     in FP; True: a block's Linears in call order, each group's statistics after the codes of the groups before it.
-    Returns the count of Linears, the proxy errors relative to nearest rounding, and the seconds."""
+    Returns the count of Linears, the damping, the count of batches, the proxy errors relative to nearest rounding, and the seconds."""
     t0 = time.perf_counter()
     was_training = qmodel.training
     qmodel.eval()
@@ -163,6 +163,6 @@ def gptq_transformer(qmodel: nn.Module, batches: list, units: str | None = None,
         ratios += _round(rest, _input_moments(rest, run_model), damp)
     qmodel.train(was_training)
     ratios.sort()
-    return dict(layers=len(ratios), damp=damp, sequential=sequential, proxy_error_vs_nearest=dict(
+    return dict(layers=len(ratios), damp=damp, sequential=sequential, batches=len(batches), proxy_error_vs_nearest=dict(
         median=ratios[len(ratios) // 2] if ratios else None, worst=ratios[-1] if ratios else None),
         seconds=round(time.perf_counter() - t0, 1))

@@ -13,6 +13,7 @@ from .gptq import gptq_transformer
 from .prepare import calibrate_transformer, prepare_transformer
 from .rotation import rotate_inputs, rotation_matrix, rotation_targets
 from ..errors import UsageError
+from ..quant.gptq import DAMP
 
 NLP_ALGOS = ("naive", "smoothquant", "osplus", "os")
 W_ROUNDINGS = ("nearest", "gptq")
@@ -28,7 +29,8 @@ FINE_LR = 1e-2
 def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a8", algo: str = "naive",
                          act_granularity: str = "per_tensor", w_observer: str = "mse", a_observer: str = "minmax",
                          quantize_attention_matmuls: bool = False, skip=(), down_proj: bool = False,
-                         rotate: str | None = None, w_rounding: str = "nearest", alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
+                         rotate: str | None = None, w_rounding: str = "nearest", gptq_batches: list | None = None,
+                         gptq_damp: float = DAMP, alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
                          patience: int | None = None, seed: int = 0, inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
     """prepare -> (transform) -> calibrate -> (token-wise clipping). Returns (qmodel, report).
 
@@ -41,11 +43,16 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
                  activation, "all" every quantized Linear's input; OS+ then scores those scales in the rotated basis
     w_rounding: how weights take their codes on the observer's grid: "nearest", or "gptq" (qdrop.nlp.gptq: chosen
                  block by block against each Linear's calibration inputs, after the activation ranges are set)
+    gptq_batches: the batches GPTQ gathers its input statistics H on (None: calib_batches; more tokens make H a
+                 better estimate without moving the transform's scales or the ranges); gptq_damp: GPTQ's λ as a
+                 fraction of H's mean diagonal (qdrop.quant.gptq.DAMP, the paper's 1 %)
     """
     if algo not in NLP_ALGOS:
         raise UsageError(f"algo must be one of {NLP_ALGOS}, got {algo!r}")
     if w_rounding not in W_ROUNDINGS:
         raise UsageError(f"w_rounding must be one of {W_ROUNDINGS}, got {w_rounding!r}")
+    if not gptq_damp > 0:
+        raise UsageError(f"gptq_damp must be a positive fraction of H's mean diagonal (e.g. {DAMP}), got {gptq_damp!r}")
     torch.manual_seed(seed)
     qmodel = prepare_transformer(model, bits, act_granularity, quantize_attention_matmuls, w_observer, a_observer,
                                  skip=skip, inplace=inplace)
@@ -63,7 +70,8 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
         report["rotate"] = rotate_inputs(qmodel, rotate, seed=seed)
     calibrate_transformer(qmodel, calib_batches)
     if w_rounding == "gptq":
-        report["gptq"] = gptq_transformer(qmodel, calib_batches, progress=progress)
+        report["gptq"] = gptq_transformer(qmodel, calib_batches if gptq_batches is None else gptq_batches,
+                                          damp=gptq_damp, progress=progress)
     if algo == "os":
         # causal LMs: the loss is taken on the decoder's last hidden state, not on 50k-wide
         # logits (memory); lm_head's input keeps its observer range
