@@ -49,7 +49,7 @@ from qdrop.nlp.gptq import gptq_transformer  # noqa: E402
 from qdrop.quant.gptq import gptq_codes  # noqa: E402
 from qdrop.nlp.data import lm_splits, read_sentences, read_sts, sts_splits  # noqa: E402
 from qdrop.nlp.mask import current_mask, real_tokens  # noqa: E402
-from qdrop.errors import UsageError  # noqa: E402
+from qdrop.errors import DataError, UsageError  # noqa: E402
 from qdrop.quant.state import quant_mode  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nlp"
@@ -749,6 +749,8 @@ def test_gptq_statistics_from_more_segments_and_other_damping(tmp_path):
     assert more["gptq_calib"] == 8 and more["gptq_damp"] == 0.1 and more["calib_size"] == 4
     assert more["quant"] != base["quant"]  # other statistics, other codes
     assert more["lm"]["tokens"] == base["lm"]["tokens"]  # the evaluation windows are the same
+    with pytest.raises(DataError, match="20 GPTQ segments of 32 tokens would overlap the 7 evaluation windows"):
+        run_nlp_quantize(f"hf:{d}", "lm", **{**args, "max_windows": None}, gptq_calib=20)
     with pytest.raises(UsageError, match="give them with w_rounding='gptq'"):
         run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="naive", gptq_damp=0.1)
     with pytest.raises(UsageError, match="gptq_damp must be a positive"):

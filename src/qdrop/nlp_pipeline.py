@@ -151,7 +151,11 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         eval_set, calib_sentences, calib_source = sts_splits(data, calib, seed)
         calib_batches = sentence_calib_batches(tokenizer, calib_sentences, batch_size)
         if gptq_calib is not None:
-            gptq_batches = sentence_calib_batches(tokenizer, sts_splits(data, gptq_calib, seed)[1], batch_size)
+            try:
+                gptq_sentences = sts_splits(data, gptq_calib, seed)[1]
+            except DataError as e:  # the same limit, named by the flag that asked for it
+                raise DataError(f"--gptq-calib {gptq_calib}: {e}".replace("--calib", "--gptq-calib")) from None
+            gptq_batches = sentence_calib_batches(tokenizer, gptq_sentences, batch_size)
         # reconstruction: groups of RECON_GROUP sentences of similar length (a step samples batch_size of one group),
         # so that steps do not compute on padding
         recon_batch = min(batch_size, len(calib_sentences))
@@ -162,14 +166,18 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             return sts_spearman(m, tokenizer, eval_set.sentences1, eval_set.sentences2, eval_set.scores, progress=progress)
     else:
         tokens = read_tokens(data, tokenizer)
-        # the calibration is the file's last `calib` segments; GPTQ's statistics its last gptq_calib (a superset when
-        # larger), and neither overlaps the evaluation windows
-        eval_tokens, cal = lm_splits(tokens, max(calib, gptq_calib or 0), calib_len, window, max_windows)
+        eval_tokens, cal = lm_splits(tokens, calib, calib_len, window, max_windows)
         lm_batch = max(1, min(batch_size, 8))
-        if gptq_calib is not None:
-            gptq_batches = segment_batches(cal[cal.shape[0] - gptq_calib:], batch_size=lm_batch)
-        cal = cal[cal.shape[0] - calib:]
         calib_batches = segment_batches(cal, batch_size=lm_batch)
+        if gptq_calib is not None:
+            # GPTQ's statistics: the file's last gptq_calib segments (those of the calibration among them when larger),
+            # never reaching into the evaluation windows, which stay those of `calib` alone
+            if tokens.numel() - gptq_calib * calib_len < eval_tokens.numel():
+                raise DataError(f"{data.name}: {gptq_calib} GPTQ segments of {calib_len} tokens would overlap the "
+                                f"{eval_tokens.numel() // window} evaluation windows; give a smaller --gptq-calib or "
+                                f"--max-windows")
+            gptq_seg = tokens[tokens.numel() - gptq_calib * calib_len:].reshape(gptq_calib, calib_len)
+            gptq_batches = segment_batches(gptq_seg, batch_size=lm_batch)
         recon_data = segment_batches(cal, batch_size=cal.shape[0]) if recon else None
         recon_batch = max(1, min(batch_size, 8, cal.shape[0]))
         calib_size, eval_size = cal.shape[0], eval_tokens.numel()
