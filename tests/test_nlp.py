@@ -753,6 +753,11 @@ def test_gptq_statistics_from_more_segments_and_other_damping(tmp_path):
         run_nlp_quantize(f"hf:{d}", "lm", **{**args, "max_windows": None}, gptq_calib=20)
     with pytest.raises(UsageError, match="give them with w_rounding='gptq'"):
         run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="naive", gptq_damp=0.1)
+    # STS without sst2_dev.tsv calibrates on the file's first pairs: GPTQ's may not take evaluation pairs
+    d, words = _tiny_hf_dir(tmp_path, "bert")
+    sts = _write_sts(tmp_path / "stsb_dev.tsv", [(words[i], words[i + 1], f"{i % 5}.0") for i in range(30)])
+    with pytest.raises(DataError, match="12 GPTQ sentences would come from its evaluation pairs"):
+        run_nlp_quantize(f"hf:{d}", "sts", data=sts, algo="naive", calib=8, w_rounding="gptq", gptq_calib=12)
     with pytest.raises(UsageError, match="gptq_damp must be a positive"):
         run_nlp_quantize(f"hf:{d}", "lm", **args, gptq_damp=0.0)
 

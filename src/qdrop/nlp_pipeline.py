@@ -24,6 +24,7 @@ from .nlp.data import length_sorted_batches, lm_splits, read_tokens, segment_bat
 from .nlp.models import TASKS, load_hf
 from .nlp.pipeline import FINE_LR, NLP_ALGOS, W_ROUNDINGS, quantize_transformer
 from .nlp.prepare import skip_patterns
+from .quant.gptq import DAMP
 from .quant.scheme import parse_bits
 from .recon.configs import ALGORITHMS, UNIT_LOSSES, get_algorithm
 
@@ -116,7 +117,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if gptq_calib is not None and gptq_calib < 1:
         raise UsageError(f"gptq_calib must be at least 1, got {gptq_calib}")
     if gptq_damp is not None and not gptq_damp > 0:
-        raise UsageError(f"gptq_damp must be a positive fraction of H's mean diagonal (e.g. 0.01), got {gptq_damp!r}")
+        raise UsageError(f"gptq_damp must be a positive fraction of H's mean diagonal (e.g. {DAMP}), got {gptq_damp!r}")
     if recon_loss not in (None, *UNIT_LOSSES):  # (the prediction objectives fisher / pd are for the torch.fx path)
         raise UsageError(f"recon_loss must be one of {UNIT_LOSSES}, got {recon_loss!r}")
     if recon and (not isinstance(iters, int) or iters < 1):
@@ -147,14 +148,20 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                              f"{', '.join(linears[:2])}, ..., {linears[-1] if linears else ''}); fix the pattern")
 
     t = time.perf_counter()
+    gptq_batches = None  # GPTQ's statistics on the calibration batches
     if task == "sts":
         eval_set, calib_sentences, calib_source = sts_splits(data, calib, seed)
         calib_batches = sentence_calib_batches(tokenizer, calib_sentences, batch_size)
         if gptq_calib is not None:
             try:
-                gptq_sentences = sts_splits(data, gptq_calib, seed)[1]
+                gptq_eval, gptq_sentences, _ = sts_splits(data, gptq_calib, seed)
             except DataError as e:  # the same limit, named by the flag that asked for it
                 raise DataError(f"--gptq-calib {gptq_calib}: {e}".replace("--calib", "--gptq-calib")) from None
+            # without sst2_dev.tsv the sentences come from the STS file's first pairs, which the evaluation then skips:
+            # GPTQ's may not reach into the pairs the calibration's evaluation keeps
+            if len(gptq_eval) < len(eval_set):
+                raise DataError(f"{data.name}: {gptq_calib} GPTQ sentences would come from its evaluation pairs (there is "
+                                f"no sst2_dev.tsv beside it); give a --gptq-calib of at most --calib's {calib}")
             gptq_batches = sentence_calib_batches(tokenizer, gptq_sentences, batch_size)
         # reconstruction: groups of RECON_GROUP sentences of similar length (a step samples batch_size of one group),
         # so that steps do not compute on padding
@@ -176,7 +183,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                 raise DataError(f"{data.name}: {gptq_calib} GPTQ segments of {calib_len} tokens would overlap the "
                                 f"{eval_tokens.numel() // window} evaluation windows; give a smaller --gptq-calib or "
                                 f"--max-windows")
-            gptq_seg = tokens[tokens.numel() - gptq_calib * calib_len:].reshape(gptq_calib, calib_len)
+            gptq_seg = lm_splits(tokens, gptq_calib, calib_len, window, max_windows)[1]
             gptq_batches = segment_batches(gptq_seg, batch_size=lm_batch)
         recon_data = segment_batches(cal, batch_size=cal.shape[0]) if recon else None
         recon_batch = max(1, min(batch_size, 8, cal.shape[0]))
@@ -189,11 +196,6 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             lm_info.update(windows=r["windows"], window=window, tokens=r["tokens"], predicted_tokens=r["predicted_tokens"])
             return r["ppl"]
     seconds["data"] = time.perf_counter() - t
-    gptq = {}
-    if gptq_calib is not None:
-        gptq.update(gptq_batches=gptq_batches)
-    if gptq_damp is not None:
-        gptq.update(gptq_damp=gptq_damp)
 
     t = time.perf_counter()
     fp_score = evaluate(fp_model) if fp is None else fp
@@ -201,7 +203,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     t = time.perf_counter()
     qmodel, report = quantize_transformer(fp_model, calib_batches, bits, transform, act_granularity, w_observer, a_observer,
                                           quantize_attention_matmuls, skip=keep_fp, down_proj=down_proj, rotate=rotate,
-                                          w_rounding=w_rounding or "nearest", **gptq,
+                                          w_rounding=w_rounding or "nearest", gptq_batches=gptq_batches,
+                                          gptq_damp=DAMP if gptq_damp is None else gptq_damp,
                                           fine_epochs=fine_epochs,
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
