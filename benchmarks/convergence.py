@@ -45,9 +45,14 @@ VARIANTS = {
     "qdrop-lr4000": ("qdrop", dict(lr_iters=4000)),
     "qdrop-lr8000": ("qdrop", dict(lr_iters=8000)),
     "qdrop-wlr8x": ("qdrop", dict(w_lr=8e-3)),
+    "qdrop-alr4x": ("qdrop", dict(act_lr=1.6e-4)),  # the activation step sizes' rate alone x 4
     # rounding-loss schedule: shorter warm-up, gentler beta start
     "qdrop-lr2000-warm5": ("qdrop", dict(lr_iters=2000, warmup=0.05)),
     "qdrop-lr2000-b10": ("qdrop", dict(lr_iters=2000, b_start=10.0)),
+    # the weights' step sizes learned with the rounding (Stage.learn_w_scale, Genie-M), alone and with qdrop-plus
+    "qdrop-ws": ("qdrop-ws", {}),
+    "qdrop-plus-ws": ("qdrop-plus", dict(learn_w_scale=True)),
+    "qdrop-ws-lr1e-4": ("qdrop-ws", dict(w_scale_lr=1e-4)),
 }
 
 

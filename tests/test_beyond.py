@@ -222,6 +222,7 @@ def test_candidates_are_qdrop_plus_one_component():
     assert CANDIDATES["qdrop-pd"].stages == (replace(qdrop, loss="pd"),)
     assert CANDIDATES["qdrop-dc"].stages == (replace(qdrop, dc_iters=500),)
     assert CANDIDATES["qdrop-pdquant"].stages == (replace(qdrop, loss="pd", dc_iters=500),)
+    assert CANDIDATES["qdrop-ws"].stages == (replace(qdrop, learn_w_scale=True),)
     first, refine = CANDIDATES["qdrop-net"].stages
     assert first == qdrop and refine.scope == "network"
 
@@ -282,3 +283,22 @@ def test_state_files_of_earlier_runs_still_match():
     meta = engine._stage_meta(get_algorithm("qdrop").stages[0])
     assert not {"loss", "pd_reg", "pd_temp", "scope", "dc_iters", "dc_lr", "dc_reg"} & set(meta)
     assert engine._stage_meta(CANDIDATES["qdrop-pd"].stages[0])["loss"] == "pd"
+
+
+def test_learned_weight_steps_recover_a_bad_grid_and_keep_their_codes():
+    """qdrop-ws (Stage.learn_w_scale): with every weight step 1.6x too wide, learning the steps with the rounding
+    ends closer to the FP model than qdrop on the same grid; each layer keeps its learned step and fixed codes."""
+    errors = {}
+    for algo in ("qdrop", "qdrop-ws"):
+        model, qmodel, x = small_setup()
+        layers = [m for m in qmodel.modules() if isinstance(m, QuantLayer)]
+        for m in layers:
+            with torch.no_grad():
+                m.weight_quant.scale.mul_(1.6)
+        wide = [m.weight_quant.scale.detach().clone() for m in layers]
+        reconstruct(qmodel, model, x, algo=algo, iters=100, batch_size=16, progress=False)
+        errors[algo] = output_error(qmodel, model, x)
+        moved = [not torch.equal(m.weight_quant.scale.detach(), s) for m, s in zip(layers, wide)]
+        assert all(moved) == (algo == "qdrop-ws") and any(moved) == (algo == "qdrop-ws")
+        assert all(m.weight_quant.alpha is None and m.weight_quant.log_step is None for m in layers)
+    assert errors["qdrop-ws"] < 0.95 * errors["qdrop"]

@@ -185,6 +185,42 @@ def test_adaround_starts_at_the_weight_and_fixes_integer_weights(bits, seed):
     assert torch.equal(fresh(w), hard)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.floats(-0.7, 0.7), st.integers(1, 2**31 - 1))
+def test_learned_weight_step_keeps_its_base_and_fixes_the_codes_it_trained(bits, log_ratio, seed):
+    """init_adaround(learn_scale=True): at start the same soft weight as plain AdaRound; with the step moved,
+    every code is floor(w / s0) + z + h on the new step (not re-floored on it); fix_rounding keeps exactly
+    the hard-rounded weights the loop ended with, as integer codes on the learned step."""
+    torch.manual_seed(seed)
+    w = torch.randn(8, 4, 3, 3)
+    q = Quantizer(QScheme(bits=bits, ch_axis=0, observer="minmax"), 8, "weight")
+    q.calibrate_on(w)
+    plain = Quantizer(QScheme(bits=bits, ch_axis=0, observer="minmax"), 8, "weight")
+    plain.calibrate_on(w)
+    plain.init_adaround(w)
+    q.init_adaround(w, learn_scale=True)
+    s0, z = q.scale.detach().clone().reshape(-1, 1, 1, 1), q.zero_point.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(q(w), plain(w), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        q.alpha.add_(torch.randn_like(q.alpha))
+        q.log_step.fill_(log_ratio)
+    s = s0 * math.exp(log_ratio)
+    hard_codes = torch.clamp(torch.floor(w / s0) + (q.alpha >= 0).float() + z, q.scheme.qmin, q.scheme.qmax)
+    q.harden()
+    hard = q(w).detach()
+    torch.testing.assert_close(hard, (hard_codes - z) * s, rtol=1e-6, atol=1e-7)
+    g = torch.autograd.grad(q(w).sum(), q.log_step)[0]
+    assert (g != 0).any()  # the step size learns through the hard or soft weight
+    q.hard_round = False
+    q.fix_rounding()
+    assert q.alpha is None and q.log_step is None and q.round_up.dtype == torch.int16
+    torch.testing.assert_close(q.scale.reshape(-1, 1, 1, 1), s, rtol=1e-6, atol=0)
+    assert torch.equal(q(w), hard)
+    assert torch.equal(q.int_repr(w), hard_codes.long())  # the exporter's codes are the trained ones
+    with pytest.raises(UsageError, match="nearest rounding"):
+        q.init_adaround(w)  # a later stage cannot re-open codes of another step
+
+
 def _soft_round_by_autograd(q, w):
     """AdaRound's weight and regulariser written as plain expressions (what autograd differentiates)."""
     h = torch.clamp(torch.sigmoid(q.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)

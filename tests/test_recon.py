@@ -296,7 +296,8 @@ def test_paper_configurations_are_unchanged():
 
     for name in ("adaround", "brecq", "qdrop"):
         for s in ALGORITHMS[name].stages:
-            assert (s.w_lr, s.lr_iters, s.warmup, s.b_start, s.b_end, s.hard_tail) == (1e-3, None, None, None, None, 0.0)
+            assert (s.w_lr, s.lr_iters, s.warmup, s.b_start, s.b_end, s.hard_tail, s.learn_w_scale) == (
+                1e-3, None, None, None, None, 0.0, False)
     assert [s.act_lr for s in ALGORITHMS["qdrop"].stages] == [4e-5]
     assert Stage().act_lr == 4e-5
     # qdrop-plus is qdrop with the learning rates scaled for short budgets, nothing else

@@ -208,6 +208,11 @@ class Quantizer(nn.Module):
         self.observer: Observer | None = None
         self.calibrated = False
         self.alpha: nn.Parameter | None = None  # AdaRound's V
+        # Learned weight step size (init_adaround(learn_scale=True)): log(s / s0) per channel while V is
+        # learned; the grid's base floor(w / s0) is held fixed (_adaround). None: the step stays s0.
+        self.log_step: nn.Parameter | None = None
+        self._base: torch.Tensor | None = None
+        self._weight: torch.Tensor | None = None
         self.hard_round = False
         self.register_buffer("round_up", None)  # learned rounding decisions (uint8 0/1), once fixed
 
@@ -290,13 +295,21 @@ class Quantizer(nn.Module):
             self.zero_point.copy_(torch.clamp(torch.round(self.zero_point), self.scheme.qmin, self.scheme.qmax))
 
     # ---- AdaRound --------------------------------------------------------------------
-    def init_adaround(self, w: torch.Tensor) -> None:
+    def init_adaround(self, w: torch.Tensor, learn_scale: bool = False) -> None:
         """V from the weights' distance to the grid point below (AdaRound's initialisation), or, when the
         rounding was already decided (fix_rounding: a later stage re-opens it), from those decisions: h(V)
-        starts at 0.01 / 0.99, off the clamp so that V has a gradient, and 0.01 of a step from the kept model."""
+        starts at 0.01 / 0.99, off the clamp so that V has a gradient, and 0.01 of a step from the kept model.
+
+        learn_scale: the per-channel step size is learned with V (log_step, a log-ratio to the observer's s0,
+        starting at 0), on a grid whose base floor(w / s0) stays where it started, so the weight is
+        s (clamp(floor(w / s0) + z + h(V), qmin, qmax) - z): a step size change moves every code of the channel
+        by the same factor instead of re-flooring them (Genie-M's joint step-size and rounding learning)."""
         if self.round_up is not None and self.round_up.dtype != torch.uint8:
-            raise UsageError("this weight holds fixed codes of another rounding (GPTQ) that AdaRound's "
-                             "up-or-down decisions cannot express; reconstruct from nearest rounding instead")
+            raise UsageError("this weight holds fixed codes of another rounding (GPTQ, or a learned step size) that "
+                             "AdaRound's up-or-down decisions cannot express; reconstruct from nearest rounding instead")
+        if learn_scale and self.round_up is not None:
+            raise UsageError("a learned weight step size cannot re-open rounding decisions taken on another step "
+                             "size; learn it in the first stage that learns the rounding")
         s = _bshape(w, self.scheme.ch_axis, self.scale.detach())
         if self.round_up is not None:
             rest = 0.01 + 0.98 * self.round_up.to(w.dtype)
@@ -306,6 +319,10 @@ class Quantizer(nn.Module):
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.hard_round = False
         self.round_up = None
+        if learn_scale:
+            self.log_step = nn.Parameter(torch.zeros_like(self.scale.detach()))
+            self._base = torch.floor(w.detach() / s)
+            self._weight = w.detach()
 
     def rounding(self) -> torch.Tensor:
         """h(V) in [0, 1]: soft while learning, {0, 1} once hard (or once fixed)."""
@@ -326,8 +343,12 @@ class Quantizer(nn.Module):
         return _RoundLoss.apply(self.alpha, beta)
 
     def _adaround(self, w: torch.Tensor) -> torch.Tensor:
-        s = _bshape(w, self.scheme.ch_axis, self.scale)
         z = _bshape(w, self.scheme.ch_axis, self.zero_point)
+        if self.log_step is not None:  # learned step size on the fixed base (init_adaround)
+            s = _bshape(w, self.scheme.ch_axis, self.scale.detach() * torch.exp(self.log_step))
+            q = torch.clamp(self._base + self.rounding() + z, self.scheme.qmin, self.scheme.qmax)
+            return (q - z) * s
+        s = _bshape(w, self.scheme.ch_axis, self.scale)
         if self.alpha is not None and not self.hard_round and not (w.requires_grad or s.requires_grad or z.requires_grad):
             return _SoftRoundWeight.apply(w, self.alpha, s, z, self.scheme.qmin, self.scheme.qmax)
         q = torch.clamp(torch.floor(w / s) + self.rounding() + z, self.scheme.qmin, self.scheme.qmax)
@@ -336,7 +357,19 @@ class Quantizer(nn.Module):
     def fix_rounding(self) -> None:
         """End AdaRound: keep the hard decisions (round up or down, one bit per weight) as a
         buffer and drop V. The FP weight itself is never modified, so the FP model (all
-        quantizers off) stays the original - needed by later stages and by resuming."""
+        quantizers off) stays the original - needed by later stages and by resuming. With a learned
+        step size, the step becomes the quantizer's scale and the codes are kept as fixed codes (fix_codes):
+        their base is floor(w / s0), not floor(w / s)."""
+        if self.log_step is not None:
+            with torch.no_grad():
+                z = _bshape(self._weight, self.scheme.ch_axis, self.zero_point.detach())
+                codes = torch.clamp(self._base + (self.alpha.detach() >= 0).to(self._base.dtype) + z,
+                                    self.scheme.qmin, self.scheme.qmax)
+                self.scale.copy_((self.scale * torch.exp(self.log_step)).clamp(min=1e-8))
+            w = self._weight
+            self.log_step, self._base, self._weight = None, None, None
+            self.fix_codes(w, codes)
+            return
         self.round_up = (self.alpha.detach() >= 0).to(torch.uint8)
         self.alpha = None
         self.hard_round = False

@@ -802,14 +802,16 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     layers = [qmodel.get_submodule(t) for t in unit.layers]
     acts = [qmodel.get_submodule(t) for t in unit.act_quants]
     acts = [q for q in acts if q.state == "quant" and q.role == "act"]  # static ranges only (not per-token dynamic)
-    w_params, a_params = [], []
+    w_params, a_params, s_params = [], [], []  # V, activation step sizes, weight log-step sizes
     kept = {}  # decisions already fixed by an earlier stage, which this one re-opens (see init_adaround)
     if stage.learn_weights:
         for layer in layers:
             if layer.weight_quant.round_up is not None:
                 kept[layer] = layer.weight_quant.round_up.clone()
-            layer.weight_quant.init_adaround(layer.layer.weight)
+            layer.weight_quant.init_adaround(layer.layer.weight, learn_scale=stage.learn_w_scale)
             w_params.append(layer.weight_quant.alpha)
+            if stage.learn_w_scale:
+                s_params.append(layer.weight_quant.log_step)
     if stage.learn_acts:
         for q in acts:
             q.learn_scale()
@@ -819,7 +821,7 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         q.train()
     # Only what this stage learns gets gradients: not the FP weights of the unit, nor those of the rest of the
     # network that the prediction objectives run through (restored when the unit is done).
-    learned = {id(t) for t in w_params + a_params}
+    learned = {id(t) for t in w_params + a_params + s_params}
     frozen = [t for t in qmodel.parameters() if t.requires_grad and id(t) not in learned]
     for t in frozen:
         t.requires_grad_(False)
@@ -837,8 +839,11 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     # sizes' rate is cosine-annealed to 0 over the unit: set as a number each iteration, or, in a
     # graph, held in a device tensor the graph rewrites (a number would be frozen into the capture).
     groups = [dict(params=w_params, lr=stage.w_lr * lr_scale)] if w_params else []
-    if a_params:
-        groups.append(dict(params=a_params, lr=torch.tensor(act_lr, device=device) if graph else act_lr))
+    cosine_lrs = []  # (group index, peak rate): the step sizes' rates, cosine-annealed to 0 over the unit
+    for params, peak in ((a_params, act_lr), (s_params, stage.w_scale_lr * lr_scale)):
+        if params:
+            cosine_lrs.append((len(groups), peak))
+            groups.append(dict(params=params, lr=torch.tensor(peak, device=device) if graph else peak))
     opt = torch.optim.Adam(groups, **(dict(capturable=True) if device.type == "cuda" else dict(fused=True))) if groups else None
     run = torch.compile(fn) if cfg.compile else fn
     warm = int((cfg.warmup if stage.warmup is None else stage.warmup) * iters)
@@ -888,18 +893,19 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
             beta = b_end + (b_start - b_end) * (1 - progress)
             weight = lam * (t >= warm).to(rec.dtype) if on_device else lam
             loss = loss + weight * sum(layer.weight_quant.round_loss(beta) for layer in layers)
-        if a_params:
+        if cosine_lrs:
             cosine = 0.5 * (1 + (torch.cos(t * (math.pi / iters)) if on_device else math.cos(t * math.pi / iters)))
-            if on_device:
-                opt.param_groups[-1]["lr"].copy_(act_lr * cosine)
-            else:
-                opt.param_groups[-1]["lr"] = act_lr * cosine
+            for i, peak in cosine_lrs:
+                if on_device:
+                    opt.param_groups[i]["lr"].copy_(peak * cosine)
+                else:
+                    opt.param_groups[i]["lr"] = peak * cosine
         if opt:
             opt.zero_grad(set_to_none=True)
         if loss.requires_grad:  # not in a hard tail with nothing but V to learn
             loss.backward()
         if world > 1:  # the global batch's gradient on every rank: identical steps, identical parameters
-            qdist.average_gradients(w_params + a_params, share)
+            qdist.average_gradients(w_params + a_params + s_params, share)
         if opt:
             opt.step()
         if on_device:
