@@ -486,3 +486,19 @@ def test_transformer_export_refuses_per_token_activations(tmp_path):
     with pytest.raises(ExportError, match="computes its range on every call.*act_granularity='per_tensor'"):
         qdrop.export_onnx(q, tmp_path / "m.onnx", padded_batch(n=2))
     assert not list(tmp_path.iterdir())
+
+
+def test_learned_weight_steps_reach_transformer_blocks():
+    """Stage.learn_w_scale lives in the quantizer and the one loop: on a Llama's blocks (qdrop-ws) every block
+    Linear ends with its own learned step and the codes it trained, and the output error falls."""
+    batch = padded_batch()
+    q = prepared(tiny_llama, "w3a4", batch)
+    prefix = find_blocks(q)[0][0].rsplit(".", 1)[0]
+    lin = {n: m for n, m in q.named_modules() if isinstance(m, qdrop.nlp.QuantLinear) and n.startswith(prefix)}
+    s0 = {n: m.weight_quant.scale.detach().clone() for n, m in lin.items()}
+    before = masked_error(q, batch)
+    qdrop.reconstruct(q, None, [batch], algo="qdrop-ws", iters=100, batch_size=8, progress=False)
+    assert masked_error(q, batch) < 0.95 * before
+    for n, m in lin.items():
+        assert not torch.equal(m.weight_quant.scale.detach(), s0[n]), n
+        assert m.weight_quant.round_up.dtype == torch.int16 and m.weight_quant.log_step is None, n
