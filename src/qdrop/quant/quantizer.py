@@ -363,8 +363,7 @@ class Quantizer(nn.Module):
         if self.log_step is not None:
             with torch.no_grad():
                 z = _bshape(self._weight, self.scheme.ch_axis, self.zero_point.detach())
-                codes = torch.clamp(self._base + (self.alpha.detach() >= 0).to(self._base.dtype) + z,
-                                    self.scheme.qmin, self.scheme.qmax)
+                codes = self._base + (self.alpha.detach() >= 0).to(self._base.dtype) + z  # fix_codes clamps them
                 self.scale.copy_((self.scale * torch.exp(self.log_step)).clamp(min=1e-8))
             w = self._weight
             self.log_step, self._base, self._weight = None, None, None
