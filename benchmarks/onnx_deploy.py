@@ -50,7 +50,8 @@ def run_parity(args):
     # run resumes at the row it was on; --fresh measures every row again
     old = [] if args.fresh or not (RESULTS / "onnx_parity.json").exists() else \
         json.loads((RESULTS / "onnx_parity.json").read_text()).get("rows", [])
-    done = {_row_key(r): r for r in old if "cpu" in r}
+    # (rows written before the integer emulation existed lack its columns: they are measured again)
+    done = {_row_key(r): r for r in old if "cpu" in r and "emulation_agreement" in r}
     rows = []
     # (model, preset, algorithm, int32_bias, target_cpu): int32_bias None = the preset's choice (on for
     # onnxruntime, off for academic); the float-bias row is the ablation that shows what the simulated bias
@@ -92,19 +93,26 @@ def run_parity(args):
                        mean_abs_diff=round(p["mean_abs_diff"], 5), cpu=p["cpu"], ort_version=p["ort_version"],
                        u8s8_saturating_layers=p["u8s8_saturating_layers"], integer_nodes=p["integer_nodes"],
                        other_nodes={k: v for k, v in p["optimized_ops"].items() if k not in p["integer_nodes"]})
+            e = p["integer_emulation"]  # ONNX Runtime's arithmetic replayed in PyTorch (qdrop.export.emulate)
+            row.update(emulation_agreement=e["agreement"], emulation_top1=e["top1"],
+                       emulation_max_abs_diff=e["max_abs_diff"], emulation_identical=e["identical_outputs"],
+                       emulation_ops_in_float=e["ops_in_float"])
             rows.append(row)
             print(f"{model:20s} {backend:11s} {algo:6s} {str(target):5s} {row['sim_bias']:5s} on {p['cpu']['kind']:4s}"
                   f"{' (emulated)' if emulate else ''}: sim {row['sim_top1']:.2f} ort {row['ort_top1']:.2f} "
-                  f"agree {row['agreement']:.2f}% max|d| {row['max_abs_diff']:.3f}", flush=True)
+                  f"agree {row['agreement']:.2f}% max|d| {row['max_abs_diff']:.3f}; integer emulation: agree "
+                  f"{row['emulation_agreement']:.2f}% max|d| {row['emulation_max_abs_diff']:.3g}", flush=True)
             _save(dict(rows=_merged(rows, old), environment=environment()), "onnx_parity.json")  # after each row
-    print("\n| model | preset | target CPU | algo | simulated bias | ORT ran on | sim top-1 | ORT top-1 | agreement | max abs diff | integer kernels |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | preset | target CPU | algo | simulated bias | ORT ran on | sim top-1 | ORT top-1 | agreement | max abs diff "
+          "| integer emulation: agreement, max abs diff | integer kernels |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ints = ", ".join(f"{k} {v}" for k, v in r["integer_nodes"].items())
         cpu = r["cpu"]
         where = ("AVX2, emulated" if cpu.get("emulated") else cpu["kind"].upper()) + (" (saturates)" if cpu["u8s8_saturates"] else "")
         print(f"| {r['model']} | {r['backend']} | {r['target_cpu'] or '-'} | {r['algo']} | {r['sim_bias']} | {where} | "
-              f"{r['sim_top1']:.2f} | {r['ort_top1']:.2f} | {r['agreement']:.2f} % ({r['samples']}) | {r['max_abs_diff']:.3f} | {ints} |")
+              f"{r['sim_top1']:.2f} | {r['ort_top1']:.2f} | {r['agreement']:.2f} % ({r['samples']}) | {r['max_abs_diff']:.3f} | "
+              f"{r['emulation_agreement']:.2f} %, {r['emulation_max_abs_diff']:.3g} | {ints} |")
 
 
 def _merged(rows: list, old: list) -> list:

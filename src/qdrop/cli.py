@@ -411,6 +411,10 @@ def cmd_export(args) -> int:
         p = r["parity"]
         print(f"parity on {p['samples']} test samples: top-1 agreement {p['agreement']:.2f} %, simulation {p['sim_top1']:.2f} %, "
               f"ONNX Runtime {p['ort_top1']:.2f} %, max |diff| {p['max_abs_diff']:.4g}, mean |diff| {p['mean_abs_diff']:.4g}")
+        e = p["integer_emulation"]
+        print(f"integer emulation (ONNX Runtime's arithmetic in PyTorch) vs ONNX Runtime: top-1 agreement "
+              f"{e['agreement']:.2f} %" + (f", emulation {e['top1']:.2f} %" if "top1" in e else "")
+              + f", max |diff| {e['max_abs_diff']:.4g}" + (f"; in float: {e['ops_in_float']}" if e["ops_in_float"] else ""))
         print(f"integer kernels in ONNX Runtime's optimised graph: {p['integer_node_total']} {p['integer_nodes']} "
               f"-> {Path(r['path']).parent / 'parity.json'}")
         c = p["cpu"]

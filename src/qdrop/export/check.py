@@ -50,13 +50,16 @@ def optimized_op_counts(path) -> tuple[dict, dict]:
 @torch.no_grad()
 def parity(qmodel, onnx_path, x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 100,
            progress: bool = False, emulate_cpu: str | None = None) -> dict:
-    """Run the simulation and ONNX Runtime on the same inputs and compare them.
+    """Run the simulation and ONNX Runtime on the same inputs and compare them; also replay ONNX
+    Runtime's integer arithmetic in PyTorch (qdrop.export.emulate) and compare that with it
+    ("integer_emulation": what a user can score without the runtime).
 
     emulate_cpu ("avx2"): run ONNX Runtime under QEMU's model of that CPU instead of natively
     (qdrop.export.x86.run_emulated): the integer results of that CPU's kernels, not its speed."""
     import onnxruntime as ort
     from tqdm import tqdm
 
+    from .emulate import integer_forward
     from .x86 import describe_cpu, run_emulated
 
     device = next(qmodel.parameters()).device
@@ -81,6 +84,16 @@ def parity(qmodel, onnx_path, x: torch.Tensor, y: torch.Tensor | None = None, ba
         out["sim_top1"] = round(100.0 * (sim_pred == y).float().mean().item(), 2)
         out["ort_top1"] = round(100.0 * (ort_pred == y).float().mean().item(), 2)
     counts, integer = optimized_op_counts(onnx_path)
+    ops: dict = {}
+    emu = torch.cat([integer_forward(qmodel, x[i:i + batch_size].to(device), ops, kernels=set(integer)).float().cpu()
+                     for i in tqdm(range(0, len(x), batch_size), desc="parity (integer emulation)", disable=not progress)])
+    emu_pred = emu.argmax(1)
+    out["integer_emulation"] = dict(
+        agreement=round(100.0 * (emu_pred == ort_pred).float().mean().item(), 3),
+        max_abs_diff=(emu - ort_out).abs().max().item(), identical_outputs=bool(torch.equal(emu, ort_out)),
+        ops_exact=ops.get("exact", {}), ops_in_float=ops.get("float", {}))
+    if y is not None:
+        out["integer_emulation"]["top1"] = round(100.0 * (emu_pred == y).float().mean().item(), 2)
     out["integer_nodes"] = integer
     out["integer_node_total"] = sum(integer.values())
     out["optimized_ops"] = counts

@@ -1,0 +1,127 @@
+"""qdrop.export.emulate: ONNX Runtime's integer arithmetic replayed in PyTorch gives the runtime's own
+codes (outputs equal to float32 rounding of the logits), where fake quantization differs at rounding ties."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import qdrop  # noqa: E402
+from qdrop.export import export_onnx  # noqa: E402
+from qdrop.export.check import ort_session  # noqa: E402
+from qdrop.export.emulate import integer_forward  # noqa: E402
+from qdrop.export.x86 import describe_cpu, emulator, run_emulated, u8s8_saturates  # noqa: E402
+from qdrop.graph import quantizers  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_export import Net, _model  # noqa: E402
+
+# One requantized code apart moves a logit by at least one activation step times a weight (~1e-3 here);
+# float32 rounding of the logits themselves is ~1e-7. Below this bound every integer code is the runtime's.
+SAME_CODES = 1e-5
+
+
+class ViewNet(Net):
+    """The head as EfficientNet writes it: pool, then view (ONNX Reshape, which ONNX Runtime moves the
+    QuantizeLinear across, so the pool fuses into QLinearGlobalAveragePool; Flatten keeps it in float)."""
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(x + self.c2(F.relu(self.c1(x))))
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def _net(head: str) -> nn.Module:
+    """test_export's network (head "flatten") or the same weights with the view head."""
+    model = _model()
+    if head == "view":
+        view = ViewNet().eval()
+        view.load_state_dict(model.state_dict())
+        return view
+    return model
+
+
+def _prepared(target="avx2", bits="w8a8", n=128, seed=1, head="flatten"):
+    torch.manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16)
+    qm = qdrop.prepare(_net(head), (x[:2],), backend="onnxruntime", bits=bits, target_cpu=target)
+    qdrop.calibrate(qm, [x[: n // 2], x[n // 2:]])
+    return qm, x
+
+
+def _ort(path, x):
+    return ort_session(path).run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("target,head", [("avx2", "flatten"), ("avx2", "view"), ("vnni", "flatten")])
+def test_integer_emulation_is_what_onnxruntime_computes(tmp_path, target, head):
+    if target == "vnni" and u8s8_saturates():
+        pytest.skip(f"this CPU ({describe_cpu()['model']}) has no VNNI: its kernels saturate on full int8 weights, "
+                    "which the emulation does not model")
+    qm, x = _prepared(target, head=head)
+    path = tmp_path / "m.onnx"
+    export_onnx(qm, path, x[:1])
+    report = {}
+    emu = integer_forward(qm, x, report).numpy()
+    out = _ort(path, x)
+    assert np.abs(emu - out).max() < SAME_CODES
+    assert report["float"] == {}  # every op of this network ran as an integer kernel
+    assert report["exact"]["QLinearAdd"] == 1
+    # a Flatten after the pool keeps ONNX Runtime's pool in float; a view (Reshape) lets it fuse
+    assert report["exact"].get("QLinearGlobalAveragePool", 0) == (head == "view")
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    assert np.abs(sim - out).max() < 1e-2  # fake quantization is close, but not the runtime's codes
+
+
+@settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))  # no shrinking: minutes
+@given(seed=st.integers(0, 2**16), head=st.sampled_from(["flatten", "view"]), scale_exp=st.lists(st.floats(-7.0, -1.0), min_size=8, max_size=8),
+       zps=st.lists(st.integers(0, 255), min_size=8, max_size=8))
+def test_integer_emulation_holds_for_any_activation_grid(tmp_path_factory, seed, head, scale_exp, zps):
+    """Random scales and zero points on every activation quantizer: ties, saturation, and zero points that
+    keep ONNX Runtime from folding a ReLU into the kernel (it then runs that op in float)."""
+    qm, x = _prepared(seed=seed % 7, n=32, head=head)
+    acts = [q for _, q in quantizers(qm) if q.role == "act"]
+    for q, e, z in zip(acts, scale_exp, zps):
+        q.set_range(torch.tensor(2.0 ** e), torch.tensor(float(z)))
+    path = tmp_path_factory.mktemp("emu") / "m.onnx"
+    export_onnx(qm, path, x[:1])
+    emu = integer_forward(qm, x).numpy()
+    out = _ort(path, x)
+    assert np.abs(emu - out).max() <= SAME_CODES * max(1.0, np.abs(out).max())
+
+
+@pytest.mark.skipif(emulator() is None, reason="qemu-x86_64 not installed (apt-get install qemu-user)")
+def test_integer_emulation_is_what_an_avx2_cpu_computes(tmp_path):
+    qm, x = _prepared("avx2", n=64)
+    path = tmp_path / "m.onnx"
+    export_onnx(qm, path, x[:1])
+    out, cpu = run_emulated(path, x.numpy(), "avx2")
+    assert cpu["emulated"] and not cpu["vnni"]
+    assert np.abs(integer_forward(qm, x).numpy() - out).max() < SAME_CODES
+
+
+def test_below_8_bits_the_emulation_falls_back_to_the_float_graph(tmp_path):
+    """4-bit activations in an 8-bit container: ONNX Runtime runs those layers in float (a Clip sits
+    between the layer and its QuantizeLinear), so the emulation requantizes from float there."""
+    qm, x = _prepared(bits="w4a4", n=64)
+    path = tmp_path / "m.onnx"
+    export_onnx(qm, path, x[:1])
+    emu = integer_forward(qm, x).numpy()
+    out = _ort(path, x)
+    assert (emu.argmax(1) == out.argmax(1)).mean() >= 0.95
+    assert np.abs(emu - out).max() < 0.05 * np.abs(out).max()
+
+
+def test_integer_emulation_needs_a_prepared_model():
+    with pytest.raises(TypeError, match="qdrop.prepare"):
+        integer_forward(_model(), torch.randn(1, 3, 16, 16))
