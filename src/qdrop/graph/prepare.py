@@ -85,7 +85,7 @@ PRESETS = {
     ),
 }
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
 _POOL_FUNCTIONS = {torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
                    torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d}
@@ -112,7 +112,7 @@ class PrepareConfig:
 
 
 def _is_add(n: fx.Node) -> bool:
-    if n.op == "call_function" and n.target in _ADD_FUNCTIONS:
+    if n.op == "call_function" and n.target in ADD_FUNCTIONS:
         pass
     elif n.op == "call_method" and n.target in ("add", "add_"):
         pass

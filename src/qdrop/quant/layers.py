@@ -47,6 +47,14 @@ class QuantLayer(nn.Module):
             return None
         return iq.scale.detach().reshape(()) * self.weight_quant.scale.detach().reshape(-1)
 
+    def bias_codes(self) -> torch.Tensor | None:
+        """The int32 bias codes round(b / (s_x * s_w)), clamped to what float32 and int32 both hold (as
+        float values, detached); None while the bias is added in float (bias_scale() is None)."""
+        s = self.bias_scale()
+        if s is None:
+            return None
+        return torch.round(self.layer.bias.detach() / s).clamp(INT32_BIAS_MIN, INT32_BIAS_MAX)
+
     def effective_bias(self) -> torch.Tensor | None:
         """The bias the runtime adds: rounded to int32 codes at s_x * s_w for layers prepare gave an
         int32 bias (while both quantizers are on), the float bias otherwise. Rounding is
@@ -55,12 +63,12 @@ class QuantLayer(nn.Module):
         b = self.layer.bias
         if torch.jit.is_tracing():  # exporting: the quantizers are placeholders, the exporter writes the codes
             return b
-        s = self.bias_scale()
-        if s is None:
+        codes = self.bias_codes()
+        if codes is None:
             return b
         # the value is exactly codes * s (b + (v - b) is not, once the clamp moves v far from b);
         # the gradient reaches b straight through
-        return (torch.round(b / s).clamp(INT32_BIAS_MIN, INT32_BIAS_MAX) * s).detach() + (b - b.detach())
+        return codes * self.bias_scale() + (b - b.detach())
 
     @property
     def weight(self):
