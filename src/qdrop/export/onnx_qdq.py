@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import ExportError
 from ..graph.prepare import quantizers
 from ..io import atomic_write
-from ..quant.layers import INT32_BIAS_MAX, INT32_BIAS_MIN, QuantLayer
+from ..quant.layers import QuantLayer
 from ..quant.quantizer import Quantizer
 
 
@@ -308,9 +308,10 @@ def _materialise(model, enabled: dict, qmodel, int4: bool, fp32: bool = False) -
                                               name=f"{qname}/DequantizeLinear", **attrs))
             weight_tensor_of[qname] = w_name
             fp_weight_of[qname] = x_in
-            s_b = layer.bias_scale()
-            if s_b is not None:
-                bias_scale_of[y_out] = s_b.cpu().float().numpy().astype(np.float32)
+            s_b, b_codes = layer.bias_scale(), layer.bias_codes()
+            if s_b is not None:  # the codes the simulation adds, rounded in one place (QuantLayer.bias_codes)
+                bias_scale_of[y_out] = (s_b.cpu().float().numpy().astype(np.float32),
+                                        b_codes.cpu().numpy().astype(np.int32))
         else:
             raise ExportError(f"unknown placeholder {node.op_type}")
 
@@ -337,8 +338,8 @@ def _layer_of(qmodel, q: Quantizer) -> QuantLayer:
 
 
 def _quantize_biases(model, bias_scale_of: dict) -> int:
-    """Conv/Gemm biases of the layers with an int32 bias -> int32 codes at s_x * s_w (per output
-    channel), exactly the rounding QuantLayer.effective_bias simulates."""
+    """Conv/Gemm biases of the layers with an int32 bias -> the int32 codes QuantLayer.bias_codes()
+    gives the simulation, at scale s_x * s_w (per output channel)."""
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -347,12 +348,12 @@ def _quantize_biases(model, bias_scale_of: dict) -> int:
     for node in g.node:
         if (node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in inits
                 and node.input[1] in bias_scale_of):
-            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-            s_b = (bias_scale_of[node.input[1]] * np.ones_like(bias)).astype(np.float32)
-            if bias.shape != s_b.shape:
+            bias = numpy_helper.to_array(inits[node.input[2]])
+            scale, codes = bias_scale_of[node.input[1]]
+            s_b = (scale * np.ones_like(bias, dtype=np.float32)).astype(np.float32)
+            if bias.shape != s_b.shape or codes.shape != bias.shape:
                 raise ExportError(f"{node.name}: bias of shape {list(bias.shape)} does not match its "
                                   f"{s_b.size} int32-bias scales")
-            codes = np.clip(np.rint(bias / s_b), INT32_BIAS_MIN, INT32_BIAS_MAX).astype(np.int32)  # as simulated
             base = node.input[2]
             b_int = numpy_helper.from_array(codes, f"{base}.int32")
             b_s = numpy_helper.from_array(s_b, f"{base}.scale")
