@@ -40,13 +40,21 @@ class ViewNet(Net):
         return self.fc(x.view(x.size(0), -1))
 
 
+class TwoUserNet(Net):
+    """The classifier's float output (QGemm with a float output) read by two ops."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return torch.cat([y, y * 2], 1)
+
+
 def _net(head: str) -> nn.Module:
-    """test_export's network (head "flatten") or the same weights with the view head."""
+    """test_export's network (head "flatten"), or the same weights with the view head or two users of the logits."""
     model = _model()
-    if head == "view":
-        view = ViewNet().eval()
-        view.load_state_dict(model.state_dict())
-        return view
+    if head in ("view", "two-users"):
+        other = (ViewNet if head == "view" else TwoUserNet)().eval()
+        other.load_state_dict(model.state_dict())
+        return other
     return model
 
 
@@ -81,6 +89,16 @@ def test_integer_emulation_is_what_onnxruntime_computes(tmp_path, target, head):
     with torch.no_grad():
         sim = qm(x).numpy()
     assert np.abs(sim - out).max() < 1e-2  # fake quantization is close, but not the runtime's codes
+
+
+def test_a_value_read_twice_in_float_is_computed_and_counted_once(tmp_path):
+    qm, x = _prepared(head="two-users", n=32)
+    path = tmp_path / "m.onnx"
+    export_onnx(qm, path, x[:1])
+    report = {}
+    emu = integer_forward(qm, x, report).numpy()
+    assert np.abs(emu - _ort(path, x)).max() < SAME_CODES
+    assert report["exact"]["QGemm (float output)"] == 1
 
 
 @settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))  # no shrinking: minutes

@@ -32,7 +32,7 @@ else in float64, and rounded back to integers: exact either way.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -86,6 +86,7 @@ class _Acc:
     in_float: Callable[[], torch.Tensor]  # the same layer on dequantized values (ONNX Runtime's float path)
     lo: float = _NO_CLAMP[0]
     hi: float = _NO_CLAMP[1]
+    as_float: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # replace() drops it
 
 
 @dataclass
@@ -95,6 +96,7 @@ class _Add:
     kernel: str = "QLinearAdd"
     lo: float = _NO_CLAMP[0]
     hi: float = _NO_CLAMP[1]
+    as_float: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # replace() drops it
 
 
 @dataclass
@@ -106,6 +108,7 @@ class _Pool:
     kernel: str = "QLinearGlobalAveragePool"
     lo: float = _NO_CLAMP[0]
     hi: float = _NO_CLAMP[1]
+    as_float: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # replace() drops it
 
 
 _Pending = (_Acc, _Add, _Pool)  # values an integer kernel computes if its output quantizer lets it fuse
@@ -148,6 +151,17 @@ class _Integer(fx.Interpreter):
     def _float(self, v):
         if isinstance(v, Codes):
             return v.real()
+        if isinstance(v, _Pending):  # read in float by several users: computed (and counted) once
+            if v.as_float is None:
+                v.as_float = self._pending_in_float(v)
+            return v.as_float
+        if isinstance(v, (list, tuple)):
+            return type(v)(self._float(a) for a in v)
+        if isinstance(v, dict):
+            return {k: self._float(a) for k, a in v.items()}
+        return v
+
+    def _pending_in_float(self, v):
         if isinstance(v, _Acc):
             if v.kernel == "QGemm" and "QGemm" in self.kernels:  # QGemm with a float output
                 self._count(self.exact_ops, "QGemm (float output)")
@@ -158,12 +172,6 @@ class _Integer(fx.Interpreter):
             out = v.a.real() + v.b.real()  # float Add of the dequantized inputs
         elif isinstance(v, _Pool):  # float GlobalAveragePool of the dequantized values (to float32 rounding)
             out = _f32((v.total - v.src.zp * v.n) * v.src.scale.double() / v.n)
-        elif isinstance(v, (list, tuple)):
-            return type(v)(self._float(a) for a in v)
-        elif isinstance(v, dict):
-            return {k: self._float(a) for k, a in v.items()}
-        else:
-            return v
         return out.clamp(v.lo, v.hi) if (v.lo, v.hi) != _NO_CLAMP else out
 
     def _floats(self, args, kwargs):
