@@ -777,6 +777,11 @@ def test_run_nlp_quantize_with_block_reconstruction(tmp_path):
     assert rec["units"] == 2 and [r["unit"] for r in rec["unit_reports"]] == ["model.layers.0", "model.layers.1"]
     assert rec["stages"][0]["lr_iters"] == 20 and rec["stages"][0]["drop_prob"] == 0.5
     assert (out / "recon.json").exists() and not (out / "recon_state.pt").exists()
+    # reconstruction from GPTQ's codes: GPTQ runs after the transform, then the blocks learn from its codes
+    m = run_nlp_quantize(f"hf:{d}", "lm", data=text, bits="w4a8", algo="qdrop", init="osplus", w_rounding="gptq",
+                         iters=5, calib=4, calib_len=32, window=64, max_windows=2)
+    assert m["w_rounding"] == "gptq" and m["report"]["gptq"]["layers"] > 0
+    assert len(m["report"]["reconstruction"]["unit_reports"]) == 2 and math.isfinite(m["quant"])
     with pytest.raises(ValueError, match="init applies to the reconstruction algorithms"):
         run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="osplus", init="naive")
     with pytest.raises(ValueError, match="lr_iters apply to the reconstruction algorithms"):
@@ -789,8 +794,6 @@ def test_run_nlp_quantize_with_block_reconstruction(tmp_path):
 
 
 def test_run_nlp_quantize_errors(tmp_path):
-    with pytest.raises(UsageError, match="w_rounding gptq applies to .*qdrop learns its own rounding"):
-        run_nlp_quantize("hf:x", "lm", data=tmp_path, algo="qdrop", w_rounding="gptq")
     with pytest.raises(UsageError, match="w_rounding must be one of"):
         run_nlp_quantize("hf:x", "lm", data=tmp_path, algo="naive", w_rounding="gtpq")
     with pytest.raises(ValueError, match="algo"):

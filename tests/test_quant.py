@@ -217,8 +217,9 @@ def test_learned_weight_step_keeps_its_base_and_fixes_the_codes_it_trained(bits,
     torch.testing.assert_close(q.scale.reshape(-1, 1, 1, 1), s, rtol=1e-6, atol=0)
     assert torch.equal(q(w), hard)
     assert torch.equal(q.int_repr(w), hard_codes.long())  # the exporter's codes are the trained ones
-    with pytest.raises(UsageError, match="nearest rounding"):
-        q.init_adaround(w)  # a later stage cannot re-open codes of another step
+    q.init_adaround(w)  # a later stage re-opens them as held codes: it starts exactly at the trained ones
+    q.harden()
+    assert torch.equal(q.int_repr(w), hard_codes.long())
 
 
 def _soft_round_by_autograd(q, w):
@@ -226,22 +227,28 @@ def _soft_round_by_autograd(q, w):
     h = torch.clamp(torch.sigmoid(q.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
     s = q.scale.reshape(-1, 1) if q.scheme.ch_axis == 0 else q.scale
     z = q.zero_point.reshape(-1, 1) if q.scheme.ch_axis == 0 else q.zero_point
-    wq = (torch.clamp(torch.floor(w / s) + h + z, q.scheme.qmin, q.scheme.qmax) - z) * s
+    base = torch.floor(w / s) if q._offset is None else torch.floor(w / s) + q._offset  # from held codes
+    wq = (torch.clamp(base + h + z, q.scheme.qmin, q.scheme.qmax) - z) * s
     return wq, lambda beta: (1 - (2 * h - 1).abs().pow(beta)).sum()
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(2, 8), st.booleans(), st.booleans(), st.floats(1.5, 20), st.booleans(), st.integers(0, 2**31 - 1))
-def test_closed_form_adaround_gradients_equal_autograd(bits, per_channel, symmetric, beta, beta_tensor, seed):
+@given(st.integers(2, 8), st.booleans(), st.booleans(), st.floats(1.5, 20), st.booleans(), st.integers(0, 2**31 - 1),
+       st.booleans())
+def test_closed_form_adaround_gradients_equal_autograd(bits, per_channel, symmetric, beta, beta_tensor, seed, from_codes):
     """The fused soft-rounding weight and rounding regulariser (quantizer._SoftRoundWeight/_RoundLoss)
-    give the expressions' values and autograd's gradients, clamped elements and hard V included."""
+    give the expressions' values and autograd's gradients, clamped elements and hard V included, also
+    when AdaRound starts from codes another rounding fixed (from_codes)."""
     torch.manual_seed(seed)
     w = torch.randn(16, 9, dtype=torch.float64)
     q = Quantizer(QScheme(bits=bits, ch_axis=0 if per_channel else None, symmetric=symmetric), 16, "weight").double()
     q.calibrate_on(w * 0.8)  # some weights outside the range: the code clamp is active there
+    if from_codes:
+        q.fix_codes(w, q.int_repr(w) + torch.randint(-2, 3, w.shape))
     q.init_adaround(w)
+    assert (q._offset is not None) == from_codes
     with torch.no_grad():
-        q.alpha.mul_(4)  # some h clamped at 0 or 1
+        q.alpha.mul_(0.25 if from_codes else 4)  # some h clamped at 0 or 1 (from codes h starts at 0.01 / 0.99: none then)
     b = torch.tensor(beta, dtype=torch.float64) if beta_tensor else beta
     g = torch.randn(16, 9, dtype=torch.float64)
     wq = q(w)
@@ -379,10 +386,11 @@ def test_gptq_fits_correlated_inputs_better_than_nearest(bits, seed):
     assert ((codes - q.int_repr(w)).abs() > 1).any()  # codes further than one step from nearest do occur
 
 
-def test_fixed_codes_quantize_the_weight_reload_and_refuse_adaround():
+def test_fixed_codes_quantize_the_weight_reload_and_start_adaround():
     """Quantizer.fix_codes: the quantizer's weight is (codes - z) s, its integer weights are the codes
-    (what the export writes), a checkpoint reloads them, the FP weight is untouched, and AdaRound,
-    whose decisions are floor or ceil, refuses to start from them."""
+    (what the export writes), a checkpoint reloads them, the FP weight is untouched, and AdaRound starts
+    from them: its hard decisions at the start are the codes, and V's other choice is each code's
+    neighbour towards w."""
     torch.manual_seed(0)
     w = torch.randn(6, 10)
     before = w.clone()
@@ -396,8 +404,19 @@ def test_fixed_codes_quantize_the_weight_reload_and_refuse_adaround():
     fresh = _weight_quantizer(w, 4)
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh.int_repr(w), codes)
-    with pytest.raises(UsageError, match="cannot express"):
-        q.init_adaround(w)
+    q.init_adaround(w)
+    q.harden()
+    assert torch.equal(q.int_repr(w), codes)
+    torch.testing.assert_close(q(w), (codes - z) * s, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        q.alpha.neg_()  # every decision the other way: one step towards the weight (up where the code lies at or below w)
+    towards = torch.clamp(codes + torch.where((codes - z) * s > w, -1, 1), q.scheme.qmin, q.scheme.qmax)
+    assert torch.equal(q.int_repr(w), towards)
+    q.fix_rounding()  # kept as fixed codes again, as fix_codes keeps them
+    assert q.alpha is None and q.round_up.dtype == torch.int16
+    assert torch.equal(q.int_repr(w), towards)
+    with pytest.raises(UsageError, match="learned weight step size"):
+        q.init_adaround(w, learn_scale=True)
 
 
 def test_scheme_rejects_bits():

@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformers: keep the Linears whose names match this fnmatch pattern in floating point "
                    "(repeatable; e.g. lm_head, as GPTQ/AWQ/QuaRot's published W4 results do); recorded in metrics.json")
     q.add_argument("--w-rounding", choices=("nearest", "gptq"), default=None,
-                   help="transformers, observer-based algorithms: weight codes by nearest rounding (default) or by GPTQ, "
-                   "chosen block by block against each Linear's calibration inputs (docs/nlp.md)")
+                   help="transformers: weight codes by nearest rounding (default) or by GPTQ, chosen block by block "
+                   "against each Linear's calibration inputs; with a reconstruction --algo, it starts from GPTQ's codes "
+                   "(docs/nlp.md)")
     q.add_argument("--gptq-calib", type=_positive, default=None, metavar="N",
                    help="with --w-rounding gptq: GPTQ's input statistics from N calibration samples (lm: the file's last N "
                    "segments) while the transform and the ranges keep --calib's (default: --calib's)")

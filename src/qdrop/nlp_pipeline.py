@@ -70,14 +70,16 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     recon_loss: the unit-output error, "mse" (default, the papers') or "capped" (positions whose FP output
     is above the batch's median size count by their relative error; for the massive activations of
     pre-norm decoders, see qdrop.recon.engine._capped).
-    Layers outside the blocks (LM head, pooler) keep the init's ranges and nearest rounding. With
+    Layers outside the blocks (LM head, pooler) keep the init's ranges and codes (nearest, or GPTQ's). With
     `out`, a killed run resumes at the first unfinished block (OUT/recon_state.pt).
     rotate: rotate Linear inputs online after the transform (qdrop.nlp.rotation): "mlp" every MLP's inner
     activation, "all" every quantized Linear's input; None = no rotation, and kept out of sweep run ids.
     keep_fp: fnmatch patterns of Linears kept in floating point (prepare_transformer's skip, e.g. "lm_head");
     each must match a Linear of the model; None = none, recorded (and in sweep run ids) only when given.
-    w_rounding: the observer-based algorithms' weight codes, "nearest" (None: the default, kept out of sweep run ids
-    and metrics) or "gptq" (qdrop.nlp.gptq); the reconstruction algorithms learn their own rounding.
+    w_rounding: the weight codes after the transform, "nearest" (None: the default, kept out of sweep run ids
+    and metrics) or "gptq" (qdrop.nlp.gptq). The reconstruction algorithms learn their rounding from there:
+    from GPTQ's codes, AdaRound chooses between each code and its neighbour towards the weight
+    (Quantizer.init_adaround).
     gptq_calib: GPTQ's input statistics from this many calibration samples instead of `calib` (lm: the last
     gptq_calib segments of the file, which hold the calibration's; sts: a draw of gptq_calib sentences), while the
     transform's scales and the ranges keep `calib`'s; gptq_damp: GPTQ's damping (qdrop.quant.gptq.DAMP). Both
@@ -108,9 +110,6 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                          f"{tuple(ALGORITHMS)}, not to {algo!r}")
     if w_rounding not in (None, *W_ROUNDINGS):
         raise UsageError(f"w_rounding must be one of {W_ROUNDINGS}, got {w_rounding!r}")
-    if w_rounding == "gptq" and recon:
-        raise UsageError(f"w_rounding gptq applies to {NLP_ALGOS}: {algo} learns its own rounding (AdaRound), "
-                         "which cannot start from GPTQ's codes")
     if (gptq_calib is not None or gptq_damp is not None) and w_rounding != "gptq":
         raise UsageError("gptq_calib and gptq_damp set GPTQ's statistics: give them with w_rounding='gptq' "
                          "(--w-rounding gptq), or drop them")

@@ -180,9 +180,12 @@ class _SoftRoundWeight(torch.autograd.Function):
     (15 -> 6 ms forward + backward for a 1536x384 weight on one Xeon core)."""
 
     @staticmethod
-    def forward(ctx, w, alpha, s, z, qmin, qmax):
+    def forward(ctx, w, alpha, s, z, qmin, qmax, offset=None):
         sig, h, inside = _soft_rounding(alpha)
-        q = torch.floor(w / s).add_(h).add_(z)  # the order of _adaround's sum: the same float values
+        q = torch.floor(w / s)
+        if offset is not None:  # AdaRound from held codes (init_adaround): an integer, so exact
+            q.add_(offset)
+        q.add_(h).add_(z)  # the order of _adaround's sum: the same float values
         inside &= (q >= qmin) & (q <= qmax)
         ctx.save_for_backward(sig, inside, s)
         return q.clamp_(qmin, qmax).sub_(z).mul_(s)
@@ -192,7 +195,7 @@ class _SoftRoundWeight(torch.autograd.Function):
         sig, inside, s = ctx.saved_tensors
         d = sig * (1 - sig)
         d.mul_(inside).mul_(g).mul_(s * (ZETA - GAMMA))
-        return None, d, None, None, None, None
+        return None, d, None, None, None, None, None
 
 
 class Quantizer(nn.Module):
@@ -213,6 +216,9 @@ class Quantizer(nn.Module):
         self.log_step: nn.Parameter | None = None
         self._base: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
+        # AdaRound started from held codes (init_adaround): the lower of V's two choices, as an offset from
+        # floor(w / s). None: floor(w / s) itself, AdaRound's own choice between floor and ceil.
+        self._offset: torch.Tensor | None = None
         self.hard_round = False
         self.register_buffer("round_up", None)  # learned rounding decisions (uint8 0/1), once fixed
 
@@ -299,19 +305,27 @@ class Quantizer(nn.Module):
         """V from the weights' distance to the grid point below (AdaRound's initialisation), or, when the
         rounding was already decided (fix_rounding: a later stage re-opens it), from those decisions: h(V)
         starts at 0.01 / 0.99, off the clamp so that V has a gradient, and 0.01 of a step from the kept model.
+        From codes another rounding fixed (fix_codes, e.g. GPTQ's, which may lie steps away from w), V chooses
+        between each code and its neighbour towards w, starting at the code.
 
         learn_scale: the per-channel step size is learned with V (log_step, a log-ratio to the observer's s0,
         starting at 0), on a grid whose base floor(w / s0) stays where it started, so the weight is
         s (clamp(floor(w / s0) + z + h(V), qmin, qmax) - z): a step size change moves every code of the channel
         by the same factor instead of re-flooring them (Genie-M's joint step-size and rounding learning)."""
-        if self.round_up is not None and self.round_up.dtype != torch.uint8:
-            raise UsageError("this weight holds fixed codes of another rounding (GPTQ, or a learned step size) that "
-                             "AdaRound's up-or-down decisions cannot express; reconstruct from nearest rounding instead")
         if learn_scale and self.round_up is not None:
             raise UsageError("a learned weight step size cannot re-open rounding decisions taken on another step "
                              "size; learn it in the first stage that learns the rounding")
         s = _bshape(w, self.scheme.ch_axis, self.scale.detach())
-        if self.round_up is not None:
+        self._offset = None
+        if self.round_up is not None and self.round_up.dtype != torch.uint8:
+            # fixed codes c of another rounding (GPTQ: possibly several steps from w): V chooses between c and its
+            # neighbour towards w, starting at c (h = 0.99 above the neighbour, 0.01 below); _offset holds the
+            # lower of the two as an offset from floor(w / s)
+            offset = self.round_up.to(w.dtype)
+            above = (torch.floor(w.detach() / s) + offset) * s > w.detach()  # c's value (c - z) s lies above w
+            self._offset = offset - above.to(w.dtype)
+            rest = 0.01 + 0.98 * above.to(w.dtype)
+        elif self.round_up is not None:
             rest = 0.01 + 0.98 * self.round_up.to(w.dtype)
         else:
             rest = w.detach() / s - torch.floor(w.detach() / s)
@@ -349,9 +363,11 @@ class Quantizer(nn.Module):
             q = torch.clamp(self._base + self.rounding() + z, self.scheme.qmin, self.scheme.qmax)
             return (q - z) * s
         s = _bshape(w, self.scheme.ch_axis, self.scale)
+        offset = self._offset if self.alpha is not None else None
         if self.alpha is not None and not self.hard_round and not (w.requires_grad or s.requires_grad or z.requires_grad):
-            return _SoftRoundWeight.apply(w, self.alpha, s, z, self.scheme.qmin, self.scheme.qmax)
-        q = torch.clamp(torch.floor(w / s) + self.rounding() + z, self.scheme.qmin, self.scheme.qmax)
+            return _SoftRoundWeight.apply(w, self.alpha, s, z, self.scheme.qmin, self.scheme.qmax, offset)
+        base = torch.floor(w / s) if offset is None else torch.floor(w / s) + offset
+        q = torch.clamp(base + self.rounding() + z, self.scheme.qmin, self.scheme.qmax)
         return (q - z) * s
 
     def fix_rounding(self) -> None:
@@ -369,8 +385,12 @@ class Quantizer(nn.Module):
             self.log_step, self._base, self._weight = None, None, None
             self.fix_codes(w, codes)
             return
-        self.round_up = (self.alpha.detach() >= 0).to(torch.uint8)
-        self.alpha = None
+        up = (self.alpha.detach() >= 0)
+        if self._offset is not None:  # started from held codes: the chosen codes, as fix_codes keeps them
+            self.round_up = (self._offset + up.to(self._offset.dtype)).round().to(torch.int16)
+        else:
+            self.round_up = up.to(torch.uint8)
+        self.alpha, self._offset = None, None
         self.hard_round = False
 
     def fix_codes(self, w: torch.Tensor, codes: torch.Tensor) -> None:
@@ -407,6 +427,8 @@ class Quantizer(nn.Module):
         z = _bshape(x, self.scheme.ch_axis, self.zero_point.detach())
         with torch.no_grad():
             q = torch.floor(x / s) + self.rounding().detach() + z
+            if self.alpha is not None and self._offset is not None:
+                q = q + self._offset
         return torch.clamp(q, self.scheme.qmin, self.scheme.qmax).long()
 
     def nearest_codes(self, x: torch.Tensor) -> torch.Tensor:
