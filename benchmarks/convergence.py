@@ -31,7 +31,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "convergence.jsonl"
 
-# name -> (base algorithm, Stage overrides applied to every stage)
+# name -> (base algorithm, Stage overrides applied to every stage; the key "network" holds overrides for the
+# network-wise stage alone)
 VARIANTS = {
     "qdrop": ("qdrop", {}),
     "brecq": ("brecq", {}),
@@ -53,6 +54,10 @@ VARIANTS = {
     "qdrop-ws": ("qdrop-ws", {}),
     "qdrop-plus-ws": ("qdrop-plus", dict(learn_w_scale=True)),
     "qdrop-ws-lr1e-4": ("qdrop-ws", dict(w_scale_lr=1e-4)),
+    # the network-wise stage with a rounding rate that can flip a block-wise decision: V starts at +-4.6
+    # (h = 0.01 / 0.99), and Adam at 1e-3 moves it by at most ~0.5 in the stage's 500 steps (qdrop-net flips 0)
+    "qdrop-net-wlr10x": ("qdrop-net", dict(network=dict(w_lr=1e-2))),
+    "qdrop-plus-net-wlr10x": ("qdrop-plus-net", dict(network=dict(w_lr=1e-2))),
 }
 
 
@@ -70,8 +75,15 @@ def build_algorithm(variant: str):
     from qdrop.recon.configs import ALGORITHMS, CANDIDATES
 
     base, overrides = VARIANTS[variant]
-    algo = {**ALGORITHMS, **CANDIDATES}[base]
-    return replace(algo, name=variant, stages=tuple(replace(s, **overrides) for s in algo.stages))
+    overrides = dict(overrides)
+    network = overrides.pop("network", {})
+    if base == "qdrop-plus-net":  # qdrop-plus's block-wise stage, then qdrop-net's network-wise one
+        base_algo = CANDIDATES["qdrop-net"]
+        algo = replace(base_algo, stages=(CANDIDATES["qdrop-plus"].stages[0], *base_algo.stages[1:]))
+    else:
+        algo = {**ALGORITHMS, **CANDIDATES}[base]
+    return replace(algo, name=variant, stages=tuple(
+        replace(s, **overrides, **(network if s.scope == "network" else {})) for s in algo.stages))
 
 
 class RoundingProbe:
@@ -127,7 +139,8 @@ def run_one(variant: str, bits: str, iters: int, seed: int, data: str, model: st
     recon_s = time.perf_counter() - t
     acc = top1(qmodel, test.x, test.y, device="cpu")
     n = sum(r[0] for r in probe.records)
-    units = [dict(unit=r["unit"], final_loss=round(r["final_loss"], 5), seconds=round(r["seconds"], 1))
+    units = [dict(unit=r["unit"], final_loss=round(r["final_loss"], 5), seconds=round(r["seconds"], 1),
+                  **{k: r[k] for k in ("reopened", "flipped") if k in r})  # a stage that re-opened the rounding
              for r in report["unit_reports"]]
     for u, rec in zip(units, probe.records):  # learned-rounding units fix their rounding in order
         u.update(soft=round(rec[1] / rec[0], 4), gap=round(rec[2] / rec[0], 4))
