@@ -290,10 +290,11 @@ def _reconstruct(qmodel: nn.Module, tokenizer, batches, algo, iters, batch_size,
                       progress=progress, max_cache_bytes=None if max_cache_mb is None else max_cache_mb * 2**20)
     if out is not None:
         atomic_write_json(Path(out) / "recon.json", rep)
-    keep = ("unit", "iters", "seconds", "ms_per_iter", "final_loss")
+    # reopened / flipped: a unit that started from held codes (GPTQ's), and how many of them it changed
+    keep = ("unit", "iters", "seconds", "ms_per_iter", "final_loss", "reopened", "flipped")
     return dict(algo=rep["algo"], stages=rep["stages"], iters=iters, batch_size=batch_size, lam=rep["lam"], units=len(rep["units"]),
                 split_blocks=bool(split_blocks),
-                seconds=rep["seconds"], unit_reports=[{k: r[k] for k in keep} for r in rep["unit_reports"]])
+                seconds=rep["seconds"], unit_reports=[{k: r[k] for k in keep if k in r} for r in rep["unit_reports"]])
 
 
 def _jsonable(x):
