@@ -57,6 +57,8 @@ VARIANTS = {
     # the network-wise stage with a rounding rate that can flip a block-wise decision: V starts at +-4.6
     # (h = 0.01 / 0.99), and Adam at 1e-3 moves it by at most ~0.5 in the stage's 500 steps (qdrop-net flips 0)
     "qdrop-net-wlr10x": ("qdrop-net", dict(network=dict(w_lr=1e-2))),
+    # PD-Quant's distribution correction alone (the sweep's qdrop-dc), for seeds the sweep does not run
+    "qdrop-dc": ("qdrop-dc", {}),
     "qdrop-plus-net-wlr10x": ("qdrop-plus-net", dict(network=dict(w_lr=1e-2))),
 }
 
