@@ -54,7 +54,7 @@ VARIANTS = {
     "qdrop-ws": ("qdrop-ws", {}),
     "qdrop-plus-ws": ("qdrop-plus", dict(learn_w_scale=True)),
     "qdrop-ws-lr1e-4": ("qdrop-ws", dict(w_scale_lr=1e-4)),
-    # the network-wise stage with a rounding rate that can flip a block-wise decision: V starts at +-4.6
+    # the network-wise stage with a rounding rate that can flip a block-wise decision: V starts at +-2.3
     # (h = 0.01 / 0.99), and Adam at 1e-3 moves it by at most ~0.5 in the stage's 500 steps (qdrop-net flips 0)
     "qdrop-net-wlr10x": ("qdrop-net", dict(network=dict(w_lr=1e-2))),
     # PD-Quant's distribution correction alone (the sweep's qdrop-dc), for seeds the sweep does not run
