@@ -363,7 +363,7 @@ class Quantizer(nn.Module):
             q = torch.clamp(self._base + self.rounding() + z, self.scheme.qmin, self.scheme.qmax)
             return (q - z) * s
         s = _bshape(w, self.scheme.ch_axis, self.scale)
-        offset = self._offset if self.alpha is not None else None
+        offset = self._offset
         if self.alpha is not None and not self.hard_round and not (w.requires_grad or s.requires_grad or z.requires_grad):
             return _SoftRoundWeight.apply(w, self.alpha, s, z, self.scheme.qmin, self.scheme.qmax, offset)
         base = torch.floor(w / s) if offset is None else torch.floor(w / s) + offset
@@ -409,7 +409,7 @@ class Quantizer(nn.Module):
                 self.round_up.copy_(offset)  # in place: a new version, which cached weights (QuantLinear) see
             else:
                 self.round_up = offset
-        self.alpha = None
+        self.alpha, self._offset = None, None  # _offset only ever lives beside alpha
         self.hard_round = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -427,7 +427,7 @@ class Quantizer(nn.Module):
         z = _bshape(x, self.scheme.ch_axis, self.zero_point.detach())
         with torch.no_grad():
             q = torch.floor(x / s) + self.rounding().detach() + z
-            if self.alpha is not None and self._offset is not None:
+            if self._offset is not None:
                 q = q + self._offset
         return torch.clamp(q, self.scheme.qmin, self.scheme.qmax).long()
 
