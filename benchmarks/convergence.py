@@ -59,8 +59,6 @@ VARIANTS = {
     "qdrop-net-wlr10x": ("qdrop-net", dict(network=dict(w_lr=1e-2))),
     # PD-Quant's distribution correction alone (the sweep's qdrop-dc), for seeds the sweep does not run
     "qdrop-dc": ("qdrop-dc", {}),
-    "qdrop-bias": ("qdrop-bias", {}),
-    "qdrop-bias-lr1e-3": ("qdrop-bias", dict(bias_lr=1e-3)),
     "qdrop-plus-net-wlr10x": ("qdrop-plus-net", dict(network=dict(w_lr=1e-2))),
 }
 

@@ -24,14 +24,13 @@ qdrop-plus
           0, 1), qdrop-plus 78.25 / 77.96 / 78.38. See docs/algorithms/qdrop-plus.md.
           At 2,000 it/unit (seed 0) it wins only at W2A2 (69.50 vs 66.74) and loses elsewhere (W2A4 77.37,
           W3A3 77.31, W4A4 79.90 vs qdrop 77.92 / 78.66 / 80.13): hence a candidate.
-qdrop-fisher, qdrop-pd, qdrop-dc, qdrop-net, qdrop-mrecg, qdrop-pdquant, qdrop-ws, qdrop-bias
+qdrop-fisher, qdrop-pd, qdrop-dc, qdrop-net, qdrop-mrecg, qdrop-pdquant, qdrop-ws
           qdrop plus one published improvement each (issue #13's ablation, docs/algorithms/beyond.md):
           BRECQ's Fisher-weighted output error (Stage.loss="fisher"); PD-Quant's prediction-difference
           objective through the FP rest of the network (loss="pd"); PD-Quant's activation distribution
           correction (Stage.dc_iters), and both (qdrop-pdquant, PD-Quant whole); a network-wise refinement stage after
           the block-wise one (Stage.scope="network"); MRECG-style merging of the blocks of largest capacity
-          drop (Algorithm.merge); the weights' step sizes learned with their rounding, Genie-M (Stage.learn_w_scale);
-          the layers' biases learned with it, AdaQuant-style (qdrop-bias, Stage.learn_bias).
+          drop (Algorithm.merge); the weights' step sizes learned with their rounding, Genie-M (Stage.learn_w_scale).
           Candidates until they beat qdrop.
 """
 from __future__ import annotations
@@ -60,11 +59,6 @@ class Stage:
     # Adam on log(s / s0), rate w_scale_lr cosine-annealed like act_lr (and scaled by lr_iters like both).
     learn_w_scale: bool = False
     w_scale_lr: float = 1e-3
-    # The unit's layer biases learned with the rounding (AdaQuant-style bias tuning): the int32 bias is rounded
-    # from the learned FP bias as before (straight-through), so nothing changes in export. Adam at bias_lr,
-    # cosine-annealed like act_lr and scaled by lr_iters like both. The FP bias of a folded conv is ~0.1-1.
-    learn_bias: bool = False
-    bias_lr: float = 1e-4
     # Objective and scope (issue #13; docs/algorithms/beyond.md). The torch.fx path only, except "mse"/"unit".
     loss: str = "mse"  # "mse": unit output error; "fisher": BRECQ's (|dKL/dy|+1)^2-weighted error; "pd": PD-Quant's;
     # "capped": the unit output error with positions of outsized FP output down-weighted (see engine._capped)
@@ -153,8 +147,6 @@ CANDIDATES = {
     "qdrop-mrecg": Algorithm("qdrop-mrecg", "block", (_QDROP,), merge=2),
     # the weights' step sizes learned jointly with their rounding (Genie-M; Stage.learn_w_scale)
     "qdrop-ws": Algorithm("qdrop-ws", "block", (replace(_QDROP, learn_w_scale=True),)),
-    # the layers' biases learned with the rounding and the activation step sizes (Stage.learn_bias)
-    "qdrop-bias": Algorithm("qdrop-bias", "block", (replace(_QDROP, learn_bias=True),)),
 }
 
 

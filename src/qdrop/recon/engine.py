@@ -802,7 +802,7 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     layers = [qmodel.get_submodule(t) for t in unit.layers]
     acts = [qmodel.get_submodule(t) for t in unit.act_quants]
     acts = [q for q in acts if q.state == "quant" and q.role == "act"]  # static ranges only (not per-token dynamic)
-    w_params, a_params, s_params, b_params = [], [], [], []  # V, activation step sizes, weight log-steps, biases
+    w_params, a_params, s_params = [], [], []  # V, activation step sizes, weight log-step sizes
     kept = {}  # decisions already fixed by an earlier stage, which this one re-opens (see init_adaround)
     if stage.learn_weights:
         for layer in layers:
@@ -816,14 +816,12 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         for q in acts:
             q.learn_scale()
             a_params.append(q.scale)
-    if stage.learn_bias:  # the int32 bias is rounded from it with a straight-through gradient (effective_bias)
-        b_params = [layer.layer.bias for layer in layers if layer.layer.bias is not None]
     for q in acts:
         q.set_drop(stage.drop_prob)
         q.train()
     # Only what this stage learns gets gradients: not the FP weights of the unit, nor those of the rest of the
     # network that the prediction objectives run through (restored when the unit is done).
-    learned = {id(t) for t in w_params + a_params + s_params + b_params}
+    learned = {id(t) for t in w_params + a_params + s_params}
     frozen = [t for t in qmodel.parameters() if t.requires_grad and id(t) not in learned]
     for t in frozen:
         t.requires_grad_(False)
@@ -842,7 +840,7 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     # graph, held in a device tensor the graph rewrites (a number would be frozen into the capture).
     groups = [dict(params=w_params, lr=stage.w_lr * lr_scale)] if w_params else []
     cosine_lrs = []  # (group index, peak rate): the step sizes' rates, cosine-annealed to 0 over the unit
-    for params, peak in ((a_params, act_lr), (s_params, stage.w_scale_lr * lr_scale), (b_params, stage.bias_lr * lr_scale)):
+    for params, peak in ((a_params, act_lr), (s_params, stage.w_scale_lr * lr_scale)):
         if params:
             cosine_lrs.append((len(groups), peak))
             groups.append(dict(params=params, lr=torch.tensor(peak, device=device) if graph else peak))
@@ -907,7 +905,7 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
         if loss.requires_grad:  # not in a hard tail with nothing but V to learn
             loss.backward()
         if world > 1:  # the global batch's gradient on every rank: identical steps, identical parameters
-            qdist.average_gradients(w_params + a_params + s_params + b_params, share)
+            qdist.average_gradients(w_params + a_params + s_params, share)
         if opt:
             opt.step()
         if on_device:
