@@ -290,7 +290,14 @@ def _reconstruct(qmodel: nn.Module, tokenizer, batches, algo, iters, batch_size,
                       progress=progress, max_cache_bytes=None if max_cache_mb is None else max_cache_mb * 2**20)
     if out is not None:
         atomic_write_json(Path(out) / "recon.json", rep)
-    # reopened / flipped: a unit that started from held codes (GPTQ's), and how many of them it changed
+    # reopened / flipped: a unit that started from held codes (GPTQ's), and how many of them it changed. V starts
+    # 2.3 from a flip (h = 0.99 / 0.01) and Adam moves it ~lr per step, so at the paper's rates nothing changes:
+    # say so rather than let a user think the codes were refined
+    reopened = sum(r.get("reopened", 0) for r in rep["unit_reports"])
+    if reopened and not any(r.get("flipped") for r in rep["unit_reports"]):
+        print(f"warning: the reconstruction kept all {reopened:,} held weight codes (GPTQ's) unchanged: at these "
+              f"learning rates a rounding variable cannot reach a neighbouring code in {iters} iterations; "
+              f"--lr-iters 8000 scales the rates up", file=sys.stderr)
     keep = ("unit", "iters", "seconds", "ms_per_iter", "final_loss", "reopened", "flipped")
     return dict(algo=rep["algo"], stages=rep["stages"], iters=iters, batch_size=batch_size, lam=rep["lam"], units=len(rep["units"]),
                 split_blocks=bool(split_blocks),
