@@ -632,3 +632,18 @@ def test_analyze_units_and_flatness(tiny_results, tmp_path):
     if HAVE_MPL:
         assert list(out.glob("flatness_*.png")) and list(out.glob("units_*.png"))
     assert analyze_main([str(tmp_path / "missing")]) == 2
+
+
+def test_reconstruction_time_counts_the_distribution_correction(tmp_path):
+    """A unit's `seconds` times its loop only; PD-Quant's correction before it is most of a qdrop-dc run's time
+    (~9x the loop on ResNet-20), so the accuracy-vs-time plot adds it; a resumed run still sums its units."""
+    from qdrop.bench.report import _recon_seconds
+    from qdrop.bench.runner import _unit_curves
+
+    dc = dict(batches=2, stat_loss_first=1.0, stat_loss_last=0.5, input_change=0.1, seconds=70.0)
+    (tmp_path / "recon.json").write_text(json.dumps(dict(unit_reports=[
+        dict(unit="layer1.0", iters=4, seconds=10.0, distribution_correction=dc), dict(unit="linear", iters=4, seconds=5.0)])))
+    units = _unit_curves(tmp_path)
+    assert units[0]["dc_seconds"] == 70.0 and "dc_seconds" not in units[1]
+    assert _recon_seconds(dict(units=units, seconds=dict(reconstruct=3.0))) == 85.0  # not the process's 3 s
+    assert _recon_seconds(dict(units=None, seconds=dict(reconstruct=3.0))) == 3.0

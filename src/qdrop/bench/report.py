@@ -360,11 +360,12 @@ def _plot_size(records: list[dict], out_dir: Path) -> list[str]:
 
 
 def _recon_seconds(r: dict):
-    """Reconstruction time of a run: the sum of its units' times, which a resumed run keeps from before the
-    kill (its `seconds.reconstruct` is this process's part only), else the process's."""
+    """Reconstruction time of a run: the sum of its units' times (each unit's loop and any distribution
+    correction before it), which a resumed run keeps from before the kill (its `seconds.reconstruct` is this
+    process's part only), else the process's."""
     units = r.get("units") or []
     if units and all(isinstance(u.get("seconds"), (int, float)) for u in units):
-        return sum(u["seconds"] for u in units)
+        return sum(u["seconds"] + u.get("dc_seconds", 0.0) for u in units)
     return (r.get("seconds") or {}).get("reconstruct")
 
 
