@@ -59,6 +59,9 @@ VARIANTS = {
     "qdrop-net-wlr10x": ("qdrop-net", dict(network=dict(w_lr=1e-2))),
     # PD-Quant's distribution correction alone (the sweep's qdrop-dc), for seeds the sweep does not run
     "qdrop-dc": ("qdrop-dc", {}),
+    # qdrop-plus (wins at W2A2, ties elsewhere) with PD-Quant's correction (+0.65 at W2A4 over two seeds, -1.53 at
+    # W2A2 on qdrop): the only pair of components that could beat qdrop at every bit-width
+    "qdrop-plus-dc": ("qdrop-plus", dict(dc_iters=500)),
     "qdrop-plus-net-wlr10x": ("qdrop-plus-net", dict(network=dict(w_lr=1e-2))),
 }
 
