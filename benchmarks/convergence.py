@@ -2,8 +2,9 @@
 
 Runs named variants of the reconstruction loop (an algorithm from qdrop.recon.configs with some
 Stage fields overridden) on CIFAR-10 ResNet-20 and appends one JSON line per finished run to
-benchmarks/results/convergence.jsonl. A run already in that file (same variant, bits, iters, seed)
-is skipped, so the script can be killed and rerun. The steps are those of `qdrop quantize`
+benchmarks/results/convergence.jsonl. A run already in that file (same variant, bits, iters, seed and
+CPU model) is skipped, so the script can be killed and rerun; on another CPU kind it runs again (the kind
+moved one W3A3 result by 0.8), and the summary keeps the kinds apart. The steps are those of `qdrop quantize`
 (qdrop.pipeline.run_quantize): load, prepare (academic preset), calibrate activations on 256
 samples, reconstruct on 1024 calibration samples, top-1 on all 10,000 test images.
 
@@ -173,16 +174,16 @@ def table(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """Mean top-1 over the seeds measured, per variant, bits and iterations."""
+    """Mean top-1 over the seeds measured, per variant, bits, iterations and CPU model."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["variant"], r["bits"], r["iters"]), []).append(r)
-    out = ["| variant | iters | bits | seeds | top-1 per seed | mean | mean recon s |", "|---|---|---|---|---|---|---|"]
-    for (v, bits, iters), rs in groups.items():
+        groups.setdefault((r["variant"], r["bits"], r["iters"], r["cpu"]), []).append(r)
+    out = ["| variant | iters | bits | seeds | top-1 per seed | mean | mean recon s | CPU |", "|---|---|---|---|---|---|---|---|"]
+    for (v, bits, iters, cpu), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         out.append(f"| {v} | {iters} | {bits} | {','.join(str(r['seed']) for r in rs)} | "
                    f"{' / '.join('%.2f' % r['top1'] for r in rs)} | {sum(r['top1'] for r in rs) / len(rs):.2f} | "
-                   f"{sum(r['recon_seconds'] for r in rs) / len(rs):.0f} |")
+                   f"{sum(r['recon_seconds'] for r in rs) / len(rs):.0f} | {cpu} |")
     return "\n".join(out)
 
 
@@ -209,9 +210,9 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown variants {unknown}; see --list")
     for v in args.variants:
-        key = (v, args.bits, args.iters, args.seed)
-        if any((r["variant"], r["bits"], r["iters"], r["seed"]) == key for r in load_results()):
-            print(f"skip {v} {args.bits} {args.iters} it seed {args.seed}: already in {RESULTS}")
+        key = (v, args.bits, args.iters, args.seed, cpu_model())
+        if any((r["variant"], r["bits"], r["iters"], r["seed"], r["cpu"]) == key for r in load_results()):
+            print(f"skip {v} {args.bits} {args.iters} it seed {args.seed}: already in {RESULTS} for this CPU")
             continue
         row = run_one(v, args.bits, args.iters, args.seed, args.data)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
