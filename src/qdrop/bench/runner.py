@@ -169,10 +169,13 @@ def _unit_curves(run_dir: Path) -> list | None:
     except json.JSONDecodeError:
         return None
     keys = ("unit", "kind", "iters", "seconds", "ms_per_iter", "final_loss", "curve", "curve_total")
-    # dc_seconds: PD-Quant's distribution correction before the unit's loop, which `seconds` does not time
-    return [{**{k: u.get(k) for k in keys}, **({"dc_seconds": u["distribution_correction"]["seconds"]}
-                                                if "distribution_correction" in u else {})}
-            for u in rep.get("unit_reports", [])]
+    curves = []
+    for u in rep.get("unit_reports", []):
+        curve = {k: u.get(k) for k in keys}
+        if "distribution_correction" in u:  # PD-Quant's correction runs before the loop, which `seconds` times
+            curve["dc_seconds"] = u["distribution_correction"]["seconds"]
+        curves.append(curve)
+    return curves
 
 
 def _call_vision(c: dict, run_dir: Path, fp_top1, progress: bool) -> dict:
