@@ -69,6 +69,15 @@ VARIANTS = {
     # W2A2 seed 0 scores qdrop-plus's own number
     "qdrop-plus-dc100": ("qdrop-plus", dict(dc_iters=100)),
     "qdrop-plus-net-wlr10x": ("qdrop-plus-net", dict(network=dict(w_lr=1e-2))),
+    # more views of the same 1,024 calibration images (the key "views" is data, not a Stage option): each image
+    # once as is and views - 1 times randomly cropped (pad 4, black) and flipped, as the CIFAR ResNets were
+    # trained; 2,000 iterations of batch 32 see every image ~62 times, and the learned-bias runs overfit it
+    "qdrop-views4": ("qdrop", dict(views=4)),
+    "qdrop-plus-views4": ("qdrop-plus", dict(views=4)),
+    # qdrop's joint loop with nothing dropped (every activation quantized, unit input from the quantized model):
+    # the reference's "BRECQ-style" joint run scored 78.43 at W2A4 against QDrop's 77.81 (../shared/REFERENCE.md)
+    "qdrop-p1": ("qdrop", dict(drop_prob=1.0, input_mix=1.0)),
+    "qdrop-plus-p1": ("qdrop-plus", dict(drop_prob=1.0, input_mix=1.0)),
 }
 
 
@@ -88,6 +97,7 @@ def build_algorithm(variant: str):
     base, overrides = VARIANTS[variant]
     overrides = dict(overrides)
     network = overrides.pop("network", {})
+    overrides.pop("views", None)
     if base == "qdrop-plus-net":  # qdrop-plus's block-wise stage, then qdrop-net's network-wise one
         base_algo = CANDIDATES["qdrop-net"]
         algo = replace(base_algo, stages=(CANDIDATES["qdrop-plus"].stages[0], *base_algo.stages[1:]))
@@ -123,6 +133,26 @@ class RoundingProbe:
         Quantizer.fix_rounding = self._orig
 
 
+def augmented_views(x: torch.Tensor, views: int, seed: int) -> torch.Tensor:
+    """x (CIFAR-preprocessed NCHW) followed by views - 1 copies, each image randomly cropped from a 4-pixel black
+    border (black in the ImageNet-normalised space) and flipped with probability 1/2."""
+    from qdrop.data import IMAGENET_MEAN, IMAGENET_STD
+
+    g = torch.Generator().manual_seed(seed)
+    black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+    n, c, h, w = x.shape
+    padded = black.expand(n, c, h + 8, w + 8).clone()
+    padded[:, :, 4:4 + h, 4:4 + w] = x
+    out = [x]
+    for _ in range(views - 1):
+        dy, dx = torch.randint(0, 9, (2, n), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+        v = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        v[flip] = v[flip].flip(-1)
+        out.append(v)
+    return torch.cat(out)
+
+
 def run_one(variant: str, bits: str, iters: int, seed: int, data: str, model: str = "cifar10_resnet20") -> dict:
     from qdrop import calibrate
     from qdrop.quant.calibration import batched
@@ -140,10 +170,11 @@ def run_one(variant: str, bits: str, iters: int, seed: int, data: str, model: st
     test = load_split(info.dataset, "test", data=data, preprocess=info.preprocess)
     qmodel = prepare(fp_model, (calib.x[:2],), backend="academic", bits=bits)
     calibrate(qmodel, batched(calib.x[:ACT_CALIB], 64), device="cpu")
+    calib_x = augmented_views(calib.x, VARIANTS[variant][1].get("views", 1), seed)
     probe = RoundingProbe()
     t = time.perf_counter()
     try:
-        report = reconstruct(qmodel, None, calib.x, algo=algo, iters=iters, batch_size=32, seed=seed, device="cpu",
+        report = reconstruct(qmodel, None, calib_x, algo=algo, iters=iters, batch_size=32, seed=seed, device="cpu",
                              progress=False)
     finally:
         probe.close()
