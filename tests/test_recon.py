@@ -303,6 +303,10 @@ def test_paper_configurations_are_unchanged():
     # qdrop-plus is qdrop with the learning rates scaled for short budgets, nothing else
     assert CANDIDATES["qdrop-plus"].units == "block"
     assert [replace(s, lr_iters=None) for s in CANDIDATES["qdrop-plus"].stages] == list(ALGORITHMS["qdrop"].stages)
+    # qdrop-plus-split is qdrop-plus with the step sizes' rates scaled for 2,000 iterations, nothing else
+    assert [replace(s, act_lr_iters=None) for s in CANDIDATES["qdrop-plus-split"].stages] == list(
+        CANDIDATES["qdrop-plus"].stages)
+    assert [s.act_lr_iters for s in CANDIDATES["qdrop-plus-split"].stages] == [2000]
 
 
 def test_options_at_their_neutral_values_give_the_paper_result():
@@ -334,6 +338,32 @@ def test_lr_iters_scales_the_learning_rates_and_decides_more_rounding(monkeypatc
     a, b = int_state(base), int_state(scaled)
     assert any(not torch.equal(a[k], b[k]) for k in a if not k.endswith(".scale"))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scale"))  # step sizes' lr scaled too
+
+
+def test_act_lr_iters_scales_the_step_sizes_apart_from_the_rounding():
+    from qdrop.recon import get_algorithm
+
+    # at 20 iterations, lr_iters=80 is the rounding's rate x 4; act_lr_iters=20 keeps the step sizes' rate, and
+    # act_lr_iters=80 with lr_iters=20 scales the step sizes' alone: each equals the rates spelled out
+    cases = [(dict(lr_iters=80, act_lr_iters=20), dict(w_lr=4e-3)),
+             (dict(lr_iters=20, act_lr_iters=80), dict(act_lr=1.6e-4)),
+             (dict(lr_iters=80), dict(w_lr=4e-3, act_lr=1.6e-4))]
+    states = []
+    for scaled, spelled in cases:
+        pair = []
+        for overrides in (scaled, spelled):
+            _, qmodel, x = small_setup()
+            reconstruct(qmodel, None, x, algo=get_algorithm("qdrop", **overrides), iters=20, batch_size=16,
+                        progress=False)
+            pair.append(int_state(qmodel))
+        a, b = pair
+        assert all(torch.equal(a[k], b[k]) for k in a), scaled
+        states.append(a)
+    # and the three settings are different trainings (the test could not pass with the option ignored)
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert any(not torch.equal(states[i][k], states[j][k]) for k in states[i]), (i, j)
+    with pytest.raises(UsageError, match="act_lr_iters must be a positive integer"):
+        get_algorithm("qdrop", act_lr_iters=0)
 
 
 def test_warmup_and_beta_overrides_change_the_result():

@@ -24,6 +24,10 @@ qdrop-plus
           0, 1), qdrop-plus 78.25 / 77.96 / 78.38. See docs/algorithms/qdrop-plus.md.
           At 2,000 it/unit (seed 0) it wins only at W2A2 (69.50 vs 66.74) and loses elsewhere (W2A4 77.37,
           W3A3 77.31, W4A4 79.90 vs qdrop 77.92 / 78.66 / 80.13): hence a candidate.
+qdrop-plus-split
+          qdrop-plus with Stage.act_lr_iters=2000: below 2,000 it/unit the step sizes' rate is scaled
+          by 2000/iters, the rounding's still by 8000/iters (x 16 / x 4 at 500, x 4 / x 1 at 2,000).
+          At 2,000 it/unit the step sizes' faster rate is what cost qdrop-plus outside W2A2.
 qdrop-fisher, qdrop-pd, qdrop-dc, qdrop-net, qdrop-mrecg, qdrop-pdquant, qdrop-ws
           qdrop plus one published improvement each (issue #13's ablation, docs/algorithms/beyond.md):
           BRECQ's Fisher-weighted output error (Stage.loss="fisher"); PD-Quant's prediction-difference
@@ -51,6 +55,9 @@ class Stage:
     act_lr: float = 4e-5  # cosine-decayed to 0 over the stage
     # Convergence options (None / 0: the paper's loop, as above). See docs/algorithms/qdrop-plus.md.
     lr_iters: int | None = None  # w_lr, act_lr meant for >= this many iterations: fewer scale them by lr_iters / iters
+    # the step sizes' rates (act_lr, w_scale_lr) meant for >= this many iterations instead; None: lr_iters. The
+    # rounding needs a larger scale than the step sizes at 2,000 it/unit (docs/algorithms/qdrop-plus.md)
+    act_lr_iters: int | None = None
     warmup: float | None = None  # overrides ReconConfig.warmup (fraction of iterations without rounding loss)
     b_start: float | None = None  # overrides ReconConfig.b_start (rounding-loss beta, annealed to b_end)
     b_end: float | None = None  # overrides ReconConfig.b_end
@@ -77,6 +84,10 @@ class Stage:
             raise UsageError(f"unknown reconstruction loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.scope not in ("unit", "network"):
             raise UsageError(f"unknown stage scope {self.scope!r}; choose 'unit' or 'network'")
+        for name in ("lr_iters", "act_lr_iters"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise UsageError(f"{name} must be a positive integer or None, got {v!r}")
         if not self.pd_temp > 0 or not self.pd_reg >= 0:
             raise UsageError(f"pd_temp must be > 0 and pd_reg >= 0, got {self.pd_temp!r} and {self.pd_reg!r}")
         if not isinstance(self.dc_iters, int) or self.dc_iters < 0 or not self.dc_lr > 0 or not self.dc_reg >= 0:
@@ -135,6 +146,15 @@ CANDIDATES = {
         "qdrop-plus",
         "block",
         (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5, lr_iters=8000),),
+    ),
+    # qdrop-plus with the two rates' budgets split: the rounding's rate meant for 8,000 it/unit, the step sizes'
+    # for 2,000 (x 16 / x 4 at 500 it/unit, x 4 / x 1 at 2,000). Stop 40, ResNet-20, AMD EPYC, 3 seeds: W2A4 at
+    # 500 it/unit 79.05 (qdrop-plus 78.12); at 2,000 it/unit it is qdrop-wlr4x (docs/algorithms/qdrop-plus.md)
+    "qdrop-plus-split": Algorithm(
+        "qdrop-plus-split",
+        "block",
+        (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5, lr_iters=8000,
+               act_lr_iters=2000),),
     ),
     # The published improvements on QDrop, each alone (issue #13's ablation; docs/algorithms/beyond.md).
     "qdrop-fisher": Algorithm("qdrop-fisher", "block", (replace(_QDROP, loss="fisher"),)),

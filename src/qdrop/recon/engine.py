@@ -606,7 +606,8 @@ def reconstruct(
 
 # Stage fields added after state files were first written: recorded only when not at their defaults,
 # so that a run started before they existed resumes (its stages are the same configuration).
-_LATER_FIELDS = {"loss": "mse", "pd_reg": 0.1, "pd_temp": 4.0, "scope": "unit", "dc_iters": 0, "dc_lr": 1e-3, "dc_reg": 50.0}
+_LATER_FIELDS = {"loss": "mse", "pd_reg": 0.1, "pd_temp": 4.0, "scope": "unit", "dc_iters": 0, "dc_lr": 1e-3, "dc_reg": 50.0,
+                 "act_lr_iters": None}
 
 
 def _stage_meta(stage: Stage) -> dict:
@@ -825,9 +826,12 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     frozen = [t for t in qmodel.parameters() if t.requires_grad and id(t) not in learned]
     for t in frozen:
         t.requires_grad_(False)
-    # w_lr / act_lr are meant for at least lr_iters iterations: a shorter budget gets them scaled up
+    # w_lr is meant for at least lr_iters iterations, the step sizes' rates for act_lr_iters (default: the same):
+    # a shorter budget gets them scaled up, never down
     lr_scale = max(1.0, stage.lr_iters / iters) if stage.lr_iters else 1.0
-    act_lr = stage.act_lr * lr_scale
+    step_iters = stage.lr_iters if stage.act_lr_iters is None else stage.act_lr_iters
+    step_scale = max(1.0, step_iters / iters) if step_iters else 1.0
+    act_lr = stage.act_lr * step_scale
     graph = False
     if cfg.cuda_graph and device.type == "cuda":
         why_not = _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world, aux)
@@ -840,7 +844,7 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
     # graph, held in a device tensor the graph rewrites (a number would be frozen into the capture).
     groups = [dict(params=w_params, lr=stage.w_lr * lr_scale)] if w_params else []
     cosine_lrs = []  # (group index, peak rate): the step sizes' rates, cosine-annealed to 0 over the unit
-    for params, peak in ((a_params, act_lr), (s_params, stage.w_scale_lr * lr_scale)):
+    for params, peak in ((a_params, act_lr), (s_params, stage.w_scale_lr * step_scale)):
         if params:
             cosine_lrs.append((len(groups), peak))
             groups.append(dict(params=params, lr=torch.tensor(peak, device=device) if graph else peak))
