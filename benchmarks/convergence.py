@@ -1,9 +1,9 @@
 """Convergence benchmark: reconstruction variants at a fixed iteration budget (issue #13).
 
 Runs named variants of the reconstruction loop (an algorithm from qdrop.recon.configs with some
-Stage fields overridden) on CIFAR-10 ResNet-20 and appends one JSON line per finished run to
-benchmarks/results/convergence.jsonl. A run already in that file (same variant, bits, iters, seed and
-CPU model) is skipped, so the script can be killed and rerun; on another CPU kind it runs again (the kind
+Stage fields overridden) on CIFAR-10 ResNet-20 (or ResNet-32, `--model`) and appends one JSON line per finished run to
+benchmarks/results/convergence.jsonl. A run already in that file (same variant, model, bits, iters, seed
+and CPU model) is skipped, so the script can be killed and rerun; on another CPU kind it runs again (the kind
 moved the same W2A2 qdrop-plus run by 1.58 and a W3A3 one by 0.8), and the summary keeps the kinds apart.
 The steps are those of `qdrop quantize` (qdrop.pipeline.run_quantize): load, prepare (academic preset),
 calibrate activations on 256 samples, reconstruct on 1024 calibration samples, top-1 on all 10,000 test
@@ -40,6 +40,7 @@ VARIANTS = {
     "brecq": ("brecq", {}),
     "qdrop-plus": ("qdrop-plus", {}),
     "qdrop-plus-split": ("qdrop-plus-split", {}),
+    "qdrop-plus-fastround": ("qdrop-plus-fastround", {}),  # at 2,000 it/unit the qdrop-wlr16x runs
     # learning rates scaled with the budget: both (x 2000/iters) or the rounding's alone
     "qdrop-lr2000": ("qdrop", dict(lr_iters=2000)),
     # 3 seeds, AMD EPYC, 2,000 it/unit: W2A2 69.39, W2A4 77.90, W3A3 78.08, W4A4 80.03 (qdrop 65.93 / 77.79 / 77.76 /
@@ -203,6 +204,10 @@ def run_one(variant: str, bits: str, iters: int, seed: int, data: str, model: st
                 finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
+def _key(r: dict) -> tuple:
+    return r["variant"], r["model"], r["bits"], r["iters"], r["seed"], r["cpu"]
+
+
 def load_results() -> list[dict]:
     if not RESULTS.exists():
         return []
@@ -210,22 +215,23 @@ def load_results() -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| variant | iters | bits | seed | top-1 | recon s | soft | gap | CPU |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| variant | model | iters | bits | seed | top-1 | recon s | soft | gap | CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['variant']} | {r['iters']} | {r['bits']} | {r['seed']} | {r['top1']:.2f} | {r['recon_seconds']:.0f} "
+        out.append(f"| {r['variant']} | {r['model']} | {r['iters']} | {r['bits']} | {r['seed']} | {r['top1']:.2f} | {r['recon_seconds']:.0f} "
                    f"| {r['soft']:.3f} | {r['gap']:.3f} | {r['cpu']} |")
     return "\n".join(out)
 
 
 def summary(rows: list[dict]) -> str:
-    """Mean top-1 over the seeds measured, per variant, bits, iterations and CPU model."""
+    """Mean top-1 over the seeds measured, per variant, model, bits, iterations and CPU model."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["variant"], r["bits"], r["iters"], r["cpu"]), []).append(r)
-    out = ["| variant | iters | bits | seeds | top-1 per seed | mean | mean recon s | CPU |", "|---|---|---|---|---|---|---|---|"]
-    for (v, bits, iters, cpu), rs in groups.items():
+        groups.setdefault((r["variant"], r["model"], r["bits"], r["iters"], r["cpu"]), []).append(r)
+    out = ["| variant | model | iters | bits | seeds | top-1 per seed | mean | mean recon s | CPU |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for (v, model, bits, iters, cpu), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
-        out.append(f"| {v} | {iters} | {bits} | {','.join(str(r['seed']) for r in rs)} | "
+        out.append(f"| {v} | {model} | {iters} | {bits} | {','.join(str(r['seed']) for r in rs)} | "
                    f"{' / '.join('%.2f' % r['top1'] for r in rs)} | {sum(r['top1'] for r in rs) / len(rs):.2f} | "
                    f"{sum(r['recon_seconds'] for r in rs) / len(rs):.0f} | {cpu} |")
     return "\n".join(out)
@@ -237,6 +243,7 @@ def main(argv=None):
     p.add_argument("--bits", default="w2a4")
     p.add_argument("--iters", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="cifar10_resnet20", choices=("cifar10_resnet20", "cifar10_resnet32"))
     p.add_argument("--data", default=os.environ.get("QDROP_DATA", str(HERE.parent.parent / "shared" / "data" / "cifar10")))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--list", action="store_true")
@@ -254,11 +261,11 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown variants {unknown}; see --list")
     for v in args.variants:
-        key = (v, args.bits, args.iters, args.seed, cpu_model())
-        if any((r["variant"], r["bits"], r["iters"], r["seed"], r["cpu"]) == key for r in load_results()):
-            print(f"skip {v} {args.bits} {args.iters} it seed {args.seed}: already in {RESULTS} for this CPU")
+        key = (v, args.model, args.bits, args.iters, args.seed, cpu_model())
+        if any(_key(r) == key for r in load_results()):
+            print(f"skip {v} {args.model} {args.bits} {args.iters} it seed {args.seed}: already in {RESULTS} for this CPU")
             continue
-        row = run_one(v, args.bits, args.iters, args.seed, args.data)
+        row = run_one(v, args.bits, args.iters, args.seed, args.data, model=args.model)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with open(RESULTS, "a") as f:
             f.write(json.dumps(row) + "\n")

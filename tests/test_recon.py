@@ -307,6 +307,11 @@ def test_paper_configurations_are_unchanged():
     assert [replace(s, act_lr_iters=None) for s in CANDIDATES["qdrop-plus-split"].stages] == list(
         CANDIDATES["qdrop-plus"].stages)
     assert [s.act_lr_iters for s in CANDIDATES["qdrop-plus-split"].stages] == [2000]
+    # qdrop-plus-fastround is qdrop with the rounding's rate x 16 and the step sizes' meant for 2,000 iterations
+    assert [replace(s, w_lr=1e-3, act_lr_iters=None) for s in CANDIDATES["qdrop-plus-fastround"].stages] == list(
+        ALGORITHMS["qdrop"].stages)
+    assert [(s.w_lr, s.act_lr_iters, s.lr_iters) for s in CANDIDATES["qdrop-plus-fastround"].stages] == [
+        (1.6e-2, 2000, None)]
 
 
 def test_options_at_their_neutral_values_give_the_paper_result():
@@ -347,7 +352,8 @@ def test_act_lr_iters_scales_the_step_sizes_apart_from_the_rounding():
     # act_lr_iters=80 with lr_iters=20 scales the step sizes' alone: each equals the rates spelled out
     cases = [(dict(lr_iters=80, act_lr_iters=20), dict(w_lr=4e-3)),
              (dict(lr_iters=20, act_lr_iters=80), dict(act_lr=1.6e-4)),
-             (dict(lr_iters=80), dict(w_lr=4e-3, act_lr=1.6e-4))]
+             (dict(lr_iters=80), dict(w_lr=4e-3, act_lr=1.6e-4)),
+             (dict(act_lr_iters=80), dict(act_lr=1.6e-4))]  # the step sizes' budget alone (qdrop-plus-fastround)
     states = []
     for scaled, spelled in cases:
         pair = []
@@ -362,6 +368,7 @@ def test_act_lr_iters_scales_the_step_sizes_apart_from_the_rounding():
     # and the three settings are different trainings (the test could not pass with the option ignored)
     for i, j in ((0, 1), (0, 2), (1, 2)):
         assert any(not torch.equal(states[i][k], states[j][k]) for k in states[i]), (i, j)
+    assert all(torch.equal(states[1][k], states[3][k]) for k in states[1])  # lr_iters at or below iters: no scale
     with pytest.raises(UsageError, match="act_lr_iters must be a positive integer"):
         get_algorithm("qdrop", act_lr_iters=0)
 

@@ -28,6 +28,11 @@ qdrop-plus-split
           qdrop-plus with Stage.act_lr_iters=2000: below 2,000 it/unit the step sizes' rate is scaled
           by 2000/iters, the rounding's still by 8000/iters (x 16 / x 4 at 500, x 4 / x 1 at 2,000).
           At 2,000 it/unit the step sizes' faster rate is what cost qdrop-plus outside W2A2.
+qdrop-plus-fastround
+          qdrop with the rounding's rate x 16 at every budget (w_lr 1.6e-2) and the step sizes' rate meant
+          for 2,000 it/unit (Stage.act_lr_iters=2000: x 4 at 500, the paper's from 2,000 on). At the
+          paper's rounding rate ~38 % of the rounding variables are still soft after 2,000 it/unit; at
+          x 16 none are, and 2-bit weights gain most (docs/algorithms/qdrop-plus.md).
 qdrop-fisher, qdrop-pd, qdrop-dc, qdrop-net, qdrop-mrecg, qdrop-pdquant, qdrop-ws
           qdrop plus one published improvement each (issue #13's ablation, docs/algorithms/beyond.md):
           BRECQ's Fisher-weighted output error (Stage.loss="fisher"); PD-Quant's prediction-difference
@@ -156,6 +161,11 @@ CANDIDATES = {
         (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5, lr_iters=8000,
                act_lr_iters=2000),),
     ),
+    # qdrop with the rounding fast at every budget and the step sizes' rate scaled below 2,000 it/unit
+    # (x 16 / x 4 at 500 it/unit, x 16 / x 1 from 2,000). Stops 40-41, ResNet-20, AMD EPYC: see
+    # docs/algorithms/qdrop-plus.md#the-rounding-fast-at-every-budget-stop-41-qdrop-plus-fastround
+    "qdrop-plus-fastround": Algorithm(
+        "qdrop-plus-fastround", "block", (replace(_QDROP, w_lr=1.6e-2, act_lr_iters=2000),)),
     # The published improvements on QDrop, each alone (issue #13's ablation; docs/algorithms/beyond.md).
     "qdrop-fisher": Algorithm("qdrop-fisher", "block", (replace(_QDROP, loss="fisher"),)),
     "qdrop-pd": Algorithm("qdrop-pd", "block", (replace(_QDROP, loss="pd"),)),
