@@ -39,12 +39,11 @@ VARIANTS = {
     "qdrop": ("qdrop", {}),
     "brecq": ("brecq", {}),
     "qdrop-plus": ("qdrop-plus", {}),
-    "qdrop-plus-split": ("qdrop-plus-split", {}),
     "qdrop-plus-fastround": ("qdrop-plus-fastround", {}),  # at 2,000 it/unit the qdrop-wlr16x runs
     # learning rates scaled with the budget: both (x 2000/iters) or the rounding's alone
     "qdrop-lr2000": ("qdrop", dict(lr_iters=2000)),
     # 3 seeds, AMD EPYC, 2,000 it/unit: W2A2 69.39, W2A4 77.90, W3A3 78.08, W4A4 80.03 (qdrop 65.93 / 77.79 / 77.76 /
-    # 80.23): qdrop-plus-split's 2,000-it/unit setting
+    # 80.23): at 2,000 it/unit the stop-40 split rule (lr_iters=8000, act_lr_iters=2000, since replaced by fastround)
     "qdrop-wlr4x": ("qdrop", dict(w_lr=4e-3)),
     # last 10 % of the iterations with the rounding hard: step sizes adapt to the kept model
     "qdrop-hard10": ("qdrop", dict(hard_tail=0.1)),
@@ -52,10 +51,11 @@ VARIANTS = {
     "qdrop-lr4000": ("qdrop", dict(lr_iters=4000)),
     "qdrop-lr8000": ("qdrop", dict(lr_iters=8000)),
     "qdrop-wlr8x": ("qdrop", dict(w_lr=8e-3)),
-    # qdrop-plus's rounding rate at 500 it/unit (1e-3 x 8000/500) with the paper's step-size rate
+    # qdrop-plus's rounding rate at 500 it/unit (1e-3 x 8000/500) with the paper's step-size rate; at 2,000 it/unit
+    # this is qdrop-plus-fastround (its recorded runs there)
     "qdrop-wlr16x": ("qdrop", dict(w_lr=1.6e-2)),
     # the same with the step sizes' rate x 4: rates meant for 8,000 (rounding) and 2,000 (step sizes) it/unit, at 500
-    # (qdrop-plus-split's 500-it/unit setting; W2A4 3 seeds 79.05 against wlr16x 77.89 and qdrop-plus 78.12)
+    # (qdrop-plus-fastround's 500-it/unit setting; W2A4 3 seeds 79.05 against wlr16x 77.89 and qdrop-plus 78.12)
     "qdrop-wlr16x-alr4x": ("qdrop", dict(w_lr=1.6e-2, act_lr=1.6e-4)),
     "qdrop-alr4x": ("qdrop", dict(act_lr=1.6e-4)),  # the activation step sizes' rate alone x 4
     # rounding-loss schedule: shorter warm-up, gentler beta start

@@ -283,7 +283,7 @@ def test_state_files_of_earlier_runs_still_match():
     meta = engine._stage_meta(get_algorithm("qdrop").stages[0])
     assert not {"loss", "pd_reg", "pd_temp", "scope", "dc_iters", "dc_lr", "dc_reg", "act_lr_iters"} & set(meta)
     assert engine._stage_meta(CANDIDATES["qdrop-pd"].stages[0])["loss"] == "pd"
-    assert engine._stage_meta(CANDIDATES["qdrop-plus-split"].stages[0])["act_lr_iters"] == 2000
+    assert engine._stage_meta(CANDIDATES["qdrop-plus-fastround"].stages[0])["act_lr_iters"] == 2000
 
 
 def test_learned_weight_steps_recover_a_bad_grid_and_keep_their_codes():

@@ -303,10 +303,6 @@ def test_paper_configurations_are_unchanged():
     # qdrop-plus is qdrop with the learning rates scaled for short budgets, nothing else
     assert CANDIDATES["qdrop-plus"].units == "block"
     assert [replace(s, lr_iters=None) for s in CANDIDATES["qdrop-plus"].stages] == list(ALGORITHMS["qdrop"].stages)
-    # qdrop-plus-split is qdrop-plus with the step sizes' rates scaled for 2,000 iterations, nothing else
-    assert [replace(s, act_lr_iters=None) for s in CANDIDATES["qdrop-plus-split"].stages] == list(
-        CANDIDATES["qdrop-plus"].stages)
-    assert [s.act_lr_iters for s in CANDIDATES["qdrop-plus-split"].stages] == [2000]
     # qdrop-plus-fastround is qdrop with the rounding's rate x 16 and the step sizes' meant for 2,000 iterations
     assert [replace(s, w_lr=1e-3, act_lr_iters=None) for s in CANDIDATES["qdrop-plus-fastround"].stages] == list(
         ALGORITHMS["qdrop"].stages)

@@ -24,10 +24,6 @@ qdrop-plus
           0, 1), qdrop-plus 78.25 / 77.96 / 78.38. See docs/algorithms/qdrop-plus.md.
           At 2,000 it/unit (seed 0) it wins only at W2A2 (69.50 vs 66.74) and loses elsewhere (W2A4 77.37,
           W3A3 77.31, W4A4 79.90 vs qdrop 77.92 / 78.66 / 80.13): hence a candidate.
-qdrop-plus-split
-          qdrop-plus with Stage.act_lr_iters=2000: below 2,000 it/unit the step sizes' rate is scaled
-          by 2000/iters, the rounding's still by 8000/iters (x 16 / x 4 at 500, x 4 / x 1 at 2,000).
-          At 2,000 it/unit the step sizes' faster rate is what cost qdrop-plus outside W2A2.
 qdrop-plus-fastround
           qdrop with the rounding's rate x 16 at every budget (w_lr 1.6e-2) and the step sizes' rate meant
           for 2,000 it/unit (Stage.act_lr_iters=2000: x 4 at 500, the paper's from 2,000 on). At the
@@ -151,15 +147,6 @@ CANDIDATES = {
         "qdrop-plus",
         "block",
         (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5, lr_iters=8000),),
-    ),
-    # qdrop-plus with the two rates' budgets split: the rounding's rate meant for 8,000 it/unit, the step sizes'
-    # for 2,000 (x 16 / x 4 at 500 it/unit, x 4 / x 1 at 2,000). Stop 40, ResNet-20, AMD EPYC, 3 seeds: W2A4 at
-    # 500 it/unit 79.05 (qdrop-plus 78.12); at 2,000 it/unit it is qdrop-wlr4x (docs/algorithms/qdrop-plus.md)
-    "qdrop-plus-split": Algorithm(
-        "qdrop-plus-split",
-        "block",
-        (Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=0.5, lr_iters=8000,
-               act_lr_iters=2000),),
     ),
     # qdrop with the rounding fast at every budget and the step sizes' rate scaled below 2,000 it/unit
     # (x 16 / x 4 at 500 it/unit, x 16 / x 1 from 2,000). Stops 40-41, ResNet-20, AMD EPYC: see
