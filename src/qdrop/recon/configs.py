@@ -28,7 +28,8 @@ qdrop-plus-fastround
           qdrop with the rounding's rate x 16 at every budget (w_lr 1.6e-2) and the step sizes' rate meant
           for 2,000 it/unit (Stage.act_lr_iters=2000: x 4 at 500, the paper's from 2,000 on). At the
           paper's rounding rate ~38 % of the rounding variables are still soft after 2,000 it/unit; at
-          x 16 none are, and 2-bit weights gain most (docs/algorithms/qdrop-plus.md).
+          x 16 at most 0.3 % are, and 2-bit weights gain most (docs/algorithms/qdrop-plus.md). Beats qdrop
+          at every bit-width but W4A4 (-0.10 on ResNet-20, 3 seeds; -0.13 on ResNet-32): hence a candidate.
 qdrop-fisher, qdrop-pd, qdrop-dc, qdrop-net, qdrop-mrecg, qdrop-pdquant, qdrop-ws
           qdrop plus one published improvement each (issue #13's ablation, docs/algorithms/beyond.md):
           BRECQ's Fisher-weighted output error (Stage.loss="fisher"); PD-Quant's prediction-difference
