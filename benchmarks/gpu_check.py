@@ -108,6 +108,9 @@ def graph_vs_eager(iters: int = 300) -> dict:
         out[name] = dict(error=err(qm), seconds=round(time.perf_counter() - t, 2),
                          loops=sorted({r.get("loop", "eager") for r in rep["unit_reports"]}))
         states[name] = {k: v.detach().cpu() for k, v in qm.state_dict().items()}
+    # the graph runs must have taken the graph path: on the first real GPU (stop 43) every unit fell back to
+    # the eager loop unnoticed, and the two fields above compared eager with eager
+    out["graph_ran"] = all(out[n]["loops"] == ["cuda-graph"] for n in ("graph", "graph_again"))
     out["graph_repeats_exactly"] = all(torch.equal(states["graph"][k], states["graph_again"][k]) for k in states["graph"])
     return out
 

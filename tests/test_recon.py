@@ -411,6 +411,23 @@ def test_cuda_graph_is_refused_without_a_gpu():
         reconstruct(qmodel, None, x, iters=5, batch_size=16, progress=False, device="cpu", cuda_graph=True)
 
 
+def test_cached_tensors_on_the_current_gpu_count_as_on_the_device():
+    """--device cuda names no index while tensors on it say cuda:0: the CUDA-graph check must not call
+    them foreign (on the first real GPU, an H200 in stop 43, it did, and every unit fell back to eager)."""
+    from types import SimpleNamespace
+
+    from qdrop.recon import engine
+
+    def unit(where):
+        t = SimpleNamespace(device=torch.device(where))
+        return [t], [t], [t], [((), {})], [None]
+
+    assert engine._why_not_graphable(*unit("cuda:0"), torch.device("cuda"), 1) is None
+    assert engine._why_not_graphable(*unit("cuda:0"), torch.device("cuda:0"), 1) is None
+    assert "not on the GPU" in engine._why_not_graphable(*unit("cpu"), torch.device("cuda"), 1)
+    assert "not on the GPU" in engine._why_not_graphable(*unit("cuda:1"), torch.device("cuda:0"), 1)
+
+
 class _FakeCuda:
     """Just enough of torch.cuda for _CudaGraphStep: capture records the step instead of running it."""
 

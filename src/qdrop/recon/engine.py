@@ -999,9 +999,16 @@ def _why_not_graphable(x_q, x_fp, y_fp, extras, masks, device, world, aux=None) 
         return "data-parallel: the all-reduce runs between iterations"
     if len(x_q) > 1 or extras[0] != ((), {}) or masks[0] is not None:
         return "groups of transformer batches are chosen on the host"
-    if any(t.device != device for t in (*x_q, *x_fp, *y_fp, *(aux or []))):
+    if not all(_on(t.device, device) for t in (*x_q, *x_fp, *y_fp, *(aux or []))):
         return "the cached inputs are not on the GPU (--max-cache-mb)"
     return None
+
+
+def _on(where: torch.device, device: torch.device) -> bool:
+    """Whether a tensor on `where` is on `device`. A device named without an index ("cuda", what --device
+    gives) means the current one, while tensors always carry theirs ("cuda:0"), so `!=` would call every
+    cached tensor foreign: that sent the first real-GPU run of --cuda-graph down the eager loop."""
+    return where.type == device.type and (device.index is None or where.index == device.index)
 
 
 class _CudaGraphStep:
