@@ -95,6 +95,25 @@ def test_quantize_naive_writes_metrics_and_checkpoint(tmp_path):
 
 
 @needs_cifar
+def test_quantize_runs_a_candidate_algorithm_as_the_api_does(tmp_path):
+    """--algo takes the candidates (qdrop-plus-fastround, ...) and runs exactly what QuantizeJob(algo=...) runs."""
+    import torch
+
+    from qdrop import QuantizeJob, run_quantize
+
+    small = dict(calib=64, iters=20, eval_limit=200, batch_size=16, seed=0)
+    assert main(["quantize", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--bits", "w4a4",
+                 "--algo", "qdrop-plus-fastround", *[a for k, v in small.items() for a in (f"--{k.replace('_', '-')}", str(v))],
+                 "--threads", "1", "--out", str(tmp_path / "cli")]) == 0
+    job = QuantizeJob("cifar10_resnet20", "w4a4", "qdrop-plus-fastround", data=str(CIFAR), **small)
+    api = run_quantize(job, progress=False, out=tmp_path / "api")
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert cli["algo"] == "qdrop-plus-fastround" and cli["quant"] == api["quant"]
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in ("cli", "api"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_cifar
 def test_end_to_end_accuracy_resnet20_w4a4_qdrop(tmp_path):
     """The real check on shared data: naive W4A4 loses points, a short QDrop run recovers most of them."""
     from qdrop import QuantizeJob, run_quantize

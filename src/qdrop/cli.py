@@ -18,7 +18,7 @@ import torch
 from . import distributed as qdist
 from .api import is_transformer_spec
 from .errors import QdropError, UsageError
-from .recon.configs import ALGORITHMS, UNIT_LOSSES, VISION_ALGOS
+from .recon.configs import ALGORITHMS, CANDIDATES, RESEARCH_ALGOS, UNIT_LOSSES
 
 
 def _bits(text: str) -> str:
@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sensitivity", choices=("output", "hessian"), default=None,
                    help="mixed precision: per-layer sensitivity measure (default output: error at the unit's output; "
                    "hessian: HAWQ-v2 trace x perturbation)")
-    q.add_argument("--algo", choices=VISION_ALGOS + tuple(a for a in NLP_ALGOS if a not in VISION_ALGOS), default="naive",
-                   help="vision: naive|adaround|brecq|qdrop; transformers (--model hf:...): naive|os|smoothquant|osplus, "
-                   "or adaround|brecq|qdrop (block reconstruction, after --init)")
+    q.add_argument("--algo", choices=RESEARCH_ALGOS + tuple(a for a in NLP_ALGOS if a not in RESEARCH_ALGOS), default="naive",
+                   help="vision: naive|adaround|brecq|qdrop, or a candidate measured in docs/algorithms/ but not yet "
+                   f"shown better at every bit-width ({'|'.join(CANDIDATES)}); transformers (--model hf:...): "
+                   "naive|os|smoothquant|osplus, or adaround|brecq|qdrop (block reconstruction, after --init)")
     q.add_argument("--init", choices=INITS, default=None,
                    help="transformers with adaround|brecq|qdrop: what runs before reconstruction (naive: observers only; "
                    "smoothquant|osplus|os: that equivalent transform and its calibration; default naive)")
@@ -258,7 +259,7 @@ def cmd_quantize(args) -> int:
         raise UsageError(f"--out {out} exists and is not a directory")
     if is_transformer_spec(args.model) or args.task:
         return _quantize_transformer(args, out)
-    if args.algo not in VISION_ALGOS:
+    if args.algo not in RESEARCH_ALGOS:
         raise UsageError(f"--algo {args.algo} is for transformers: give --model hf:PATH_OR_NAME --task sts|lm")
     _refuse(args, _TRANSFORMER_ONLY, "to vision models (they are transformer options); drop them")
     job = QuantizeJob(args.model, args.bits, args.algo, args.backend, data=args.data, calib=args.calib or 1024,

@@ -138,11 +138,11 @@ ALGORITHMS = {
     "qdrop": Algorithm("qdrop", "block", (_QDROP,)),
 }
 # Every algorithm name a vision model takes: observers only, then the reconstruction algorithms.
-# (Transformers take qdrop.nlp.NLP_ALGOS.) The one list the CLI, the pipeline and the benchmarks read.
+# (Transformers take qdrop.nlp.NLP_ALGOS.) RESEARCH_ALGOS below adds the candidates.
 VISION_ALGOS = ("naive", *ALGORITHMS)
 # Candidates: configurations measured better in some settings but not yet at every bit-width and at the
-# full budget (issue #13's bar: ResNet-20, 3 seeds, 2,000 it/unit, and ResNet-32). Reachable by name
-# through get_algorithm / benchmarks/convergence.py, not offered by the CLI or the sweeps until they pass.
+# full budget (issue #13's bar: ResNet-20, 3 seeds, 2,000 it/unit, and ResNet-32). Reachable
+# by name through the CLI's --algo, get_algorithm, QuantizeJob and the sweeps; `qdrop` stays the default.
 CANDIDATES = {
     "qdrop-plus": Algorithm(
         "qdrop-plus",
@@ -183,8 +183,8 @@ class ReconConfig:
     max_cache_bytes: int | None = None  # cap on the cached unit inputs/outputs
 
 
-# What the API (QuantizeJob) and `qdrop bench` sweeps take besides: the candidates, for their ablations.
-# The CLI's --algo offers VISION_ALGOS only.
+# What the CLI's --algo, the API (QuantizeJob) and `qdrop bench` sweeps take: the candidates too, so that
+# a result in docs/algorithms/ can be rerun with the command a user would type.
 RESEARCH_ALGOS = VISION_ALGOS + tuple(CANDIDATES)
 
 
