@@ -345,6 +345,27 @@ def test_other_config_refused_without_force(tiny, tiny_results, tmp_path, capsys
     run_sweep(tiny_results["path"], progress=False, force=True)
 
 
+def test_runner_only_keys_resume_the_same_sweep(tiny_results, capsys):
+    """--set threads=... (or keep_checkpoint, deploy) is the same sweep: it resumes the folder, where a
+    result-relevant --set is refused; a folder claimed with the older hash (runner-only keys in it) is
+    recognised by its stored config."""
+    path, results = tiny_results["path"], tiny_results["results"]
+    s = run_sweep(path, progress=False, set_values={"threads": 1})
+    assert s["ran"] == 0 and s["config_hash"] == tiny_results["summary"]["config_hash"]
+    with pytest.raises(SweepRefused, match="--force"):
+        run_sweep(path, progress=False, limit=0, set_values={"iters": 3})
+    claim_path = results / "sweep.json"
+    claim = json.loads(claim_path.read_text())
+    try:
+        legacy = dict(claim, config_hash="0123456789abcdef",
+                      config=dict(claim["config"], defaults=dict(claim["config"]["defaults"], threads=2)))
+        claim_path.write_text(json.dumps(legacy))
+        assert run_sweep(path, progress=False)["ran"] == 0
+        assert json.loads(claim_path.read_text())["config_hash"] == "0123456789abcdef"  # not rewritten
+    finally:
+        claim_path.write_text(json.dumps(claim))
+
+
 def test_random_weight_torchvision_imagefolder_end_to_end(tiny, tmp_path):
     """The imagenet_paper.yaml kind of run (torchvision model, ImageFolder train/val, per-family lambda),
     on random weights, a generated image folder and 2 iterations."""

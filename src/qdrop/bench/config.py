@@ -117,8 +117,25 @@ class Sweep:
 
 
 def config_hash(config: dict) -> str:
+    """What a results folder is claimed by. Runner-only keys (NOT_IN_ID: threads, keep_checkpoint, deploy)
+    are left out, as they are of run ids: resuming a sweep with `--set threads=2` is the same sweep."""
     body = {k: v for k, v in config.items() if k in ("name", "defaults", "grid", "overrides", "exclude")}
+    for key in ("defaults", "grid"):
+        if isinstance(body.get(key), dict):
+            body[key] = {k: v for k, v in body[key].items() if k not in NOT_IN_ID}
+    if isinstance(body.get("overrides"), list):
+        body["overrides"] = [dict(o, set={k: v for k, v in o["set"].items() if k not in NOT_IN_ID})
+                             if isinstance(o, dict) and isinstance(o.get("set"), dict) else o for o in body["overrides"]]
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def same_sweep(claim: dict, sweep_hash: str) -> bool:
+    """Whether a results folder's sweep.json (`claim`) was written by the sweep whose hash is `sweep_hash`.
+    Folders claimed before runner-only keys left the hash hold the older hash: their stored config is
+    hashed again."""
+    if claim.get("config_hash") == sweep_hash:
+        return True
+    return isinstance(claim.get("config"), dict) and config_hash(claim["config"]) == sweep_hash
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -29,7 +29,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, Run, Sweep, check_paths, filter_runs, is_nlp, job_of, load_sweep, parse_assignments
+from .config import (ConfigError, Run, Sweep, check_paths, filter_runs, is_nlp, job_of, load_sweep, parse_assignments,
+                     same_sweep)
 from ..errors import QdropError
 from ..io import PeakMemory, append_line, atomic_write_json, environment, git_info, package_versions
 
@@ -105,7 +106,7 @@ def _claim(results_dir: Path, sweep: Sweep, force: bool) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
             old = {}
-        if old.get("config_hash") == sweep.config_hash:
+        if same_sweep(old, sweep.config_hash):
             return
         if not force:
             raise SweepRefused(
@@ -500,7 +501,7 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
         if sweep_json.exists():
             with contextlib.suppress(Exception):
                 old = json.loads(sweep_json.read_text())
-                if old.get("config_hash") != sweep.config_hash:
+                if not same_sweep(old, sweep.config_hash):
                     foreign = f"  (note: {results_dir} holds another config's results; a real run needs --force)"
         n_done = sum(1 for s in status.values() if s.startswith("done"))
         deploys = f", {len(to_deploy)} of them only to deploy" if to_deploy else ""
@@ -586,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="run at most this many pending runs")
     p.add_argument("--force", action="store_true", help="write into a results folder made by another config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a default (or a grid key) of the config, e.g. --set iters=500 (changes the config hash)")
+                   help="override a default (or a grid key) of the config, e.g. --set iters=500 (changes the config hash, "
+                   "so the results go to another folder; the runner-only threads, keep_checkpoint and deploy do not)")
     p.add_argument("--verbose", "-v", action="store_true", help="show each run's own progress bars")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over the runs")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
