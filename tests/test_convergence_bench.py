@@ -39,3 +39,30 @@ def test_data_keys_of_a_variant_do_not_reach_the_stages():
     assert [s for s in algo.stages] == [s for s in conv.build_algorithm("qdrop").stages]
     p1 = conv.build_algorithm("qdrop-p1").stages[0]
     assert (p1.drop_prob, p1.input_mix, p1.learn_acts) == (1.0, 1.0, True)
+
+
+def test_compact_cifar_copy_gives_the_same_calibration_and_test_tensors(tmp_path):
+    """benchmarks/compact_cifar.py (the CIFAR folder small enough for a lent GPU machine) must load, for its
+    seed and calibration size, the very tensors the full folder gives, and nothing like them for another seed."""
+    import pytest
+
+    from qdrop.data import load_split
+
+    cifar = ROOT.parent / "shared" / "data" / "cifar10"
+    if not (cifar / "train_subset.npz").exists():
+        pytest.skip("needs ../shared/data/cifar10")
+    spec = importlib.util.spec_from_file_location("compact_cifar", ROOT / "benchmarks" / "compact_cifar.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    small = tmp_path / "cifar10"
+    mod.compact(cifar, small, calib=256, seed=3)
+    assert (small / "train_subset.npz").stat().st_size < (cifar / "train_subset.npz").stat().st_size / 20
+    full_c = load_split("cifar10", "calib", data=cifar, limit=256, seed=3)
+    small_c = load_split("cifar10", "calib", data=small, limit=256, seed=3)
+    assert torch.equal(full_c.x, small_c.x) and torch.equal(full_c.y, small_c.y)
+    other = load_split("cifar10", "calib", data=cifar, limit=256, seed=4)
+    assert not torch.equal(other.x, small_c.x)
+    full_t = load_split("cifar10", "test", data=cifar, limit=500)
+    small_t = load_split("cifar10", "test", data=small, limit=500)
+    assert torch.equal(full_t.x, small_t.x) and torch.equal(full_t.y, small_t.y)
+    assert sorted(p.name for p in small.glob("*.th")) == sorted(p.name for p in cifar.glob("*.th"))
