@@ -101,7 +101,7 @@ def test_quantize_runs_a_candidate_algorithm_as_the_api_does(tmp_path):
 
     from qdrop import QuantizeJob, run_quantize
 
-    small = dict(calib=64, iters=20, eval_limit=200, batch_size=16, seed=0)
+    small = dict(calib=32, iters=4, eval_limit=64, batch_size=16, seed=0)
     assert main(["quantize", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--bits", "w4a4",
                  "--algo", "qdrop-plus-fastround", *[a for k, v in small.items() for a in (f"--{k.replace('_', '-')}", str(v))],
                  "--threads", "1", "--out", str(tmp_path / "cli")]) == 0
