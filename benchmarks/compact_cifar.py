@@ -19,19 +19,18 @@ import numpy as np
 
 from qdrop.data import _select  # the draw load_split makes, so the two cannot drift apart
 from qdrop.data.cifar10 import load_cifar10
-from qdrop.io import atomic_write_json
+from qdrop.io import atomic_write, atomic_write_json
 
 
 def compact(src: Path, dst: Path, calib: int, seed: int) -> dict:
     x, y = load_cifar10(src, "train")
     keep, note = _select(len(x), "calib", calib, seed, what=str(src))
     dst.mkdir(parents=True, exist_ok=True)
-    tmp = dst / "train_subset.tmp.npz"
-    np.savez_compressed(tmp, x=x[keep], y=y[keep])
-    tmp.replace(dst / "train_subset.npz")
+    atomic_write(dst / "train_subset.npz", lambda f: np.savez_compressed(f, x=x[keep], y=y[keep]), binary=True)
     copied = [p.name for p in sorted(src.glob("*.th")) + [src / "test.npz"] if p.is_file()]
     for name in copied:
-        shutil.copyfile(src / name, dst / name)
+        with open(src / name, "rb") as f_in:
+            atomic_write(dst / name, lambda f: shutil.copyfileobj(f_in, f), binary=True)
     info = dict(source=str(src), calib=calib, seed=seed, drawn=note, copied=copied,
                 note=f"only --calib {calib} --seed {seed} runs see the same calibration images as with the full folder")
     atomic_write_json(dst / "COMPACT.json", info, indent=1)
