@@ -57,6 +57,9 @@ VARIANTS = {
     # the same with the step sizes' rate x 4: rates meant for 8,000 (rounding) and 2,000 (step sizes) it/unit, at 500
     # (qdrop-plus-fastround's 500-it/unit setting; W2A4 3 seeds 79.05 against wlr16x 77.89 and qdrop-plus 78.12)
     "qdrop-wlr16x-alr4x": ("qdrop", dict(w_lr=1.6e-2, act_lr=1.6e-4)),
+    # stop 44/45: W3A3's loss is the 3-bit activations (W8A3 77.50, W3A8 80.92), and alr4x cost there; the
+    # step sizes' rate at a quarter of qdrop's, beside fastround's weight rate
+    "qdrop-wlr16x-alr0.25x": ("qdrop", dict(w_lr=1.6e-2, act_lr=1e-5)),
     "qdrop-alr4x": ("qdrop", dict(act_lr=1.6e-4)),  # the activation step sizes' rate alone x 4
     # rounding-loss schedule: shorter warm-up, gentler beta start
     "qdrop-lr2000-warm5": ("qdrop", dict(lr_iters=2000, warmup=0.05)),
