@@ -120,7 +120,8 @@ def test_end_to_end_accuracy_resnet20_w4a4_qdrop(tmp_path):
 
     job = QuantizeJob("cifar10_resnet20", "w4a4", "naive", data=str(CIFAR), calib=1024, eval_limit=2000)
     naive = run_quantize(job, progress=False)
-    q = run_quantize(dataclasses.replace(job, algo="qdrop", iters=150), progress=False, fp_top1=naive["fp"],
+    # 100 it/unit: 79.90 against naive 78.15 and FP 80.85 (150 gave 80.10; EPYC, stop 45)
+    q = run_quantize(dataclasses.replace(job, algo="qdrop", iters=100), progress=False, fp_top1=naive["fp"],
                      out=tmp_path / "q")
     assert 79.0 < naive["fp"] < 83.0  # ~81.0 on the JPEG test set
     assert naive["quant"] < naive["fp"] - 1.5

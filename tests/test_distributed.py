@@ -159,6 +159,7 @@ def test_min_max_is_reduced_and_differing_ranges_are_unified(two_ranks):
     assert not any("differ across ranks" in w for w in r1["warnings"])
 
 
+@pytest.mark.slow  # the API twin of test_torchrun_quantize_crash_and_rerun_match_uninterrupted (CI's fast subset)
 def test_resumed_after_a_crash_equals_uninterrupted(tmp_path):
     (tmp_path / "ref").mkdir()
     (tmp_path / "run").mkdir()

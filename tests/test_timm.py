@@ -40,10 +40,11 @@ def test_vit_prepares_exactly_and_has_one_unit_per_block(name):
     assert [r["unit"] for r in rep["unit_reports"]] == units
 
 
-# two in the fast subset, the rest of the families the issue tried with `make test-all` (about a minute each here)
-FAMILIES = [("resnet18", 64), ("mobilenetv3_small_100", 64)] + [
+# one in the fast subset (depthwise convolutions, hard-swish, squeeze-excite: the family least like the CIFAR
+# ResNets CI runs end to end), the rest of the families the issue tried with `make test-all` (up to a minute each here)
+FAMILIES = [("mobilenetv3_small_100", 64)] + [
     pytest.param(name, size, marks=pytest.mark.slow)
-    for name, size in [("efficientnet_b0", 64), ("regnetx_002", 64), ("convnext_atto", 64), ("repvgg_a0", 64),
+    for name, size in [("resnet18", 64), ("efficientnet_b0", 64), ("regnetx_002", 64), ("convnext_atto", 64), ("repvgg_a0", 64),
                        ("ghostnet_100", 64), ("swin_tiny_patch4_window7_224", 224)]]
 
 
