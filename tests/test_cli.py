@@ -102,11 +102,17 @@ def test_quantize_runs_a_candidate_algorithm_as_the_api_does(tmp_path):
     from qdrop import QuantizeJob, run_quantize
 
     small = dict(calib=32, iters=4, eval_limit=64, batch_size=16, seed=0)
+    threads = torch.get_num_threads()
     assert main(["quantize", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--bits", "w4a4",
                  "--algo", "qdrop-plus-fastround", *[a for k, v in small.items() for a in (f"--{k.replace('_', '-')}", str(v))],
                  "--threads", "1", "--out", str(tmp_path / "cli")]) == 0
+    assert torch.get_num_threads() == threads  # --threads held for the command only: main() restores it
     job = QuantizeJob("cifar10_resnet20", "w4a4", "qdrop-plus-fastround", data=str(CIFAR), **small)
-    api = run_quantize(job, progress=False, out=tmp_path / "api")
+    torch.set_num_threads(1)  # the command's thread count, so that the two runs add up in the same order
+    try:
+        api = run_quantize(job, progress=False, out=tmp_path / "api")
+    finally:
+        torch.set_num_threads(threads)
     cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert cli["algo"] == "qdrop-plus-fastround" and cli["quant"] == api["quant"]
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in ("cli", "api"))

@@ -237,6 +237,7 @@ def _main(argv) -> int:
 
         with contextlib.redirect_stderr(io.StringIO()):
             args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
@@ -249,6 +250,8 @@ def _main(argv) -> int:
         if qdist.is_main():
             print(f"qdrop: error: {e}", file=sys.stderr)
         return 2
+    finally:  # main() called in-process (a notebook, a test) leaves torch's thread count as it found it
+        torch.set_num_threads(threads)
 
 
 def cmd_quantize(args) -> int:
