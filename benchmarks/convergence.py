@@ -81,6 +81,9 @@ VARIANTS = {
     # W2A2 seed 0 scores qdrop-plus's own number
     "qdrop-plus-dc100": ("qdrop-plus", dict(dc_iters=100)),
     "qdrop-plus-net-wlr10x": ("qdrop-plus-net", dict(network=dict(w_lr=1e-2))),
+    # stop 46: W3A3 loses its points in the 3-bit activations (W8A3 77.50, W3A8 80.92), and the network stage mostly
+    # refines the activation step sizes against the FP predictions; never run at W3A3: fastround, then that stage
+    "qdrop-plus-fastround-net": ("qdrop-plus-fastround-net", {}),
     # more views of the same 1,024 calibration images (the key "views" is data, not a Stage option): each image
     # once as is and views - 1 times randomly cropped (pad 4, black) and flipped, as the CIFAR ResNets were
     # trained; 2,000 iterations of batch 32 see every image ~62 times, and the learned-bias runs overfit it
@@ -110,9 +113,9 @@ def build_algorithm(variant: str):
     overrides = dict(overrides)
     network = overrides.pop("network", {})
     overrides.pop("views", None)
-    if base == "qdrop-plus-net":  # qdrop-plus's block-wise stage, then qdrop-net's network-wise one
+    if base in ("qdrop-plus-net", "qdrop-plus-fastround-net"):  # that block-wise stage, then qdrop-net's network-wise one
         base_algo = CANDIDATES["qdrop-net"]
-        algo = replace(base_algo, stages=(CANDIDATES["qdrop-plus"].stages[0], *base_algo.stages[1:]))
+        algo = replace(base_algo, stages=(CANDIDATES[base[:-4]].stages[0], *base_algo.stages[1:]))
     else:
         algo = {**ALGORITHMS, **CANDIDATES}[base]
     return replace(algo, name=variant, stages=tuple(
