@@ -1,12 +1,11 @@
 """Fixtures shared by several test files."""
 import pytest
-import torch
+
+from qdrop.io import torch_threads
 
 
 @pytest.fixture
 def two_threads():
     """torch on 2 threads for the test (the machines here have 2 cores), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield

@@ -18,6 +18,7 @@ import yaml
 
 from qdrop.bench import ConfigError, SweepRefused, bench_main, read_results, render_report, run_sweep
 from qdrop.bench.config import build_sweep, load_sweep
+from qdrop.io import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -54,10 +55,8 @@ def make():
 def _env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("QDROP_OFFLINE", "1")
     monkeypatch.setenv("QDROP_CACHE", str(tmp_path_factory.mktemp("cache")))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def make_imagefolder(root: Path, classes=3, per_class=8, size=40, seed=0) -> Path:

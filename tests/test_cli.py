@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from qdrop.cli import main
+from qdrop.io import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -31,7 +32,14 @@ def test_bad_bits(bits, tmp_path, capsys):
 
 
 def test_unknown_model_and_preset(tmp_path, capsys):
-    assert main(["quantize", "--model", "nonsense", "--bits", "w4a4", "--out", str(tmp_path / "o")]) == 2
+    import torch
+
+    threads = torch.get_num_threads()
+    with torch_threads(threads + 1):  # a count no test leaves by accident
+        assert main(["quantize", "--model", "nonsense", "--bits", "w4a4", "--threads", str(threads + 2),
+                     "--out", str(tmp_path / "o")]) == 2
+        assert torch.get_num_threads() == threads + 1  # a refused command restores the caller's count too
+    assert torch.get_num_threads() == threads
     err = capsys.readouterr().err
     assert "unknown model 'nonsense'" in err and err.count("\n") == 1
     assert not (tmp_path / "o" / "metrics.json").exists()
@@ -108,11 +116,8 @@ def test_quantize_runs_a_candidate_algorithm_as_the_api_does(tmp_path):
                  "--threads", "1", "--out", str(tmp_path / "cli")]) == 0
     assert torch.get_num_threads() == threads  # --threads held for the command only: main() restores it
     job = QuantizeJob("cifar10_resnet20", "w4a4", "qdrop-plus-fastround", data=str(CIFAR), **small)
-    torch.set_num_threads(1)  # the command's thread count, so that the two runs add up in the same order
-    try:
+    with torch_threads(1):  # the command's thread count, so that the two runs add up in the same order
         api = run_quantize(job, progress=False, out=tmp_path / "api")
-    finally:
-        torch.set_num_threads(threads)
     cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert cli["algo"] == "qdrop-plus-fastround" and cli["quant"] == api["quant"]
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in ("cli", "api"))

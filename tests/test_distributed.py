@@ -26,6 +26,7 @@ import qdrop
 from qdrop import distributed as qdist
 from qdrop.errors import UsageError
 from qdrop.graph import quantizers
+from qdrop.io import torch_threads
 from test_bench import TINY_MODEL  # noqa: E402
 from test_recon import small_setup  # noqa: E402 (the same small CNN)
 
@@ -107,12 +108,8 @@ def two_ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return run_recon()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_ranks_end_with_identical_parameters_and_ranges(two_ranks):

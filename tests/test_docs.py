@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from qdrop.io import torch_threads
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.S | re.M)
@@ -47,17 +48,13 @@ def test_doc_examples_run(page, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QDROP_OFFLINE", "1")
     monkeypatch.setenv("QDROP_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     namespace = {"__name__": f"docs_{page.stem}"}
     t0 = time.perf_counter()
-    try:
+    with torch_threads(1):
         for line, code in python_blocks(page):
             try:
                 exec(compile(code, f"{page.relative_to(DOCS)}:{line}", "exec"), namespace)
             except Exception as err:
                 raise AssertionError(f"{page.name}, block at line {line} failed: {type(err).__name__}: {err}") from err
-    finally:
-        torch.set_num_threads(threads)
     elapsed = time.perf_counter() - t0
     assert elapsed < 60 or "<!-- docs-test: slow -->" in page.read_text(), f"{page.name} took {elapsed:.0f} s: mark it slow"

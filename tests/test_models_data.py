@@ -13,6 +13,7 @@ import torch.fx
 
 from qdrop.data import DataError, Split, data_root, load_cifar10, load_fashion_mnist, load_split
 from qdrop.data.fashion_mnist import SYSTEM_DIR
+from qdrop.io import torch_threads
 from qdrop.models import ModelError, ModelInfo, SmallResNet, cifar_resnet, load_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -27,10 +28,8 @@ def isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("QDROP_OFFLINE", "1")
     monkeypatch.setenv("QDROP_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("QDROP_DATA", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def top1(model: torch.nn.Module, split: Split, batch: int = 500) -> float:

@@ -44,6 +44,7 @@ from qdrop.nlp import (  # noqa: E402
     token_mask,
     token_wise_clipping,
 )
+from qdrop.io import torch_threads  # noqa: E402
 from qdrop.nlp_pipeline import run_nlp_quantize  # noqa: E402
 from qdrop.nlp.gptq import gptq_transformer  # noqa: E402
 from qdrop.quant.gptq import gptq_codes  # noqa: E402
@@ -65,10 +66,8 @@ needs_smollm = pytest.mark.skipif(not (has_smollm and WIKI.is_file()), reason="n
 def _env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("QDROP_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 def _spread_norms(model, seed=0):

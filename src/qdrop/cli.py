@@ -18,6 +18,7 @@ import torch
 from . import distributed as qdist
 from .api import is_transformer_spec
 from .errors import QdropError, UsageError
+from .io import torch_threads
 from .recon.configs import ALGORITHMS, CANDIDATES, RESEARCH_ALGOS, UNIT_LOSSES
 
 
@@ -237,11 +238,9 @@ def _main(argv) -> int:
 
         with contextlib.redirect_stderr(io.StringIO()):
             args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     try:
-        return COMMANDS[args.command](args)
+        with torch_threads(getattr(args, "threads", None)):  # main() called in-process leaves torch's count as it was
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         if qdist.is_main():
             print("qdrop: interrupted", file=sys.stderr)
@@ -250,8 +249,6 @@ def _main(argv) -> int:
         if qdist.is_main():
             print(f"qdrop: error: {e}", file=sys.stderr)
         return 2
-    finally:  # main() called in-process (a notebook, a test) leaves torch's thread count as it found it
-        torch.set_num_threads(threads)
 
 
 def cmd_quantize(args) -> int:

@@ -2,7 +2,7 @@
 to disk, then renamed over it, so a reader (or a rerun after a kill) sees the old file or the new
 one, never half of one. A failed write (full disk, file-size limit) removes its temporary file and
 raises WriteError naming the path. Also: durable JSONL appends, and what a result records about
-where it came from (environment, git state, package versions, peak memory).
+where it came from (environment, git state, package versions, peak memory), and the thread count a run holds.
 """
 from __future__ import annotations
 
@@ -133,6 +133,21 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             os.fsync(f.fileno())
     except OSError as err:
         raise _write_error(path, err) from err
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to n inside the block and restored after it (n None or 0: unchanged).
+    A command run in-process (a test, a notebook) must not leave the caller on its thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def environment() -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 from .config import (ConfigError, Run, Sweep, check_paths, filter_runs, is_nlp, job_of, load_sweep, parse_assignments,
                      same_sweep)
 from ..errors import QdropError
-from ..io import PeakMemory, append_line, atomic_write_json, environment, git_info, package_versions
+from ..io import PeakMemory, append_line, atomic_write_json, environment, git_info, package_versions, torch_threads
 
 SCHEMA = 1
 RESULTS = "results.jsonl"
@@ -137,21 +137,6 @@ def _lock(results_dir: Path):
 
 
 # ---- one run ------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    if not n:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def _fp_key(c: dict) -> str:
     """What the FP score depends on: runs with the same key share one FP evaluation."""
@@ -276,7 +261,7 @@ def deploy_run(c: dict, run_dir: Path) -> dict:
     out = dict(runtime=c["deploy"])
     t = time.perf_counter()
     try:
-        with _threads(c.get("threads")):
+        with torch_threads(c.get("threads")):
             out.update(_deploy_onnxruntime(c, run_dir))
     except KeyboardInterrupt:
         raise
@@ -332,7 +317,7 @@ def execute_run(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | N
                   out_dir=str(Path("runs") / run.run_id), started=_now(), git=git_info(), versions=package_versions())
     t0 = time.perf_counter()
     metrics = None
-    with PeakMemory() as mem, _threads(c.get("threads")):
+    with PeakMemory() as mem, torch_threads(c.get("threads")):
         try:
             done = run_dir / "metrics.json"
             if done.exists():
