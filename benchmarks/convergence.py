@@ -84,6 +84,9 @@ VARIANTS = {
     # stop 46: W3A3 loses its points in the 3-bit activations (W8A3 77.50, W3A8 80.92), and the network stage mostly
     # refines the activation step sizes against the FP predictions; never run at W3A3: fastround, then that stage
     "qdrop-plus-fastround-net": ("qdrop-plus-fastround-net", {}),
+    # the drop probability, never varied but for p = 1 (nothing dropped): fastround with activations quantized in
+    # 3 of 4 elements, so the units see (and compensate) their inputs' activation error more often
+    "qdrop-wlr16x-p0.75": ("qdrop", dict(w_lr=1.6e-2, drop_prob=0.75)),
     # more views of the same 1,024 calibration images (the key "views" is data, not a Stage option): each image
     # once as is and views - 1 times randomly cropped (pad 4, black) and flipped, as the CIFAR ResNets were
     # trained; 2,000 iterations of batch 32 see every image ~62 times, and the learned-bias runs overfit it
