@@ -118,7 +118,7 @@ def build_algorithm(variant: str):
     overrides.pop("views", None)
     if base in ("qdrop-plus-net", "qdrop-plus-fastround-net"):  # that block-wise stage, then qdrop-net's network-wise one
         base_algo = CANDIDATES["qdrop-net"]
-        algo = replace(base_algo, stages=(CANDIDATES[base[:-4]].stages[0], *base_algo.stages[1:]))
+        algo = replace(base_algo, stages=(CANDIDATES[base.removesuffix("-net")].stages[0], *base_algo.stages[1:]))
     else:
         algo = {**ALGORITHMS, **CANDIDATES}[base]
     return replace(algo, name=variant, stages=tuple(
