@@ -415,6 +415,23 @@ def test_keep_fp_leaves_lm_head_exact_through_osplus_and_rotation(tied):
     assert type(bare.lm_head) is torch.nn.Linear and len(quant_linears(bare)) == 7 * len(model.model.layers)
 
 
+def test_progress_names_every_stage_and_changes_nothing(capsys):
+    """progress=True (the CLI's): OS+'s statistics pass and searches, the weight and activation range
+    searches, the calibration pass and GPTQ each report on stderr (a SmolLM2 W4A8 run was otherwise
+    silent for ~20 min), and the quantized model is the one progress=False gives, bit for bit."""
+    model, calib = tiny_llama(), [llama_batch(s) for s in range(3)]
+    states = {}
+    for progress in (False, True):
+        qm, _ = quantize_transformer(model, calib, "w4a8", "osplus", w_observer="mse", a_observer="mse", down_proj=True,
+                                     rotate="all", w_rounding="gptq", progress=progress)
+        states[progress] = qm.state_dict()
+        err = capsys.readouterr().err
+        stages = ("channel statistics", "OS+ scale search", "weight ranges", "calibration", "activation ranges", "gptq: block")
+        assert [s for s in stages if s in err] == (list(stages) if progress else [])
+    assert states[False].keys() == states[True].keys()
+    assert all(torch.equal(states[False][k], states[True][k]) for k in states[False])
+
+
 @pytest.mark.parametrize("make,batch", [(tiny_llama, llama_batch), (tiny_bert, bert_batch)], ids=["llama", "bert"])
 def test_gptq_codes_fit_the_model_better_than_nearest_and_ignore_padding(make, batch):
     """w_rounding='gptq' (qdrop.nlp.gptq) on a rotated W3A8 model: every quantized Linear (an LM head

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..quant.state import quant_mode
 from ..quant.layers import QuantLayer
@@ -172,7 +173,7 @@ class _Stats:
 
 @torch.no_grad()
 def channel_stats(model: nn.Module, batches, adapter: Adapter, sample_tokens: int = 0, seed: int = 0,
-                  pairs: bool = True, extremes: dict[str, int] | None = None) -> dict[str, _Stats]:
+                  pairs: bool = True, extremes: dict[str, int] | None = None, progress: bool = False) -> dict[str, _Stats]:
     """FP statistics of every group's norm output (key: norm name) and every pair's `next`
     input (key: next name), over the real tokens of `batches`; the keys in `extremes` also keep
     that many most extreme rows (_Stats). Quantizers are switched off for the pass and restored
@@ -199,7 +200,7 @@ def channel_stats(model: nn.Module, batches, adapter: Adapter, sample_tokens: in
     model.eval()
     try:
         with quant_mode(model, weights=False, acts=False):
-            for b in batches:
+            for b in tqdm(batches, disable=not progress, desc="channel statistics", leave=False):
                 with token_mask(b.get("attention_mask")):
                     model(**b)
     finally:
@@ -321,7 +322,7 @@ def _search_scale(x, lo_c, hi_c, weights, ql, grid, rotation=None, range_rows=No
 @torch.no_grad()
 def osplus(model: nn.Module, batches, grid: int = 20, sample_tokens: int = 512, down_proj: bool = False,
            seed: int = 0, rotation: Callable[[int], torch.Tensor] | None = None, rotated: Iterable[str] = (),
-           extremes: int = 64) -> dict:
+           extremes: int = 64, progress: bool = False) -> dict:
     """OS+ (Wei et al., EMNLP 2023) on a prepared (not yet calibrated) model:
     channel shift z = (max + min)/2 at every norm output, folded into the norm's bias and the
     next Linears' biases; then channel scale s = max(max'/t, min'/(-t), 1) with t searched
@@ -333,14 +334,17 @@ def osplus(model: nn.Module, batches, grid: int = 20, sample_tokens: int = 512, 
     `rotated` (their input then is (x/s) R). A group or pair whose Linears are all rotated scores its
     candidates in the rotated basis, its range from the sample and the `extremes` most extreme
     calibration rows (largest norm, largest peak) of its input; scored unrotated, the search
-    overstates what scaling gains once a rotation has spread the outlier channels."""
+    overstates what scaling gains once a rotation has spread the outlier channels.
+    progress: show the statistics pass and the searches (one per group and pair)."""
     ad = find_adapter(model)
     rotated = set(rotated) if rotation is not None else set()
     group_rot = {g.norm: all(n in rotated for n in g.linears) for g in ad.groups}
     pair_rot = {p.next: p.next in rotated for p in (ad.pairs if down_proj else [])}
     keep_rows = {k: extremes for k, r in {**group_rot, **pair_rot}.items() if r}
     stats = channel_stats(model, batches, ad, sample_tokens=sample_tokens, seed=seed, pairs=down_proj,
-                          extremes=keep_rows)
+                          extremes=keep_rows, progress=progress)
+    bar = tqdm(total=len(ad.groups) + (len(ad.pairs) if down_proj else 0), disable=not progress,
+               desc="OS+ scale search", leave=False)
 
     def search(st, z, weights, ql, key):
         rot = rotation(weights[0].shape[1]).float() if key in keep_rows else None
@@ -357,12 +361,15 @@ def osplus(model: nn.Module, batches, grid: int = 20, sample_tokens: int = 512, 
         s, t, err, rot = search(st, z, weights, _quant_linear(model, g.linears[0]), g.norm)
         scale_group(model, g, s)
         report.append(dict(norm=g.norm, t=t, scaled=int((s > 1).sum()), rel_err=err, rotated=rot))
+        bar.update()
     for p in ad.pairs if down_proj else []:
         st = stats[p.next]
         w = _linear(model, p.next).weight.detach().float()
         s, t, err, rot = search(st, 0.0, [w], _quant_linear(model, p.next), p.next)
         scale_pair(model, p, s)
         report.append(dict(norm=p.next, t=t, scaled=int((s > 1).sum()), rel_err=err, rotated=rot))
+        bar.update()
+    bar.close()
     _record(model, dict(name="osplus", grid=grid, sample_tokens=sample_tokens, down_proj=down_proj,
                         rotation_aware=sorted(keep_rows)))
     return dict(groups=report)

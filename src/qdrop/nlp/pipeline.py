@@ -63,12 +63,12 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
         # with the rotation to come, OS+ scores the scales of the rotated Linears in the rotated basis
         rotation = functools.cache(lambda n: rotation_matrix(n, seed)) if rotate else None  # one R per width
         report["osplus"] = osplus(qmodel, calib_batches, down_proj=down_proj, seed=seed, rotation=rotation,
-                                  rotated=rotation_targets(qmodel, rotate) if rotate else ())
+                                  rotated=rotation_targets(qmodel, rotate) if rotate else (), progress=progress)
     elif algo == "os":
         report["gamma_migration"] = gamma_migration(qmodel)
     if rotate:
         report["rotate"] = rotate_inputs(qmodel, rotate, seed=seed)
-    calibrate_transformer(qmodel, calib_batches)
+    calibrate_transformer(qmodel, calib_batches, progress)
     if w_rounding == "gptq":
         report["gptq"] = gptq_transformer(qmodel, calib_batches if gptq_batches is None else gptq_batches,
                                           damp=gptq_damp, progress=progress)

@@ -6,6 +6,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .state import quantizers
 from .layers import QuantLayer
@@ -31,7 +32,8 @@ def check_finite(batch, index: int) -> None:
 
 
 @torch.no_grad()
-def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torch.device | None = None) -> nn.Module:
+def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torch.device | None = None,
+                        progress: bool = False) -> nn.Module:
     """Observe activations on `batches` (tensors, tuples or dicts of model inputs) and freeze
     every quantizer's scale and zero point; weights are observed directly. Any module holding
     qdrop quantizers (qdrop.calibrate in qdrop.api is the public entry).
@@ -44,7 +46,10 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
     percentile observers (every preset's activation default) need the values themselves, so
     data-parallel runs calibrate on the same batches on every rank (qdrop.pipeline does); the
     ranks' ranges are then compared, and if they differ anyway (different batches, or
-    non-deterministic kernels) rank 0's are used everywhere, with a warning."""
+    non-deterministic kernels) rank 0's are used everywhere, with a warning.
+
+    progress: show the pass over the batches and the range searches that follow it (an MSE
+    observer searches when it is frozen, not while it observes)."""
     for _, m in qmodel.named_modules():
         if isinstance(m, QuantLayer) and not m.weight_quant.calibrated:
             m.weight_quant.calibrate_on(m.layer.weight)
@@ -56,7 +61,7 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
         q.set_state("off")
     qmodel.eval()
     seen = 0
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(tqdm(batches, disable=not progress, desc="calibration", leave=False)):
         batch = _as_tuple(batch)
         check_finite(batch, i)
         if device is not None:
@@ -67,7 +72,7 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
         raise DataError("calibration got no batches")
     if qdist.active():
         _reduce_min_max(acts)
-    for name, q in acts:
+    for name, q in tqdm(acts, disable=not progress, desc="activation ranges", leave=False):
         if q.observer is None or q.observer.min is None:
             warnings.warn(f"activation quantizer {name} saw no data during calibration; it stays off")
             q.saw_nothing()
