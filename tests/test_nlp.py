@@ -192,12 +192,10 @@ def test_skip_keeps_layers_fp():
 def test_mse_weight_ranges_use_every_value_of_a_row():
     """With 70,000 rows the sampling observer would keep one value per row; the weight
     search must see whole rows (lm_head of SmolLM2 has 49,152)."""
-    from qdrop.nlp.prepare import calibrate_weights
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 70_000))
     q = prepare_transformer(model, "w8a8")
-    calibrate_weights(q)
+    calibrate_transformer(q, [torch.randn(2, 16)])
     wq = q[0].weight_quant
     w = q[0].layer.weight.detach()
     err = (wq(w) - w).pow(2).mean() / w.pow(2).mean()

@@ -12,7 +12,6 @@ import fnmatch
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..quant.calibration import calibrate_observers
 from ..quant.state import quantizers, set_quant_state
@@ -98,20 +97,11 @@ def prepare_transformer(
 
 
 @torch.no_grad()
-def calibrate_weights(qmodel: nn.Module, progress: bool = False) -> None:
-    """Weight ranges from the current (possibly transformed) weights, each observed whole:
-    an MSE search sees every value of every row (lm_head's 49,152 rows included)."""
-    for _, m in tqdm(quant_linears(qmodel), disable=not progress, desc="weight ranges", leave=False):
-        if not m.weight_quant.calibrated:
-            m.weight_quant.calibrate_on(m.layer.weight)
-
-
-@torch.no_grad()
 def calibrate_transformer(qmodel: nn.Module, batches, progress: bool = False) -> nn.Module:
-    """Calibrate weights (on the current, possibly transformed, weights) and the static
+    """Calibrate weights (on the current, possibly transformed, weights; each observed whole, so an
+    MSE search sees every value of every row, lm_head's 49,152 rows included) and the static
     activation quantizers on `batches` (dicts of model inputs with attention_mask), then
     switch every quantizer on. Padding tokens are excluded by the mask hooks."""
-    calibrate_weights(qmodel, progress)
     calibrate_observers(qmodel, batches, progress=progress)
     for _, q in quantizers(qmodel):
         if q.role == DYNAMIC:
