@@ -776,6 +776,46 @@ def test_gptq_statistics_from_more_segments_and_other_damping(tmp_path):
         run_nlp_quantize(f"hf:{d}", "lm", **args, gptq_damp=0.0)
 
 
+def test_calib_batch_pins_the_calibration_whatever_the_batch_size(tmp_path, capsys, monkeypatch):
+    """calib_batch fixes the calibration batching that batch_size otherwise sets (sts: batch_size; lm: at most 8):
+    pinned, two batch sizes give the same calibrated model; the size is recorded; bad values and vision models
+    are refused."""
+    g = torch.Generator().manual_seed(0)
+    d, words = _tiny_hf_dir(tmp_path, "llama")
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(words[j] for j in torch.randint(0, 100, (600,), generator=g)))
+    args = dict(data=text, bits="w4a8", algo="osplus", a_observer="mse", calib=4, calib_len=32, window=64,
+                max_windows=2, w_rounding="gptq", fp=1.0)
+    import qdrop.quant.observers
+    # a bound that binds on these tiny batches, as 65,536 values do on SmolLM2's (8 x 128 tokens x 576 channels)
+    monkeypatch.setattr(qdrop.quant.observers, "SAMPLE_PER_BATCH", 256)
+    small = run_nlp_quantize(f"hf:{d}", "lm", batch_size=2, **args)
+    pinned = run_nlp_quantize(f"hf:{d}", "lm", batch_size=4, calib_batch=2, **args)
+    large = run_nlp_quantize(f"hf:{d}", "lm", batch_size=4, **args)
+    assert small["calib_batch"] == pinned["calib_batch"] == 2 and large["calib_batch"] == 4
+    assert small["report"]["gptq"]["batches"] == pinned["report"]["gptq"]["batches"] == 2
+    assert large["report"]["gptq"]["batches"] == 1
+    assert pinned["quant"] == small["quant"] != large["quant"]  # OS+ and the MSE observers sample per batch
+    assert run_nlp_quantize(f"hf:{d}", "lm", batch_size=32, **args)["calib_batch"] == 8  # the lm default's cap
+    with pytest.raises(UsageError, match="calib_batch must be a positive integer"):
+        run_nlp_quantize(f"hf:{d}", "lm", calib_batch=0, **args)
+    from qdrop.bench.config import run_id
+    base = dict(model="hf:x", task="lm", bits="w4a8", algo="osplus", seed=0)
+    assert run_id({**base, "calib_batch": None}) == run_id(base) != run_id({**base, "calib_batch": 2})
+    from qdrop.cli import main
+    rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--calib-batch", "8",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--calib-batch does not apply to vision models" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    import qdrop.nlp_pipeline
+    seen = {}
+    monkeypatch.setattr(qdrop.nlp_pipeline, "run_nlp_quantize", lambda model, task, **kw: seen.update(kw) or dict(
+        model=model, bits=kw["bits"], algo=kw["algo"], fp=18.0, quant=19.0, metric="wikitext2_ppl"))
+    assert main(["quantize", "--model", "hf:smollm2", "--task", "lm", "--bits", "w8a8", "--calib-batch", "8",
+                 "--batch-size", "4", "--out", str(tmp_path / "o2")]) == 0
+    assert seen["calib_batch"] == 8 and seen["batch_size"] == 4
+
+
 def test_run_nlp_quantize_with_block_reconstruction(tmp_path, capsys):
     """algo qdrop after init osplus: the transform, then one unit per block; recon.json written, the
     resume state removed once metrics.json is there; a rerun with the same output starts afresh."""

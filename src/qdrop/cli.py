@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-len", type=_positive, default=None,
                    help="lm: tokens per calibration segment (default 128; the evaluation windows are 1024 tokens, and short "
                    "segments calibrate on more attention-sink starts than those windows hold)")
+    q.add_argument("--calib-batch", type=_positive, default=None, metavar="N",
+                   help="transformers: samples per calibration batch (default: --batch-size; lm: at most 8). The MSE "
+                   "observers and OS+ sample per batch, so the batching changes the calibrated model: pin it to compare "
+                   "runs of different --batch-size")
     q.add_argument("--onnx", action="store_true",
                    help="transformers: also export OUT/model.onnx (QDQ) and score it in ONNX Runtime on the same data")
     q.add_argument("--fine-lr", type=float, default=None,
@@ -286,7 +290,7 @@ _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("m
                      ("calib_len", None, "--calib-len"), ("onnx", False, "--onnx"), ("fine_lr", None, "--fine-lr"),
                      ("down_proj", False, "--down-proj"), ("rotate", None, "--rotate"), ("keep_fp", None, "--keep-fp"),
                      ("w_rounding", None, "--w-rounding"), ("gptq_calib", None, "--gptq-calib"),
-                     ("gptq_damp", None, "--gptq-damp"),
+                     ("gptq_damp", None, "--gptq-damp"), ("calib_batch", None, "--calib-batch"),
                      ("init", None, "--init"), ("units", None, "--units"),
                      ("split_blocks", False, "--split-blocks"),
                      ("recon_loss", None, "--recon-loss"))
@@ -324,7 +328,7 @@ def _quantize_transformer(args, out: Path) -> int:
                 f"to --algo {args.algo}: they are for adaround|brecq|qdrop")
     m = run_nlp_quantize(args.model, args.task, data=args.data, bits=args.bits, algo=args.algo, out=out,
                          calib=args.calib or 256, calib_len=args.calib_len or 128, onnx=args.onnx, seed=args.seed,
-                         batch_size=args.batch_size,
+                         batch_size=args.batch_size, calib_batch=args.calib_batch,
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
                          rotate=args.rotate, keep_fp=tuple(args.keep_fp) if args.keep_fp else None,
                          w_rounding=args.w_rounding, gptq_calib=args.gptq_calib, gptq_damp=args.gptq_damp,

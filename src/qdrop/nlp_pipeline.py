@@ -40,7 +40,7 @@ RECON_GROUP = 32  # sentences per length group in reconstruction (see length_sor
 def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo: str = "naive", out=None,
                      calib: int = 256, seed: int = 0, act_granularity: str = "per_tensor", w_observer: str | None = None,
                      a_observer: str = "minmax", window: int = 1024, max_windows: int | None = None,
-                     calib_len: int = 128, batch_size: int = 32, down_proj: bool = False, rotate: str | None = None,
+                     calib_len: int = 128, batch_size: int = 32, calib_batch: int | None = None, down_proj: bool = False, rotate: str | None = None,
                      keep_fp: tuple | None = None, w_rounding: str | None = None, gptq_calib: int | None = None,
                      gptq_damp: float | None = None, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
@@ -67,6 +67,11 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     block (`units` names them when the structure is unusual), or one per part of a block with
     split_blocks (attention, MLP; qdrop.nlp.units; None = False, and kept out of sweep run ids). A step samples `batch_size` sentences
     (sts) or min(batch_size, 8) segments (lm) of the calibration set; padding is not in the error.
+    calib_batch: sentences (sts) or segments (lm) per calibration batch; None = batch_size (sts) or
+    min(batch_size, 8) (lm), what every recorded run used. The MSE observers and OS+ sample a bounded number
+    of values per batch, so the batching changes the calibrated model: pin calib_batch to compare runs of
+    different batch_size from the same start (recorded in metrics.json either way; kept out of sweep run ids
+    when None).
     recon_loss: the unit-output error, "mse" (default, the papers') or "capped" (positions whose FP output
     is above the batch's median size count by their relative error; for the massive activations of
     pre-norm decoders, see qdrop.recon.engine._capped).
@@ -113,6 +118,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if (gptq_calib is not None or gptq_damp is not None) and w_rounding != "gptq":
         raise UsageError("gptq_calib and gptq_damp set GPTQ's statistics: give them with w_rounding='gptq' "
                          "(--w-rounding gptq), or drop them")
+    if calib_batch is not None and (not isinstance(calib_batch, int) or calib_batch < 1):
+        raise UsageError(f"calib_batch must be a positive integer (samples per calibration batch), got {calib_batch!r}")
     if gptq_calib is not None and gptq_calib < 1:
         raise UsageError(f"gptq_calib must be at least 1, got {gptq_calib}")
     if gptq_damp is not None and not gptq_damp > 0:
@@ -150,7 +157,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     gptq_batches = None  # GPTQ's statistics on the calibration batches
     if task == "sts":
         eval_set, calib_sentences, calib_source = sts_splits(data, calib, seed)
-        calib_batches = sentence_calib_batches(tokenizer, calib_sentences, batch_size)
+        calib_batch = batch_size if calib_batch is None else calib_batch
+        calib_batches = sentence_calib_batches(tokenizer, calib_sentences, calib_batch)
         if gptq_calib is not None:
             try:
                 gptq_eval, gptq_sentences, _ = sts_splits(data, gptq_calib, seed)
@@ -161,7 +169,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             if len(gptq_eval) < len(eval_set):
                 raise DataError(f"{data.name}: {gptq_calib} GPTQ sentences would come from its evaluation pairs (there is "
                                 f"no sst2_dev.tsv beside it); give a --gptq-calib of at most --calib's {calib}")
-            gptq_batches = sentence_calib_batches(tokenizer, gptq_sentences, batch_size)
+            gptq_batches = sentence_calib_batches(tokenizer, gptq_sentences, calib_batch)
         # reconstruction: groups of RECON_GROUP sentences of similar length (a step samples batch_size of one group),
         # so that steps do not compute on padding
         recon_batch = min(batch_size, len(calib_sentences))
@@ -173,8 +181,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     else:
         tokens = read_tokens(data, tokenizer)
         eval_tokens, cal = lm_splits(tokens, calib, calib_len, window, max_windows)
-        lm_batch = max(1, min(batch_size, 8))
-        calib_batches = segment_batches(cal, batch_size=lm_batch)
+        calib_batch = max(1, min(batch_size, 8)) if calib_batch is None else calib_batch
+        calib_batches = segment_batches(cal, batch_size=calib_batch)
         if gptq_calib is not None:
             # GPTQ's statistics: the file's last gptq_calib segments (those of the calibration among them when larger),
             # never reaching into the evaluation windows, which stay those of `calib` alone
@@ -183,7 +191,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                                 f"{eval_tokens.numel() // window} evaluation windows; give a smaller --gptq-calib or "
                                 f"--max-windows")
             gptq_seg = lm_splits(tokens, gptq_calib, calib_len, window, max_windows)[1]
-            gptq_batches = segment_batches(gptq_seg, batch_size=lm_batch)
+            gptq_batches = segment_batches(gptq_seg, batch_size=calib_batch)
         recon_data = segment_batches(cal, batch_size=cal.shape[0]) if recon else None
         recon_batch = max(1, min(batch_size, 8, cal.shape[0]))
         calib_size, eval_size = cal.shape[0], eval_tokens.numel()
@@ -230,7 +238,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    down_proj=down_proj, rotate=rotate, **({"keep_fp": list(keep_fp)} if keep_fp else {}),
                    **({"w_rounding": w_rounding} if w_rounding else {}),
                    **{k: v for k, v in (("gptq_calib", gptq_calib), ("gptq_damp", gptq_damp)) if v is not None},
-                   calib_size=calib_size, calib_source=calib_source, seed=seed, metric=METRIC[task],
+                   calib_size=calib_size, calib_batch=calib_batch, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},
                    report=_jsonable(report), environment=environment())
