@@ -557,6 +557,27 @@ def test_report_transformer_inits_are_methods_and_transforms_join_every_budget(t
         assert rows_["**QDrop**"] == q and rows_["os+qdrop"] == f"**{osq}**"
 
 
+def test_report_keeps_a_transform_out_of_a_table_of_other_calibration_batches(tmp_path):
+    """A transformer's batch_size also sets its calibration batching unless calib_batch pins it: OS at batch 8
+    is not the start of a qdrop run at batch 4 and stays out of its table; with calib_batch pinned it joins."""
+    def nlp(algo, quant, batch_size, init=None, **extra):
+        r = fake_record("hf:m", "w4a4", algo, 0, quant, 86.0, iters=500)
+        r["config"].update(task="sts", init=init, iters=500 if init else 0, batch_size=batch_size, **extra)
+        r["kind"], r["run_id"] = "nlp", f"{algo}-{init}-{batch_size}-{extra}"
+        r["metrics"]["metric"] = "stsb_spearman_x100"
+        return r
+
+    def methods(rows):
+        (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        tables = render_report(tmp_path, plots=False).split("## stsb_spearman_x100")[1:]
+        return [{l.split("|")[1].strip() for l in t.splitlines() if l.startswith("| ") and "/" in l} for t in tables]
+
+    apart = methods([nlp("os", 80.0, 8), nlp("qdrop", 84.0, 4, "os")])
+    assert len(apart) == 2 and not any("OS" in t and "os+qdrop" in t for t in apart)
+    pinned = methods([nlp("os", 80.0, 8, calib_batch=8), nlp("qdrop", 84.0, 4, "os", calib_batch=8)])
+    assert len(pinned) == 1 and {"OS", "os+qdrop"} <= pinned[0]
+
+
 def test_report_mean_std_paper_layout(tmp_path):
     rows = []
     for seed, (a, b) in enumerate([(70.0, 60.0), (72.0, 61.0), (74.0, 62.0)]):

@@ -796,9 +796,16 @@ def test_calib_batch_pins_the_calibration_whatever_the_batch_size(tmp_path, caps
     assert small["report"]["gptq"]["batches"] == pinned["report"]["gptq"]["batches"] == 2
     assert large["report"]["gptq"]["batches"] == 1
     assert pinned["quant"] == small["quant"] != large["quant"]  # OS+ and the MSE observers sample per batch
-    assert run_nlp_quantize(f"hf:{d}", "lm", batch_size=32, **args)["calib_batch"] == 8  # the lm default's cap
-    with pytest.raises(UsageError, match="calib_batch must be a positive integer"):
-        run_nlp_quantize(f"hf:{d}", "lm", calib_batch=0, **args)
+    for bad in (0, True):
+        with pytest.raises(UsageError, match="calib_batch must be a positive integer"):
+            run_nlp_quantize(f"hf:{d}", "lm", calib_batch=bad, **args)
+    # sts: batch_size sets the sentences per calibration batch, GPTQ's own sentences' too; recorded is the size used
+    d, words = _tiny_hf_dir(tmp_path, "bert")
+    sts = _write_sts(tmp_path / "stsb_dev.tsv", [(words[i], words[i + 1], f"{i % 5}.0") for i in range(30)])
+    args = dict(data=sts, algo="naive", calib=8, batch_size=4, w_rounding="gptq", gptq_calib=8, fp=1.0)
+    default, whole = run_nlp_quantize(f"hf:{d}", "sts", **args), run_nlp_quantize(f"hf:{d}", "sts", calib_batch=16, **args)
+    assert default["report"]["gptq"]["batches"] == 2 and default["calib_batch"] == 4
+    assert whole["report"]["gptq"]["batches"] == 1 and whole["calib_batch"] == 8  # 16 asked, 8 sentences
     from qdrop.bench.config import run_id
     base = dict(model="hf:x", task="lm", bits="w4a8", algo="osplus", seed=0)
     assert run_id({**base, "calib_batch": None}) == run_id(base) != run_id({**base, "calib_batch": 2})

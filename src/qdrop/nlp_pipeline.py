@@ -69,9 +69,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     (sts) or min(batch_size, 8) segments (lm) of the calibration set; padding is not in the error.
     calib_batch: sentences (sts) or segments (lm) per calibration batch; None = batch_size (sts) or
     min(batch_size, 8) (lm), what every recorded run used. The MSE observers and OS+ sample a bounded number
-    of values per batch, so the batching changes the calibrated model: pin calib_batch to compare runs of
-    different batch_size from the same start (recorded in metrics.json either way; kept out of sweep run ids
-    when None).
+    of values per batch (so do the percentile observer, EMA observers, and OS's fine-clipping steps), so the
+    batching changes the calibrated model: pin calib_batch to compare runs of different batch_size from the
+    same start (metrics.json records the largest batch used; kept out of sweep run ids when None).
     recon_loss: the unit-output error, "mse" (default, the papers') or "capped" (positions whose FP output
     is above the batch's median size count by their relative error; for the massive activations of
     pre-norm decoders, see qdrop.recon.engine._capped).
@@ -118,7 +118,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if (gptq_calib is not None or gptq_damp is not None) and w_rounding != "gptq":
         raise UsageError("gptq_calib and gptq_damp set GPTQ's statistics: give them with w_rounding='gptq' "
                          "(--w-rounding gptq), or drop them")
-    if calib_batch is not None and (not isinstance(calib_batch, int) or calib_batch < 1):
+    if calib_batch is not None and (isinstance(calib_batch, bool) or not isinstance(calib_batch, int) or calib_batch < 1):
         raise UsageError(f"calib_batch must be a positive integer (samples per calibration batch), got {calib_batch!r}")
     if gptq_calib is not None and gptq_calib < 1:
         raise UsageError(f"gptq_calib must be at least 1, got {gptq_calib}")
@@ -202,6 +202,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             r = perplexity(m, eval_tokens, window=window, progress=progress)
             lm_info.update(windows=r["windows"], window=window, tokens=r["tokens"], predicted_tokens=r["predicted_tokens"])
             return r["ppl"]
+    calib_batch_used = max(len(b["input_ids"]) for b in calib_batches)  # the size asked for, or all there is
     seconds["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -238,7 +239,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    down_proj=down_proj, rotate=rotate, **({"keep_fp": list(keep_fp)} if keep_fp else {}),
                    **({"w_rounding": w_rounding} if w_rounding else {}),
                    **{k: v for k, v in (("gptq_calib", gptq_calib), ("gptq_damp", gptq_damp)) if v is not None},
-                   calib_size=calib_size, calib_batch=calib_batch, calib_source=calib_source, seed=seed, metric=METRIC[task],
+                   calib_size=calib_size, calib_batch=calib_batch_used, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},
                    report=_jsonable(report), environment=environment())

@@ -83,9 +83,17 @@ def _as_methods(records: list[dict]) -> list[dict]:
     return out
 
 
+def _wildcards(c: dict) -> tuple:
+    """NAIVE_WILDCARDS, less batch_size for a transformer run whose calib_batch is unset: there batch_size also
+    sets the calibration batching (qdrop.nlp_pipeline), which the sampling observers and OS+ depend on."""
+    if c.get("task") and c.get("calib_batch") is None:
+        return tuple(k for k in NAIVE_WILDCARDS if k != "batch_size")
+    return NAIVE_WILDCARDS
+
+
 def _setting(rec: dict) -> dict:
     c = rec["config"]
-    s = {k: v for k, v in c.items() if k not in IGNORED and not (_no_recon(c) and k in NAIVE_WILDCARDS)
+    s = {k: v for k, v in c.items() if k not in IGNORED and not (_no_recon(c) and k in _wildcards(c))
          and not (k in ID_IF_SET and v is None)}
     used = rec.get("data_used") or {}
     if "data" in s and used.get("eval_data"):

@@ -10,7 +10,7 @@ from qdrop.eval.nlp_metrics import perplexity
 from qdrop.nlp import quantize_transformer
 from qdrop.nlp.data import lm_splits, read_tokens, segment_batches
 from qdrop.nlp.models import load_hf
-from qdrop.nlp.prepare import quant_linears, calibrate_transformer, calibrate_weights
+from qdrop.nlp.prepare import quant_linears, calibrate_transformer
 from qdrop.nlp.rotation import rotation_matrix
 from qdrop.quant.state import quantizers
 model, tok = load_hf("hf:smollm2", "lm")
@@ -42,7 +42,8 @@ def mse_weights(m, pats):
         if any(fnmatch.fnmatch(n, p) for p in pats):
             wq = lin.weight_quant
             wq.set_calibrated(False); wq.set_scheme(dataclasses.replace(wq.scheme, observer="mse"))
-    calibrate_weights(m)
+    for _, lin in quant_linears(m):  # the weight ranges alone (calibrate_weights until stop 49)
+        if not lin.weight_quant.calibrated: lin.weight_quant.calibrate_on(lin.layer.weight)
     for _, lin in quant_linears(m): lin.weight_quant.set_state("quant")
 for key, fn in [("rot_o", lambda m: rotate(m, ["*.o_proj"])),
                 ("rot_all", lambda m: rotate(m, ["*"])),
