@@ -40,7 +40,8 @@ RECON_GROUP = 32  # sentences per length group in reconstruction (see length_sor
 def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo: str = "naive", out=None,
                      calib: int = 256, seed: int = 0, act_granularity: str = "per_tensor", w_observer: str | None = None,
                      a_observer: str = "minmax", window: int = 1024, max_windows: int | None = None,
-                     calib_len: int = 128, batch_size: int = 32, calib_batch: int | None = None, down_proj: bool = False, rotate: str | None = None,
+                     calib_len: int = 128, batch_size: int = 32, calib_batch: int | None = None, down_proj: bool = False,
+                     rotate: str | None = None,
                      keep_fp: tuple | None = None, w_rounding: str | None = None, gptq_calib: int | None = None,
                      gptq_damp: float | None = None, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
@@ -155,9 +156,10 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
 
     t = time.perf_counter()
     gptq_batches = None  # GPTQ's statistics on the calibration batches
+    if calib_batch is None:  # every recorded run's batching (docstring)
+        calib_batch = batch_size if task == "sts" else max(1, min(batch_size, 8))
     if task == "sts":
         eval_set, calib_sentences, calib_source = sts_splits(data, calib, seed)
-        calib_batch = batch_size if calib_batch is None else calib_batch
         calib_batches = sentence_calib_batches(tokenizer, calib_sentences, calib_batch)
         if gptq_calib is not None:
             try:
@@ -181,7 +183,6 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     else:
         tokens = read_tokens(data, tokenizer)
         eval_tokens, cal = lm_splits(tokens, calib, calib_len, window, max_windows)
-        calib_batch = max(1, min(batch_size, 8)) if calib_batch is None else calib_batch
         calib_batches = segment_batches(cal, batch_size=calib_batch)
         if gptq_calib is not None:
             # GPTQ's statistics: the file's last gptq_calib segments (those of the calibration among them when larger),

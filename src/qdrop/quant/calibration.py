@@ -48,8 +48,8 @@ def calibrate_observers(qmodel: nn.Module, batches: Iterable, device: str | torc
     ranks' ranges are then compared, and if they differ anyway (different batches, or
     non-deterministic kernels) rank 0's are used everywhere, with a warning.
 
-    progress: show the weight range searches, the pass over the batches and the activation range searches that follow it (an MSE
-    observer searches when it is frozen, not while it observes)."""
+    progress: show the weight range searches, the pass over the batches and the activation range
+    searches that follow it (an MSE observer searches when it is frozen, not while it observes)."""
     layers = [m for _, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
     for m in tqdm(layers, disable=not progress, desc="weight ranges", leave=False):
         if not m.weight_quant.calibrated:
