@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -116,6 +116,42 @@ def test_integer_emulation_holds_for_any_activation_grid(tmp_path_factory, seed,
     emu = integer_forward(qm, x).numpy()
     out = _ort(path, x)
     assert np.abs(emu - out).max() <= SAME_CODES * max(1.0, np.abs(out).max())
+
+
+def _qlinear_add_session(sa, za, sb, zb, sc, zc):
+    """One com.microsoft QLinearAdd (the op ONNX Runtime fuses DequantizeLinear-Add-QuantizeLinear into)."""
+    from onnx import TensorProto, helper
+
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in (("sa", sa), ("sb", sb), ("sc", sc))]
+    inits += [helper.make_tensor(n, TensorProto.UINT8, [], [v]) for n, v in (("za", za), ("zb", zb), ("zc", zc))]
+    node = helper.make_node("QLinearAdd", ["a", "sa", "za", "b", "sb", "zb", "sc", "zc"], ["c"], domain="com.microsoft")
+    vec = [helper.make_tensor_value_info(n, TensorProto.UINT8, [None]) for n in "abc"]
+    graph = helper.make_graph([node], "qladd", vec[:2], vec[2:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# the grids of two residual adds of EfficientNet-Lite0 W8A8 (a Xeon's calibration) where an unfused k constant
+# put 1 and 2 of the 65,536 code pairs on the other side of a rounding tie (121.49999 -> 121, ONNX Runtime 122)
+_LITE0_ADDS = [(0.15260881185531616, 105, 0.2912867069244385, 123, 0.3730636537075043, 118),
+               (0.14525581896305084, 113, 0.23536799848079681, 123, 0.23259471356868744, 130)]
+
+
+@settings(max_examples=6, deadline=None)
+@given(grid=st.tuples(st.floats(1e-3, 1.0), st.integers(0, 255), st.floats(1e-3, 1.0), st.integers(0, 255),
+                      st.floats(1e-3, 1.0), st.integers(0, 255)))
+@example(grid=_LITE0_ADDS[0])
+@example(grid=_LITE0_ADDS[1])
+def test_qlinear_add_gives_onnxruntimes_code_for_every_pair_of_input_codes(grid):
+    from qdrop.export.emulate import Codes, qlinear_add
+
+    sa, za, sb, zb, sc, zc = grid
+    sa, sb, sc = (float(np.float32(v)) for v in (sa, sb, sc))
+    a, b = (t.ravel() for t in np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8)))
+    out = _qlinear_add_session(sa, za, sb, zb, sc, zc).run(None, {"a": a, "b": b})[0]
+    codes = [Codes(torch.from_numpy(v.astype(np.float32)), torch.tensor(s), z, 0, 255) for v, s, z in ((a, sa, za), (b, sb, zb))]
+    emu = qlinear_add(*codes, torch.tensor(sc), zc).clamp(0, 255).numpy()
+    assert (emu == out).all(), f"{int((emu != out).sum())} of 65,536 pairs differ"
 
 
 @pytest.mark.skipif(emulator() is None, reason="qemu-x86_64 not installed (apt-get install qemu-user)")
