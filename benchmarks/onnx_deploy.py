@@ -2,6 +2,7 @@
 
   python benchmarks/onnx_deploy.py parity  [--iters 1000]   -> benchmarks/results/onnx_parity.json
   python benchmarks/onnx_deploy.py latency [--runs 30]      -> benchmarks/results/onnx_latency_<vnni|avx2>.json
+  python benchmarks/onnx_deploy.py latency --target-cpu vnni -> ..._<vnni|avx2>_target-vnni.json (full int8 weights)
 
 parity: CIFAR-10 ResNet-20 W8A8 (naive and qdrop) on all 10,000 test images, EfficientNet-Lite0 W8A8
 naive on the 500 evaluation images of the shared ImageNet samples; onnxruntime preset for both x86 targets
@@ -192,7 +193,8 @@ def run_latency(args):
     env = environment()
     env["threads"] = args.threads
     env["cpu"] = cpu
-    name = f"onnx_latency_{cpu['kind']}.json"  # one file per CPU kind: measuring on one keeps the other's
+    # one file per CPU kind (measuring on one keeps the other's); a non-default target gets its own file
+    name = f"onnx_latency_{cpu['kind']}" + ("" if args.target_cpu == "avx2" else f"_target-{args.target_cpu}") + ".json"
     _save(dict(rows=rows, runs=args.runs, environment=env), name)
 
 
