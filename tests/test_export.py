@@ -357,7 +357,7 @@ def test_cli_export_with_parity_on_real_data(tmp_path):
 
     out = tmp_path / "r20"
     assert main(["quantize", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--bits", "w8a8", "--backend", "onnxruntime",
-                 "--calib", "256", "--eval-limit", "500", "--out", str(out)]) == 0
+                 "--calib", "256", "--eval-limit", "500", "--eval-integer", "--out", str(out)]) == 0
     assert main(["export", "--checkpoint", str(out), "--check", str(CIFAR), "--data", str(CIFAR), "--eval-limit", "500"]) == 0
     p = json.loads((out / "parity.json").read_text())
     assert p["samples"] == 500
@@ -371,5 +371,7 @@ def test_cli_export_with_parity_on_real_data(tmp_path):
     assert e["agreement"] == 100.0 and e["max_abs_diff"] < 1e-5 and e["top1"] == p["ort_top1"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert p["sim_top1"] == pytest.approx(metrics["quant"], abs=0.01)  # the checkpoint reloads to the same simulation
+    # quantize --eval-integer promised, without the runtime, the top-1 ONNX Runtime then delivered
+    assert metrics["quant_integer"] == pytest.approx(p["ort_top1"], abs=0.01)
     assert main(["export", "--checkpoint", str(out), "--format", "tensorrt", "--data", str(CIFAR)]) == 2  # uint8 acts
     assert not (out / "model.ranges.json").exists()

@@ -361,10 +361,10 @@ def test_cli_refuses_vision_flags_with_a_hugging_face_model(tmp_path, capsys):
     from qdrop.cli import main
 
     rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--backend", "onnxruntime",
-               "--target-cpu", "avx2", "--out", str(tmp_path / "o")])
+               "--target-cpu", "avx2", "--eval-integer", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert "--backend, --target-cpu do not apply to Hugging Face models" in err[0]
+    assert "--backend, --target-cpu, --eval-integer do not apply to Hugging Face models" in err[0]
     rc = main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--init", "osplus", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--init does not apply to vision models" in capsys.readouterr().err
     rc = main(["quantize", "--model", "hf:minilm", "--task", "sts", "--bits", "w8a8", "--algo", "os", "--init", "osplus",

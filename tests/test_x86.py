@@ -193,6 +193,13 @@ def test_export_refuses_a_full_int8_checkpoint_for_the_avx2_target(tmp_path, cap
     assert main(["quantize", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--bits", "w8a8", "--backend",
                  "academic", "--target-cpu", "avx2", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+    # the integer emulation is ONNX Runtime's arithmetic: another preset's model is refused before any work
+    capsys.readouterr()
+    assert main(["quantize", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--bits", "w8a8", "--backend",
+                 "academic", "--eval-integer", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eval-integer" in err and "--backend onnxruntime" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_old_onnxruntime_checkpoints_keep_their_full_int8_grid(tmp_path):

@@ -129,12 +129,16 @@ class QuantizeJob:
 
 
 def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool = True,
-                 fp_top1: float | None = None) -> dict:
+                 fp_top1: float | None = None, eval_integer: bool = False) -> dict:
     """Quantize one model and evaluate FP and quantized top-1 on the test split.
 
     With `out`, writes model.pt, config.json, recon.json and (last) metrics.json there;
     reconstruction saves its progress to recon_state.pt and resumes from it. fp_top1: the FP
     model's top-1 when the caller already measured it (a sweep), else it is evaluated.
+    eval_integer (onnxruntime preset): also score the model as ONNX Runtime's integer kernels compute it
+    (qdrop.export.IntegerModel, no runtime needed): metrics["quant_integer"], beside the simulation's
+    "quant". It is what an x86 CPU delivers where the target's kernels are exact (avx2: every one; vnni:
+    VNNI/AMX CPUs); it costs about one more evaluation.
 
     Launched by torchrun (N processes), it runs data-parallel (qdrop.distributed): every rank
     loads the data and calibrates the activation ranges on the same ACT_CALIB samples (the MSE
@@ -146,6 +150,9 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     from .models import load_model
 
     job.check()
+    if eval_integer and job.backend != "onnxruntime":
+        raise UsageError(f"--eval-integer scores ONNX Runtime's integer kernels: quantize with --backend onnxruntime, "
+                         f"not {job.backend}")
     target_cpu = resolve_target_cpu(job.backend, job.target_cpu)
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if qdist.launched():  # torchrun: one process of N (a plain run skips this)
@@ -224,6 +231,13 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     fp = fp_top1 if fp_top1 is not None else _top1(fp_model, test_split.x, test_split.y, device, progress, "eval fp")
     quant = _top1(qmodel, test_split.x, test_split.y, device, progress, "eval quant")
     seconds["evaluate"] = time.perf_counter() - t
+    quant_integer = None
+    if eval_integer:
+        from .export import IntegerModel
+
+        t = time.perf_counter()
+        quant_integer = _top1(IntegerModel(qmodel), test_split.x, test_split.y, device, progress, "eval quant (integer)")
+        seconds["evaluate_integer"] = time.perf_counter() - t
 
     metrics = dict(model=job.model, bits=job.bits, algo=job.algo, backend=job.backend, target_cpu=target_cpu,
                    calib_size=len(calib_split), seed=job.seed, iters=config["iters"], metric=info.metric, fp=round(fp, 2), quant=round(quant, 2),
@@ -232,6 +246,8 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
                    if recon_report else None,
                    lam=recon_report["lam"] if recon_report else None, weight_bytes=_weight_bytes(qmodel),
                    allocation=config.get("allocation"), environment=environment())
+    if eval_integer:
+        metrics["quant_integer"] = round(quant_integer, 2)
     if recon_report and "ranks" in recon_report:  # data-parallel: each rank's share, cache and peak memory
         metrics.update(world=len(recon_report["ranks"]), ranks=recon_report["ranks"])
     if out_dir and main:

@@ -404,3 +404,17 @@ def integer_forward(qmodel: fx.GraphModule, x: torch.Tensor, report: dict | None
     if report is not None:
         report.update(exact=dict(sorted(interp.exact_ops.items())), float=dict(sorted(interp.float_ops.items())))
     return out
+
+
+class IntegerModel(nn.Module):
+    """qmodel as ONNX Runtime's integer kernels compute it (integer_forward), as a module: anything that
+    evaluates a model (qdrop.eval.top1, a data-parallel evaluation) scores the deployed arithmetic with it.
+    It assumes ONNX Runtime fuses every op it can (KERNELS); `qdrop export --check` reads the fused ops from
+    the runtime's optimised graph instead."""
+
+    def __init__(self, qmodel: fx.GraphModule, kernels=KERNELS):
+        super().__init__()
+        self.qmodel, self.kernels = qmodel, frozenset(kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return integer_forward(self.qmodel, x, kernels=self.kernels)
