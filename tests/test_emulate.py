@@ -91,6 +91,28 @@ def test_integer_emulation_is_what_onnxruntime_computes(tmp_path, target, head):
     assert np.abs(sim - out).max() < 1e-2  # fake quantization is close, but not the runtime's codes
 
 
+def test_integer_model_is_the_emulation_as_a_module(tmp_path):
+    """What `qdrop quantize --eval-integer` scores: the emulation behind nn.Module's eval()/to(), giving
+    ONNX Runtime's outputs, and leaving the model's training mode alone."""
+    from qdrop.export import IntegerModel
+
+    qm, x = _prepared()
+    path = tmp_path / "m.onnx"
+    export_onnx(qm, path, x[:1])
+    out = _ort(path, x)
+    with torch.no_grad():
+        sim = qm(x).numpy()
+    qm.train()
+    emulated = IntegerModel(qm).eval().to("cpu")
+    got = emulated(x).numpy()
+    assert np.abs(got - out).max() < SAME_CODES and np.array_equal(got, integer_forward(qm, x).numpy())
+    assert not np.array_equal(got, sim)  # the emulation's arithmetic, not the simulation's (last bits differ here)
+    assert emulated.report["float"] == {"GlobalAveragePool (not fused)": 1}
+    emulated.qmodel.train()
+    emulated(x)
+    assert qm.training  # integer_forward evaluates in eval mode and puts the mode back
+
+
 def test_a_value_read_twice_in_float_is_computed_and_counted_once(tmp_path):
     qm, x = _prepared(head="two-users", n=32)
     path = tmp_path / "m.onnx"

@@ -373,5 +373,6 @@ def test_cli_export_with_parity_on_real_data(tmp_path):
     assert p["sim_top1"] == pytest.approx(metrics["quant"], abs=0.01)  # the checkpoint reloads to the same simulation
     # quantize --eval-integer promised, without the runtime, the top-1 ONNX Runtime then delivered
     assert metrics["quant_integer"] == pytest.approx(p["ort_top1"], abs=0.01)
+    assert metrics["quant_integer_in_float"] == e["ops_in_float"]  # the ops the runtime left in float, found without it
     assert main(["export", "--checkpoint", str(out), "--format", "tensorrt", "--data", str(CIFAR)]) == 2  # uint8 acts
     assert not (out / "model.ranges.json").exists()

@@ -200,6 +200,9 @@ def test_export_refuses_a_full_int8_checkpoint_for_the_avx2_target(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "--eval-integer" in err and "--backend onnxruntime" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+    assert main(["quantize", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--bits", "w8a8", "--backend",
+                 "onnxruntime", "--no-int32-bias", "--eval-integer", "--out", str(tmp_path / "x")]) == 2
+    assert "drop --no-int32-bias" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_old_onnxruntime_checkpoints_keep_their_full_int8_grid(tmp_path):

@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-integer", action="store_true",
                    help="onnxruntime preset: also score the model as ONNX Runtime's integer kernels compute it (exact "
                    "integer sums and the runtime's requantisation, replayed in PyTorch; no runtime needed): the top-1 "
-                   "the deployed model delivers, beside the simulation's")
+                   "the deployed model delivers on x86 (with --target-cpu vnni: on VNNI/AMX CPUs only), beside the "
+                   "simulation's")
     q.add_argument("--compile", action="store_true", help="torch.compile each unit during reconstruction")
     q.add_argument("--cuda-graph", action="store_true",
                    help="CUDA: replay each reconstruction iteration as a CUDA graph (no host launches per kernel)")
@@ -279,7 +280,8 @@ def cmd_quantize(args) -> int:
     metrics = run_quantize(job, out=out, eval_integer=args.eval_integer)
     if not qdist.is_main():
         return 0
-    integer = f", as ONNX Runtime's integer kernels compute it {metrics['quant_integer']:.2f}" if args.eval_integer else ""
+    where = " on VNNI/AMX CPUs" if metrics["target_cpu"] == "vnni" else ""
+    integer = f", as ONNX Runtime's integer kernels compute it{where} {metrics['quant_integer']:.2f}" if args.eval_integer else ""
     print(f"{metrics['model']} {metrics['bits']} {metrics['algo']}: FP {metrics['fp']:.2f}  quantized {metrics['quant']:.2f}"
           f"{integer} ({metrics['metric']}, {metrics['eval_size']} test samples) -> {out / 'metrics.json'}")
     return 0

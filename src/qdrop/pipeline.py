@@ -135,10 +135,11 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     With `out`, writes model.pt, config.json, recon.json and (last) metrics.json there;
     reconstruction saves its progress to recon_state.pt and resumes from it. fp_top1: the FP
     model's top-1 when the caller already measured it (a sweep), else it is evaluated.
-    eval_integer (onnxruntime preset): also score the model as ONNX Runtime's integer kernels compute it
-    (qdrop.export.IntegerModel, no runtime needed): metrics["quant_integer"], beside the simulation's
-    "quant". It is what an x86 CPU delivers where the target's kernels are exact (avx2: every one; vnni:
-    VNNI/AMX CPUs); it costs about one more evaluation.
+    eval_integer (onnxruntime preset, int32 bias): also score the model as ONNX Runtime's integer kernels
+    compute it (qdrop.export.IntegerModel, no runtime needed): metrics["quant_integer"], beside the
+    simulation's "quant", and "quant_integer_in_float", the ops that emulation ran in float as the runtime
+    would. It is what an x86 CPU delivers where the target's kernels are exact (avx2: every one; vnni:
+    VNNI/AMX CPUs only); on a CPU it costs about one more evaluation.
 
     Launched by torchrun (N processes), it runs data-parallel (qdrop.distributed): every rank
     loads the data and calibrates the activation ranges on the same ACT_CALIB samples (the MSE
@@ -153,6 +154,8 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     if eval_integer and job.backend != "onnxruntime":
         raise UsageError(f"--eval-integer scores ONNX Runtime's integer kernels: quantize with --backend onnxruntime, "
                          f"not {job.backend}")
+    if eval_integer and job.int32_bias is False:  # ONNX Runtime rounds a float bias itself; the emulation does not
+        raise UsageError("--eval-integer emulates the int32 bias the onnxruntime preset simulates: drop --no-int32-bias")
     target_cpu = resolve_target_cpu(job.backend, job.target_cpu)
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if qdist.launched():  # torchrun: one process of N (a plain run skips this)
@@ -231,12 +234,15 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
     fp = fp_top1 if fp_top1 is not None else _top1(fp_model, test_split.x, test_split.y, device, progress, "eval fp")
     quant = _top1(qmodel, test_split.x, test_split.y, device, progress, "eval quant")
     seconds["evaluate"] = time.perf_counter() - t
-    quant_integer = None
+    integer = {}
     if eval_integer:
         from .export import IntegerModel
 
         t = time.perf_counter()
-        quant_integer = _top1(IntegerModel(qmodel), test_split.x, test_split.y, device, progress, "eval quant (integer)")
+        emulated = IntegerModel(qmodel)
+        integer = dict(quant_integer=round(_top1(emulated, test_split.x, test_split.y, device, progress,
+                                                  "eval quant (integer)"), 2),
+                       quant_integer_in_float=emulated.report.get("float", {}))
         seconds["evaluate_integer"] = time.perf_counter() - t
 
     metrics = dict(model=job.model, bits=job.bits, algo=job.algo, backend=job.backend, target_cpu=target_cpu,
@@ -246,8 +252,7 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
                    if recon_report else None,
                    lam=recon_report["lam"] if recon_report else None, weight_bytes=_weight_bytes(qmodel),
                    allocation=config.get("allocation"), environment=environment())
-    if eval_integer:
-        metrics["quant_integer"] = round(quant_integer, 2)
+    metrics.update(integer)
     if recon_report and "ranks" in recon_report:  # data-parallel: each rank's share, cache and peak memory
         metrics.update(world=len(recon_report["ranks"]), ranks=recon_report["ranks"])
     if out_dir and main:

@@ -348,9 +348,10 @@ def _clamped(v, lo: float, hi: float):
 def qlinear_add(a: Codes, b: Codes, scale: torch.Tensor, zero_point: int) -> torch.Tensor:
     """ONNX Runtime's QLinearAdd (MLAS's AVX2 kernel, which every x86 CPU with AVX2 runs, AVX-512 ones
     included): the output codes before saturation. Its constant k is a C++ expression,
-    z_c - (r_a * z_a + r_b * z_b), that the compiler contracts into fma(r_a, z_a, r_b * z_b); without
-    the contraction 1 to 2 of 65,536 code pairs land on the other side of a rounding tie
-    (tests/test_emulate.py compares every pair with ONNX Runtime)."""
+    z_c - (r_a * z_a + r_b * z_b), that the compiler of ONNX Runtime's Linux x86-64 wheels contracts into
+    fma(r_a, z_a, r_b * z_b); without the contraction 1 to 2 of 65,536 code pairs land on the other side of
+    a rounding tie (tests/test_emulate.py compares every pair with the installed ONNX Runtime, so a build
+    that does not contract fails there)."""
     r_a, r_b = _f32(a.scale / scale), _f32(b.scale / scale)
     z_a, z_b = torch.tensor(float(a.zp), dtype=_F32), torch.tensor(float(b.zp), dtype=_F32)
     k = _f32(torch.tensor(float(zero_point), dtype=_F32) - _fma(r_a, z_a, _f32(r_b * z_b)))
@@ -415,6 +416,7 @@ class IntegerModel(nn.Module):
     def __init__(self, qmodel: fx.GraphModule, kernels=KERNELS):
         super().__init__()
         self.qmodel, self.kernels = qmodel, frozenset(kernels)
+        self.report: dict = {}  # integer_forward's report of the last call: the ops run exactly and in float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return integer_forward(self.qmodel, x, kernels=self.kernels)
+        return integer_forward(self.qmodel, x, self.report, kernels=self.kernels)
