@@ -746,15 +746,20 @@ def test_run_nlp_quantize_sts_and_lm(tmp_path):
     assert m["quant"] > 1 and m["fp"] > 1
 
 
-def test_gptq_statistics_from_more_segments_and_other_damping(tmp_path):
-    """gptq_calib: GPTQ's H from the file's last N segments while the ranges keep calib's (the same N as calib is
-    the default run exactly); gptq_damp reaches GPTQ; both recorded, refused without w_rounding gptq."""
+def _tiny_lm_gptq_run(tmp_path, bits):
+    """A tiny Llama, a 600-word text, and run_nlp_quantize arguments for a GPTQ run on them: (dir, text, args)."""
     g = torch.Generator().manual_seed(0)
     d, words = _tiny_hf_dir(tmp_path, "llama")
     text = tmp_path / "wiki.txt"
     text.write_text(" ".join(words[j] for j in torch.randint(0, 100, (600,), generator=g)))
-    args = dict(data=text, bits="w4a8", algo="naive", calib=4, calib_len=32, window=64, max_windows=2, batch_size=2,
-                w_rounding="gptq", fp=1.0)
+    return d, text, dict(data=text, bits=bits, algo="naive", calib=4, calib_len=32, window=64, max_windows=2,
+                         batch_size=2, w_rounding="gptq", fp=1.0)
+
+
+def test_gptq_statistics_from_more_segments_and_other_damping(tmp_path):
+    """gptq_calib: GPTQ's H from the file's last N segments while the ranges keep calib's (the same N as calib is
+    the default run exactly); gptq_damp reaches GPTQ; both recorded, refused without w_rounding gptq."""
+    d, text, args = _tiny_lm_gptq_run(tmp_path, "w4a8")
     base = run_nlp_quantize(f"hf:{d}", "lm", **args)
     same = run_nlp_quantize(f"hf:{d}", "lm", gptq_calib=4, **args)
     more = run_nlp_quantize(f"hf:{d}", "lm", gptq_calib=8, gptq_damp=0.1, **args)
@@ -774,6 +779,30 @@ def test_gptq_statistics_from_more_segments_and_other_damping(tmp_path):
         run_nlp_quantize(f"hf:{d}", "sts", data=sts, algo="naive", calib=8, w_rounding="gptq", gptq_calib=12)
     with pytest.raises(UsageError, match="gptq_damp must be a positive"):
         run_nlp_quantize(f"hf:{d}", "lm", **args, gptq_damp=0.0)
+
+
+def test_gptq_search_chooses_grids_and_is_recorded(tmp_path, capsys):
+    """gptq_search: every quantized Linear's rows take one of the searched steps (the report's shares add to 1),
+    the model differs from GPTQ on the observer's grid, the setting is recorded; refused without w_rounding gptq
+    (API and CLI) and with a vision model."""
+    from qdrop.cli import main
+    from qdrop.quant.gptq import SEARCH_FACTORS
+
+    d, text, args = _tiny_lm_gptq_run(tmp_path, "w3a8")
+    base = run_nlp_quantize(f"hf:{d}", "lm", **args)
+    searched = run_nlp_quantize(f"hf:{d}", "lm", gptq_search=True, **args)
+    report = searched["report"]["gptq"]["search"]
+    assert searched["gptq_search"] is True and "gptq_search" not in base and base["report"]["gptq"]["search"] is None
+    assert report["factors"] == list(SEARCH_FACTORS) and abs(sum(report["rows_per_factor"].values()) - 1) < 1e-3
+    assert report["rows_per_factor"].get("1.0", 0) < 1  # some row took another step
+    assert searched["quant"] != base["quant"]
+    with pytest.raises(UsageError, match="give them with w_rounding='gptq'"):
+        run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="naive", gptq_search=True)
+    assert main(["quantize", "--model", f"hf:{d}", "--task", "lm", "--data", str(text), "--bits", "w4a8", "--gptq-search",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "give them with w_rounding='gptq'" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--gptq-search", "--out", str(tmp_path / "v")]) == 2
+    assert "--gptq-search does not apply to vision models" in capsys.readouterr().err
 
 
 def test_calib_batch_pins_the_calibration_whatever_the_batch_size(tmp_path, capsys, monkeypatch):

@@ -451,6 +451,56 @@ def test_gptq_fits_correlated_inputs_better_than_nearest(bits, seed):
     assert ((codes - q.int_repr(w)).abs() > 1).any()  # codes further than one step from nearest do occur
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 6), st.booleans(), st.integers(0, 2**31 - 1))
+def test_gptq_search_lowers_every_rows_output_error_and_keeps_its_grid(bits, symmetric, seed):
+    """gptq_search: each row's output error ‖X(w_i − ŵ_i)‖², measured here from X itself, is at most what GPTQ
+    gives on the observer's grid alone (1.0 is a candidate and rows are independent), the row's step is the
+    observer's times one of the factors, its zero point is kept, and factors=(1.0,) is plain gptq_codes."""
+    from qdrop.quant.gptq import SEARCH_FACTORS, gptq_codes, gptq_search
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(600, 8, generator=g) @ torch.randn(8, 24, generator=g) + 0.2 * torch.randn(600, 24, generator=g)
+    w = torch.randn(10, 24, generator=g) * torch.rand(10, 1, generator=g) * 2
+    w[0, 3] = 6.0  # an outlier: a row that may prefer a clipped grid
+    q = _weight_quantizer(w, bits, symmetric)
+    h = x.T @ x
+    z = q.zero_point.reshape(-1, 1)
+    base = gptq_codes(w, h, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
+    scale, codes = gptq_search(w, h, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
+    assert codes.min() >= q.scheme.qmin and codes.max() <= q.scheme.qmax
+
+    def row_err(c, s):
+        return (x.double() @ (w - (c - z) * s.reshape(-1, 1)).double().T).pow(2).sum(0)
+    assert (row_err(codes, scale) <= row_err(base, q.scale) * (1 + 1e-9) + 1e-9).all()
+    ratio = scale / q.scale
+    assert all(min(abs(float(r) - f) for f in SEARCH_FACTORS) < 1e-5 for r in ratio)
+    only_one = gptq_search(w, h, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax, factors=(1.0,))
+    assert torch.equal(only_one[1], base) and torch.equal(only_one[0], q.scale.reshape(-1))
+    with pytest.raises(ValueError, match="positive step-size factors"):
+        gptq_search(w, h, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax, factors=(0.0, 1.0))
+
+
+def test_gptq_search_chooses_a_clipped_grid_for_a_row_with_an_outlier():
+    """A row whose range one large weight sets (and whose input is rare) wastes most of its grid: the search takes
+    a finer step for it and lowers its output error, while the other rows' errors do not rise."""
+    from qdrop.quant.gptq import gptq_codes, gptq_search
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 32, generator=g)
+    x[:, 0] *= 0.01  # the outlier weight multiplies an input that is almost always near 0
+    w = torch.randn(4, 32, generator=g)
+    w[0, 0] = 12.0
+    q = _weight_quantizer(w, 4)
+    h = x.T @ x
+    z = q.zero_point.reshape(-1, 1)
+    scale, codes = gptq_search(w, h, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
+    base = gptq_codes(w, h, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
+    err = lambda c, s: (x.double() @ (w - (c - z) * s.reshape(-1, 1)).double().T).pow(2).sum(0)
+    assert scale[0] < q.scale[0] * 0.99
+    assert err(codes, scale)[0] < 0.9 * err(base, q.scale)[0]
+
+
 def test_fixed_codes_quantize_the_weight_reload_and_start_adaround():
     """Quantizer.fix_codes: the quantizer's weight is (codes - z) s, its integer weights are the codes
     (what the export writes), a checkpoint reloads them, the FP weight is untouched, and AdaRound starts

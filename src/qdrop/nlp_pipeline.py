@@ -43,7 +43,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib_len: int = 128, batch_size: int = 32, calib_batch: int | None = None, down_proj: bool = False,
                      rotate: str | None = None,
                      keep_fp: tuple | None = None, w_rounding: str | None = None, gptq_calib: int | None = None,
-                     gptq_damp: float | None = None, fine_epochs: int = 3,
+                     gptq_damp: float | None = None, gptq_search: bool | None = None, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
                      split_blocks: bool | None = None,
@@ -89,7 +89,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     gptq_calib: GPTQ's input statistics from this many calibration samples instead of `calib` (lm: the last
     gptq_calib segments of the file, which hold the calibration's; sts: a draw of gptq_calib sentences), while the
     transform's scales and the ranges keep `calib`'s; gptq_damp: GPTQ's damping (qdrop.quant.gptq.DAMP). Both
-    None = GPTQ's defaults, kept out of sweep run ids and metrics.
+    None = GPTQ's defaults, kept out of sweep run ids and metrics. gptq_search: GPTQ also chooses each weight row's
+    step among the observer's x qdrop.quant.gptq.SEARCH_FACTORS, by that row's output error on the calibration
+    inputs (None or False: the observer's grid; recorded, and in sweep run ids, only when True).
     onnx: also export OUT/model.onnx (QDQ, qdrop.export.transformer) and score it on the same evaluation data
     in ONNX Runtime: metrics["onnx"] holds the deployed score, the integer kernels ONNX Runtime runs, the CPU
     and ONNX Runtime's version (what the runtime delivers, beside what the simulation predicts).
@@ -116,8 +118,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                          f"{tuple(ALGORITHMS)}, not to {algo!r}")
     if w_rounding not in (None, *W_ROUNDINGS):
         raise UsageError(f"w_rounding must be one of {W_ROUNDINGS}, got {w_rounding!r}")
-    if (gptq_calib is not None or gptq_damp is not None) and w_rounding != "gptq":
-        raise UsageError("gptq_calib and gptq_damp set GPTQ's statistics: give them with w_rounding='gptq' "
+    if (gptq_calib is not None or gptq_damp is not None or gptq_search) and w_rounding != "gptq":
+        raise UsageError("gptq_calib, gptq_damp and gptq_search set GPTQ's statistics and grid: give them with w_rounding='gptq' "
                          "(--w-rounding gptq), or drop them")
     if calib_batch is not None and (isinstance(calib_batch, bool) or not isinstance(calib_batch, int) or calib_batch < 1):
         raise UsageError(f"calib_batch must be a positive integer (samples per calibration batch), got {calib_batch!r}")
@@ -213,7 +215,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     qmodel, report = quantize_transformer(fp_model, calib_batches, bits, transform, act_granularity, w_observer, a_observer,
                                           quantize_attention_matmuls, skip=keep_fp, down_proj=down_proj, rotate=rotate,
                                           w_rounding=w_rounding or "nearest", gptq_batches=gptq_batches,
-                                          gptq_damp=DAMP if gptq_damp is None else gptq_damp,
+                                          gptq_damp=DAMP if gptq_damp is None else gptq_damp, gptq_search=bool(gptq_search),
                                           fine_epochs=fine_epochs,
                                           fine_lr=fine_lr, patience=patience, loss_on="mean_pool" if task == "sts" else "tokens", seed=seed, inplace=True,
                                           progress=progress)
@@ -240,6 +242,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    down_proj=down_proj, rotate=rotate, **({"keep_fp": list(keep_fp)} if keep_fp else {}),
                    **({"w_rounding": w_rounding} if w_rounding else {}),
                    **{k: v for k, v in (("gptq_calib", gptq_calib), ("gptq_damp", gptq_damp)) if v is not None},
+                   **({"gptq_search": True} if gptq_search else {}),
                    calib_size=calib_size, calib_batch=calib_batch_used, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},

@@ -27,7 +27,7 @@ import time
 import torch
 from torch import nn
 
-from ..quant.gptq import DAMP, gptq_codes
+from ..quant.gptq import DAMP, gptq_codes, gptq_search
 from .layers import QuantLinear
 from .mask import real_tokens, token_mask
 from .prepare import quant_linears
@@ -96,9 +96,12 @@ def _call_groups(linears: list[QuantLinear], run_once) -> list[list[QuantLinear]
     return groups + [uncalled] if uncalled else groups
 
 
-def _round(linears: list[QuantLinear], stats: dict, damp: float) -> list[float]:
+def _round(linears: list[QuantLinear], stats: dict, damp: float, search: tuple | None = None,
+           factors_chosen: dict | None = None) -> list[float]:
     """GPTQ codes into each Linear's weight quantizer; returns each one's proxy error tr(ΔW H ΔWᵀ)
-    relative to nearest rounding's (below 1: GPTQ's codes fit the inputs better)."""
+    relative to nearest rounding's on the observer's grid (below 1: GPTQ's codes fit the inputs better).
+    search: step-size factors for qdrop.quant.gptq.gptq_search (each row's grid chosen by its GPTQ error;
+    factors_chosen counts the rows that took each factor), or None: the observer's grid."""
     ratios = []
     for m in linears:
         if m not in stats:  # never called on the calibration data: nearest rounding stays
@@ -106,7 +109,16 @@ def _round(linears: list[QuantLinear], stats: dict, damp: float) -> list[float]:
         wq, w, h = m.weight_quant, m.layer.weight, stats[m]
         s, z = wq.scale.reshape(-1, 1), wq.zero_point.reshape(-1, 1)
         nearest = (wq.nearest_codes(w) - z) * s  # the baseline, whatever codes wq holds now
-        codes = gptq_codes(w, h, wq.scale, wq.zero_point, wq.scheme.qmin, wq.scheme.qmax, damp=damp)
+        if search:
+            scale, codes = gptq_search(w, h, wq.scale, wq.zero_point, wq.scheme.qmin, wq.scheme.qmax,
+                                       factors=search, damp=damp)
+            if factors_chosen is not None:
+                ratio = scale / wq.scale.detach().reshape(-1)
+                for f in search:
+                    factors_chosen[f] = factors_chosen.get(f, 0) + int(((ratio - f).abs() < 1e-4).sum())
+            wq.set_range(scale, wq.zero_point.detach().clone())
+        else:
+            codes = gptq_codes(w, h, wq.scale, wq.zero_point, wq.scheme.qmin, wq.scheme.qmax, damp=damp)
         wq.fix_codes(w, codes)
         chosen = wq(w).detach()
         err = [float(torch.einsum("oi,ij,oj->", d, h, d)) for d in ((w - chosen).double(), (w - nearest).double())]
@@ -116,19 +128,21 @@ def _round(linears: list[QuantLinear], stats: dict, damp: float) -> list[float]:
 
 @torch.no_grad()
 def gptq_transformer(qmodel: nn.Module, batches: list, units: str | None = None, damp: float = DAMP,
-                     sequential: bool = False, progress: bool = False) -> dict:
+                     sequential: bool = False, search: tuple | None = None, progress: bool = False) -> dict:
     """GPTQ codes for every quantized Linear of a calibrated transformer (qdrop.nlp.calibrate_transformer has
     run: the weight grids and the input ranges exist). batches: the calibration batches (dicts of model inputs).
     sequential: False (the default): one pass per block gathers every Linear's statistics with the block's weights
     in FP; True: a block's Linears in call order, each group's statistics after the codes of the groups before it.
-    Returns the count of Linears, the damping, the count of batches, the proxy errors relative to nearest rounding, and the seconds."""
+    search: step-size factors (qdrop.quant.gptq.SEARCH_FACTORS): each weight row's grid is the observer's step
+    times the factor whose GPTQ codes give that row the least output error on the calibration inputs; None: the
+    observer's grid. Returns the count of Linears, the damping, the count of batches, the proxy errors relative to nearest rounding, and the seconds."""
     t0 = time.perf_counter()
     was_training = qmodel.training
     qmodel.eval()
     device = next(qmodel.parameters()).device
     part = ScopePartition(qmodel, units)
     xs, masks = part.start(batches, device)
-    ratios, done = [], set()
+    ratios, done, chosen = [], set(), {}
     for k, unit in enumerate(part.blocks):
         linears = [m for m in (qmodel.get_submodule(n) for n in unit.layers) if isinstance(m, QuantLinear)]
         run_block = part.block_fn(k)
@@ -148,9 +162,9 @@ def gptq_transformer(qmodel: nn.Module, batches: list, units: str | None = None,
             groups = _call_groups(linears, lambda: run(first_only=True))
             for i, group in enumerate(groups):
                 later = [m for g in groups[i + 1:] for m in g]
-                ratios += _round(group, _input_moments(group, run, stop=later, fp=False), damp)
+                ratios += _round(group, _input_moments(group, run, stop=later, fp=False), damp, search, chosen)
         else:
-            ratios += _round(linears, _input_moments(linears, run), damp)
+            ratios += _round(linears, _input_moments(linears, run), damp, search, chosen)
         done.update(linears)
         xs = run()  # the next block's input, through this block's codes
         if progress:
@@ -160,9 +174,12 @@ def gptq_transformer(qmodel: nn.Module, batches: list, units: str | None = None,
         def run_model():
             for b in batches:
                 qmodel(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
-        ratios += _round(rest, _input_moments(rest, run_model), damp)
+        ratios += _round(rest, _input_moments(rest, run_model), damp, search, chosen)
     qmodel.train(was_training)
     ratios.sort()
-    return dict(layers=len(ratios), damp=damp, sequential=sequential, batches=len(batches), proxy_error_vs_nearest=dict(
+    rows = sum(chosen.values())
+    return dict(layers=len(ratios), damp=damp, sequential=sequential, batches=len(batches),
+                search=dict(factors=list(search), rows_per_factor={str(f): round(n / rows, 4) for f, n in chosen.items()})
+                if search else None, proxy_error_vs_nearest=dict(
         median=ratios[len(ratios) // 2] if ratios else None, worst=ratios[-1] if ratios else None),
         seconds=round(time.perf_counter() - t0, 1))

@@ -13,7 +13,7 @@ from .gptq import gptq_transformer
 from .prepare import calibrate_transformer, prepare_transformer
 from .rotation import rotate_inputs, rotation_matrix, rotation_targets
 from ..errors import UsageError
-from ..quant.gptq import DAMP
+from ..quant.gptq import DAMP, SEARCH_FACTORS
 
 NLP_ALGOS = ("naive", "smoothquant", "osplus", "os")
 W_ROUNDINGS = ("nearest", "gptq")
@@ -30,7 +30,7 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
                          act_granularity: str = "per_tensor", w_observer: str = "mse", a_observer: str = "minmax",
                          quantize_attention_matmuls: bool = False, skip=(), down_proj: bool = False,
                          rotate: str | None = None, w_rounding: str = "nearest", gptq_batches: list | None = None,
-                         gptq_damp: float = DAMP, alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
+                         gptq_damp: float = DAMP, gptq_search: bool = False, alpha: float = 0.5, fine_epochs: int = 3, fine_lr: float = FINE_LR, loss_on: str = "tokens",
                          patience: int | None = None, seed: int = 0, inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
     """prepare -> (transform) -> calibrate -> (token-wise clipping). Returns (qmodel, report).
 
@@ -45,12 +45,15 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
                  block by block against each Linear's calibration inputs, after the activation ranges are set)
     gptq_batches: the batches GPTQ gathers its input statistics H on (None: calib_batches; more tokens make H a
                  better estimate without moving the transform's scales or the ranges); gptq_damp: GPTQ's λ as a
-                 fraction of H's mean diagonal (qdrop.quant.gptq.DAMP, the paper's 1 %)
+                 fraction of H's mean diagonal (qdrop.quant.gptq.DAMP, the paper's 1 %); gptq_search: each weight
+                 row's step chosen among the observer's x qdrop.quant.gptq.SEARCH_FACTORS by its GPTQ output error
     """
     if algo not in NLP_ALGOS:
         raise UsageError(f"algo must be one of {NLP_ALGOS}, got {algo!r}")
     if w_rounding not in W_ROUNDINGS:
         raise UsageError(f"w_rounding must be one of {W_ROUNDINGS}, got {w_rounding!r}")
+    if gptq_search and w_rounding != "gptq":
+        raise UsageError("gptq_search chooses the grid GPTQ rounds on: give it with w_rounding='gptq' (--w-rounding gptq)")
     if not gptq_damp > 0:
         raise UsageError(f"gptq_damp must be a positive fraction of H's mean diagonal (e.g. {DAMP}), got {gptq_damp!r}")
     torch.manual_seed(seed)
@@ -71,7 +74,8 @@ def quantize_transformer(model: nn.Module, calib_batches: list, bits: str = "w8a
     calibrate_transformer(qmodel, calib_batches, progress)
     if w_rounding == "gptq":
         report["gptq"] = gptq_transformer(qmodel, calib_batches if gptq_batches is None else gptq_batches,
-                                          damp=gptq_damp, progress=progress)
+                                          damp=gptq_damp, search=SEARCH_FACTORS if gptq_search else None,
+                                          progress=progress)
     if algo == "os":
         # causal LMs: the loss is taken on the decoder's last hidden state, not on 50k-wide
         # logits (memory); lm_head's input keeps its observer range
