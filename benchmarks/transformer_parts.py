@@ -22,6 +22,7 @@ from qdrop.io import atomic_write_json, environment
 from qdrop.nlp.data import lm_splits, read_tokens, segment_batches
 from qdrop.nlp.models import load_hf
 from qdrop.nlp.pipeline import quantize_transformer
+from qdrop.nlp_pipeline import DEFAULT_DATA
 from qdrop.quant.state import quant_mode, quantizers, switched
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fp, tokenizer = load_hf(args.model, "lm")
-    tokens = read_tokens(data_root() / "nlp/wikitext2_valid.txt", tokenizer)
+    tokens = read_tokens(data_root() / DEFAULT_DATA["lm"], tokenizer)
     eval_tokens, cal = lm_splits(tokens, args.calib, args.calib_len, 1024, args.windows)
     t = time.perf_counter()
     qmodel, report = quantize_transformer(fp, segment_batches(cal, batch_size=8), args.bits, "osplus", "per_tensor",

@@ -27,7 +27,7 @@ import time
 import torch
 from torch import nn
 
-from ..quant.gptq import DAMP, gptq_codes, gptq_search
+from ..quant.gptq import DAMP, gptq_codes, gptq_search, row_errors
 from .layers import QuantLinear
 from .mask import real_tokens, token_mask
 from .prepare import quant_linears
@@ -121,7 +121,7 @@ def _round(linears: list[QuantLinear], stats: dict, damp: float, search: tuple |
             codes = gptq_codes(w, h, wq.scale, wq.zero_point, wq.scheme.qmin, wq.scheme.qmax, damp=damp)
         wq.fix_codes(w, codes)
         chosen = wq(w).detach()
-        err = [float(torch.einsum("oi,ij,oj->", d, h, d)) for d in ((w - chosen).double(), (w - nearest).double())]
+        err = [float(row_errors(w, q, h).sum()) for q in (chosen, nearest)]
         ratios.append(err[0] / max(err[1], 1e-30))
     return ratios
 
