@@ -1013,3 +1013,64 @@ def test_run_nlp_quantize_onnx_refusals(tmp_path):
     with pytest.raises(ValueError, match="per-token dynamic activations have no static ONNX QDQ form"):
         run_nlp_quantize("hf:x", "sts", data=tmp_path, out=tmp_path / "o", onnx=True, act_granularity="per_token")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("make,batch", [(tiny_llama, llama_batch), (tiny_bert, bert_batch)], ids=["llama", "bert"])
+def test_e2e_step_tuning_lowers_the_prediction_error_and_keeps_the_codes(make, batch):
+    """tune_step_sizes after GPTQ on a W3A8 model: the prediction error (KL of the logits for an LM, the last hidden
+    state's squared error for an encoder) over real tokens falls on the calibration batches and on a held-out one,
+    every integer code stays GPTQ's, only the step sizes move, and the FP model (quantizers off) is unchanged."""
+    from qdrop.nlp.tune import prediction, prediction_loss, tune_step_sizes
+
+    model = make()
+    calib, test = [batch(s) for s in range(6)], batch(100)
+    qm, _ = quantize_transformer(model, calib, "w3a8", "naive", w_rounding="gptq")
+    linears = quant_linears(qm)
+    codes = {n: m.weight_quant.int_repr(m.layer.weight) for n, m in linears}
+    scales = {n: m.weight_quant.scale.detach().clone() for n, m in linears}
+    weights = {n: m.layer.weight.detach().clone() for n, m in linears}
+    wants_grad = [p.requires_grad for p in qm.parameters()]
+
+    def error(b):
+        with torch.no_grad():
+            with quant_mode(qm, weights=False, acts=False):
+                fp, _ = prediction(qm(**b))
+            y, logits = prediction(qm(**b))
+            return float(prediction_loss(y, fp, b["attention_mask"], logits))
+
+    before = [error(b) for b in calib + [test]]
+    report = tune_step_sizes(qm, calib, steps=60, lr=2e-2, seed=0)
+    after = [error(b) for b in calib + [test]]
+    assert sum(after[:-1]) < 0.9 * sum(before[:-1]) and after[-1] < before[-1], (before, after)
+    assert report["quantizers"] == len(linears) and report["loss_last_pass"] < report["loss_first_pass"]
+    assert report["step_change_max"] > 0
+    for n, m in linears:
+        assert torch.equal(m.weight_quant.int_repr(m.layer.weight), codes[n]) and torch.equal(m.layer.weight, weights[n])
+        assert m.weight_quant.log_step is None and not m.weight_quant.scale.requires_grad
+    assert any(not torch.equal(m.weight_quant.scale, scales[n]) for n, m in linears)
+    assert [p.requires_grad for p in qm.parameters()] == wants_grad
+    with quant_mode(qm, weights=False, acts=False):
+        assert masked_diff(hidden(qm, test), hidden(model, test), test["attention_mask"]) < 1e-4
+
+
+def test_e2e_steps_run_last_are_recorded_and_bad_settings_are_refused(tmp_path, capsys):
+    """e2e_steps in run_nlp_quantize: the tuning runs after GPTQ, its report and settings are recorded (absent when
+    off), the score moves; e2e_lr without steps, bad values (API and CLI) and a vision model are refused."""
+    from qdrop.cli import main
+
+    d, text, args = _tiny_lm_gptq_run(tmp_path, "w3a8")
+    base = run_nlp_quantize(f"hf:{d}", "lm", **args)
+    tuned = run_nlp_quantize(f"hf:{d}", "lm", e2e_steps=4, e2e_lr=1e-2, **args)
+    assert "e2e_steps" not in base and "e2e" not in base["report"]
+    assert tuned["e2e_steps"] == 4 and tuned["e2e_lr"] == 1e-2 and tuned["report"]["e2e"]["steps"] == 4
+    assert tuned["quant"] != base["quant"]
+    with pytest.raises(UsageError, match="give it with e2e_steps"):
+        run_nlp_quantize(f"hf:{d}", "lm", e2e_lr=1e-2, **args)
+    with pytest.raises(UsageError, match="e2e_steps must be a positive integer"):
+        run_nlp_quantize(f"hf:{d}", "lm", e2e_steps=0, **args)
+    assert main(["quantize", "--model", f"hf:{d}", "--task", "lm", "--data", str(text), "--bits", "w4a8",
+                 "--e2e-lr", "0.01", "--out", str(tmp_path / "r")]) == 2
+    assert "give it with e2e_steps" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--e2e-steps", "8", "--out",
+                 str(tmp_path / "v")]) == 2
+    assert "--e2e-steps does not apply to vision models" in capsys.readouterr().err

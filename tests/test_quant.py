@@ -537,3 +537,43 @@ def test_fixed_codes_quantize_the_weight_reload_and_start_adaround():
 def test_scheme_rejects_bits():
     with pytest.raises(ValueError):
         QScheme(bits=1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 8), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_learned_steps_keep_the_codes_and_fix_to_the_model_they_learned(bits, symmetric, held, seed):
+    """Quantizer.learn_step: at the start the weight is the quantizer's (nearest or held codes), with any log_step
+    it is (c - z) s exp(log_step) with the same integers c, a gradient reaches log_step, and fix_step keeps that
+    weight and those codes (the export's integers) with the learned step as the scale; the FP weight is untouched."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(7, 12, generator=g) * torch.rand(7, 1, generator=g) * 3
+    before = w.clone()
+    q = _weight_quantizer(w, bits, symmetric)
+    if held:  # codes another rounding chose (GPTQ's may lie steps from w)
+        q.fix_codes(w, torch.clamp(q.int_repr(w) + torch.randint(-2, 3, w.shape, generator=g), q.scheme.qmin, q.scheme.qmax))
+    codes, start = q.int_repr(w), q(w).detach()
+    q.learn_step(w)
+    torch.testing.assert_close(q(w), start, rtol=0, atol=1e-6)
+    u = torch.randn(q.scale.shape, generator=g) * 0.2
+    with torch.no_grad():
+        q.log_step.copy_(u)
+    z, s = q.zero_point.reshape(-1, 1), q.scale.detach().clone().reshape(-1, 1)
+    learned = q(w)
+    torch.testing.assert_close(learned, (codes - z) * s * torch.exp(u).reshape(-1, 1), rtol=1e-6, atol=1e-7)
+    learned.pow(2).sum().backward()
+    assert q.log_step.grad is not None and q.log_step.grad.abs().sum() > 0
+    q.fix_step()
+    assert q.log_step is None and q.round_up.dtype == torch.int16
+    assert torch.equal(q.int_repr(w), codes) and torch.equal(w, before)
+    torch.testing.assert_close(q(w), learned.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.scale, (s * torch.exp(u).reshape(-1, 1)).reshape(-1), rtol=1e-6, atol=0)
+
+
+def test_learn_step_needs_a_calibrated_quantizer_with_its_rounding_decided():
+    w = torch.randn(4, 8)
+    with pytest.raises(UsageError, match="learn_step needs a calibrated weight quantizer"):
+        Quantizer(QScheme(bits=4, ch_axis=0), 4, "weight").learn_step(w)
+    q = _weight_quantizer(w, 4)
+    q.init_adaround(w)
+    with pytest.raises(UsageError, match="rounding decided"):
+        q.learn_step(w)

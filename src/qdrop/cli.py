@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gptq-search", action="store_const", const=True, default=None,
                    help="with --w-rounding gptq: each weight row's step chosen among 0.75-1.1x the observer's by GPTQ's "
                    "output error on the calibration inputs (docs/nlp.md)")
+    q.add_argument("--e2e-steps", type=_positive, default=None, metavar="N",
+                   help="transformers: last, N Adam steps that learn every weight's per-channel step size against the FP "
+                   "model's prediction (KL of the logits), the integer codes held; one calibration batch a step "
+                   "(docs/nlp.md)")
+    q.add_argument("--e2e-lr", type=float, default=None, metavar="F",
+                   help="with --e2e-steps: Adam's learning rate on log(step / initial step) (default 1e-3)")
     q.add_argument("--backend", choices=sorted(PRESETS), default="academic")
     q.add_argument("--calib", type=_positive, default=None,
                    help="calibration samples from the training split (default: 1024; transformers: 256)")
@@ -301,7 +307,7 @@ _TRANSFORMER_ONLY = (("act_granularity", "per_tensor", "--act-granularity"), ("m
                      ("down_proj", False, "--down-proj"), ("rotate", None, "--rotate"), ("keep_fp", None, "--keep-fp"),
                      ("w_rounding", None, "--w-rounding"), ("gptq_calib", None, "--gptq-calib"),
                      ("gptq_damp", None, "--gptq-damp"), ("gptq_search", None, "--gptq-search"), ("calib_batch", None, "--calib-batch"),
-                     ("init", None, "--init"), ("units", None, "--units"),
+                     ("e2e_steps", None, "--e2e-steps"), ("e2e_lr", None, "--e2e-lr"), ("init", None, "--init"), ("units", None, "--units"),
                      ("split_blocks", False, "--split-blocks"),
                      ("recon_loss", None, "--recon-loss"))
 
@@ -342,7 +348,7 @@ def _quantize_transformer(args, out: Path) -> int:
                          act_granularity=args.act_granularity, max_windows=args.max_windows, down_proj=args.down_proj,
                          rotate=args.rotate, keep_fp=tuple(args.keep_fp) if args.keep_fp else None,
                          w_rounding=args.w_rounding, gptq_calib=args.gptq_calib, gptq_damp=args.gptq_damp,
-                         gptq_search=args.gptq_search,
+                         gptq_search=args.gptq_search, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
                          w_observer=args.w_observer, a_observer=args.a_observer or "minmax",
                          **({"fine_lr": args.fine_lr} if args.fine_lr is not None else {}), **extra, progress=True)
     init = f" (init {m['init']}, {m['iters']} it/block)" if recon else ""

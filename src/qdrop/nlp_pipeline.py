@@ -24,6 +24,7 @@ from .nlp.data import length_sorted_batches, lm_splits, read_tokens, segment_bat
 from .nlp.models import TASKS, load_hf
 from .nlp.pipeline import FINE_LR, NLP_ALGOS, W_ROUNDINGS, quantize_transformer
 from .nlp.prepare import skip_patterns
+from .nlp.tune import E2E_LR, tune_step_sizes
 from .quant.gptq import DAMP
 from .quant.scheme import parse_bits
 from .recon.configs import ALGORITHMS, UNIT_LOSSES, get_algorithm
@@ -43,7 +44,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                      calib_len: int = 128, batch_size: int = 32, calib_batch: int | None = None, down_proj: bool = False,
                      rotate: str | None = None,
                      keep_fp: tuple | None = None, w_rounding: str | None = None, gptq_calib: int | None = None,
-                     gptq_damp: float | None = None, gptq_search: bool | None = None, fine_epochs: int = 3,
+                     gptq_damp: float | None = None, gptq_search: bool | None = None, e2e_steps: int | None = None,
+                     e2e_lr: float | None = None, fine_epochs: int = 3,
                      fine_lr: float = FINE_LR, patience: int | None = None, quantize_attention_matmuls: bool = False,
                      init: str | None = None, iters: int = 500, lam: float | None = None, units: str | None = None,
                      split_blocks: bool | None = None,
@@ -92,6 +94,10 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     None = GPTQ's defaults, kept out of sweep run ids and metrics. gptq_search: GPTQ also chooses each weight row's
     step among the observer's x qdrop.quant.gptq.SEARCH_FACTORS, by that row's output error on the calibration
     inputs (None or False: the observer's grid; recorded, and in sweep run ids, only when True).
+    e2e_steps: after everything else (transform, ranges, GPTQ, reconstruction), this many Adam steps of end-to-end
+    step-size tuning (qdrop.nlp.tune: every weight's per-channel step learned against the FP model's prediction,
+    codes held; one calibration batch a step); e2e_lr its learning rate (None: qdrop.nlp.tune.E2E_LR). None = off;
+    both recorded, and in sweep run ids, only when set.
     onnx: also export OUT/model.onnx (QDQ, qdrop.export.transformer) and score it on the same evaluation data
     in ONNX Runtime: metrics["onnx"] holds the deployed score, the integer kernels ONNX Runtime runs, the CPU
     and ONNX Runtime's version (what the runtime delivers, beside what the simulation predicts).
@@ -121,6 +127,12 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     if (gptq_calib is not None or gptq_damp is not None or gptq_search) and w_rounding != "gptq":
         raise UsageError("gptq_calib, gptq_damp and gptq_search set GPTQ's statistics and grid: give them with w_rounding='gptq' "
                          "(--w-rounding gptq), or drop them")
+    if e2e_lr is not None and not e2e_steps:
+        raise UsageError("e2e_lr is the learning rate of end-to-end step-size tuning: give it with e2e_steps (--e2e-steps N)")
+    if e2e_steps is not None and (isinstance(e2e_steps, bool) or not isinstance(e2e_steps, int) or e2e_steps < 1):
+        raise UsageError(f"e2e_steps must be a positive integer (Adam steps, one calibration batch each), got {e2e_steps!r}")
+    if e2e_lr is not None and not e2e_lr > 0:
+        raise UsageError(f"e2e_lr must be positive (e.g. {E2E_LR}), got {e2e_lr!r}")
     if calib_batch is not None and (isinstance(calib_batch, bool) or not isinstance(calib_batch, int) or calib_batch < 1):
         raise UsageError(f"calib_batch must be a positive integer (samples per calibration batch), got {calib_batch!r}")
     if gptq_calib is not None and gptq_calib < 1:
@@ -224,6 +236,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         algorithm = get_algorithm(algo, **overrides) if overrides else algo
         report["reconstruction"] = _reconstruct(qmodel, tokenizer, recon_data, algorithm, iters, recon_batch, lam, seed,
                                                 units, split_blocks, max_cache_mb, out, progress)
+    if e2e_steps:
+        report["e2e"] = tune_step_sizes(qmodel, calib_batches, e2e_steps, lr=E2E_LR if e2e_lr is None else e2e_lr,
+                                        seed=seed, progress=progress)
     seconds["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     quant = evaluate(qmodel)
@@ -243,6 +258,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    **({"w_rounding": w_rounding} if w_rounding else {}),
                    **{k: v for k, v in (("gptq_calib", gptq_calib), ("gptq_damp", gptq_damp)) if v is not None},
                    **({"gptq_search": True} if gptq_search else {}),
+                   **{k: v for k, v in (("e2e_steps", e2e_steps), ("e2e_lr", e2e_lr)) if v is not None},
                    calib_size=calib_size, calib_batch=calib_batch_used, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},

@@ -339,7 +339,7 @@ def _slug(text: str) -> str:
 # and such a results folder should be rerun in a new folder.
 ID_IF_SET = {"int32_bias", "target_cpu", "budget", "sensitivity", "lr_iters", "init", "units", "recon_loss",
              "split_blocks", "onnx", "rotate", "keep_fp", "w_rounding",
-             "gptq_calib", "gptq_damp", "gptq_search", "calib_batch"}
+             "gptq_calib", "gptq_damp", "gptq_search", "calib_batch", "e2e_steps", "e2e_lr"}
 
 
 def run_id(config: dict) -> str:

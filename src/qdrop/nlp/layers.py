@@ -67,7 +67,7 @@ class QuantLinear(QuantLayer):
         wq, w = self.weight_quant, self.layer.weight
         if not isinstance(wq, Quantizer):  # ONNX export's stand-in
             return wq(w)
-        if wq.state != "quant" or wq.alpha is not None or (wq.prob < 1 and self.training):
+        if wq.state != "quant" or wq.alpha is not None or wq.log_step is not None or (wq.prob < 1 and self.training):
             self._cache = None
             return wq(w)
         if torch.is_grad_enabled() and (w.requires_grad or wq.scale.requires_grad or wq.zero_point.requires_grad):

@@ -219,6 +219,8 @@ class Quantizer(nn.Module):
         # AdaRound started from held codes (init_adaround): the lower of V's two choices, as an offset from
         # floor(w / s). None: floor(w / s) itself, AdaRound's own choice between floor and ceil.
         self._offset: torch.Tensor | None = None
+        # Step sizes learned on fixed integer codes (learn_step): the codes, while log_step is learned on them
+        self._codes: torch.Tensor | None = None
         self.hard_round = False
         self.register_buffer("round_up", None)  # learned rounding decisions (uint8 0/1), once fixed
 
@@ -412,6 +414,27 @@ class Quantizer(nn.Module):
         self.alpha, self._offset = None, None  # _offset only ever lives beside alpha
         self.hard_round = False
 
+    # ---- step sizes on fixed codes ---------------------------------------------------
+    def learn_step(self, w: torch.Tensor) -> None:
+        """Learn the weight's per-channel step size with its integer codes held: the codes it has now (nearest
+        rounding, GPTQ's, a fixed AdaRound's) stay, and the weight is (c - z) s0 exp(log_step), log_step starting
+        at 0. Unlike init_adaround(learn_scale=True) nothing is re-floored: a step change only moves the spacing
+        of the chosen integers (the end-to-end step-size training of EfficientQAT's E2E-QP and PEQA). fix_step
+        ends it."""
+        if self.alpha is not None or self.state != "quant":
+            raise UsageError("learn_step needs a calibrated weight quantizer with its rounding decided (fix_rounding)")
+        self._codes = self.int_repr(w).to(w.dtype)
+        self._weight = w.detach()
+        self.log_step = nn.Parameter(torch.zeros_like(self.scale.detach()))
+
+    def fix_step(self) -> None:
+        """End learn_step: the learned step becomes the scale, and the same codes are kept (fix_codes)."""
+        with torch.no_grad():
+            self.scale.copy_((self.scale * torch.exp(self.log_step)).clamp(min=1e-8))
+        w, codes = self._weight, self._codes
+        self.log_step, self._codes, self._weight = None, None, None
+        self.fix_codes(w, codes)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "round_up"
         if key in state_dict and self.round_up is None:  # a checkpoint with learned rounding
@@ -421,6 +444,8 @@ class Quantizer(nn.Module):
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of x on this quantizer's grid (int64): nearest rounding, or the
         learned AdaRound decisions when this quantizer holds them (x is then the weight)."""
+        if self._codes is not None:  # learn_step: the held codes
+            return self._codes.long()
         if self.alpha is None and self.round_up is None:
             return self.nearest_codes(x)
         s = _bshape(x, self.scheme.ch_axis, self.scale.detach())
@@ -454,6 +479,9 @@ class Quantizer(nn.Module):
         if self.state == "observe":
             self.observer.update(x)
             return x
+        if self._codes is not None:  # learn_step: the held codes on the learned step
+            z = _bshape(x, self.scheme.ch_axis, self.zero_point.detach())
+            return (self._codes - z) * _bshape(x, self.scheme.ch_axis, self.scale.detach() * torch.exp(self.log_step))
         if self.alpha is not None or self.round_up is not None:
             out = self._adaround(x)
         else:
