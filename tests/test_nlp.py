@@ -1074,3 +1074,28 @@ def test_e2e_steps_run_last_are_recorded_and_bad_settings_are_refused(tmp_path, 
     assert main(["quantize", "--model", "cifar10_resnet20", "--bits", "w4a4", "--e2e-steps", "8", "--out",
                  str(tmp_path / "v")]) == 2
     assert "--e2e-steps does not apply to vision models" in capsys.readouterr().err
+
+
+def test_e2e_step_tuning_stopped_midway_leaves_every_quantizer_on_its_codes(monkeypatch):
+    """An interruption during the tuning (here at its third step) ends with every weight quantizer on its fixed
+    codes and the steps learned so far: nothing is left learning, and the codes are the ones it started from."""
+    import qdrop.nlp.tune as tune
+
+    model, calib = tiny_llama(), [llama_batch(s) for s in range(3)]
+    qm, _ = quantize_transformer(model, calib, "w4a8", "naive", w_rounding="gptq")
+    codes = {n: m.weight_quant.int_repr(m.layer.weight) for n, m in quant_linears(qm)}
+    calls, loss = [], tune.prediction_loss
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args)
+    monkeypatch.setattr(tune, "prediction_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune_step_sizes(qm, calib, steps=10, lr=1e-2)
+    for n, m in quant_linears(qm):
+        q = m.weight_quant
+        assert q.log_step is None and q._codes is None and q.round_up.dtype == torch.int16
+        assert torch.equal(q.int_repr(m.layer.weight), codes[n])
+    assert torch.isfinite(hidden(qm, llama_batch(100))).all()

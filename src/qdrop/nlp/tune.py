@@ -73,16 +73,15 @@ def tune_step_sizes(qmodel: nn.Module, batches: list, steps: int, lr: float = E2
     grads = [p.requires_grad for p in qmodel.parameters()]
     for p in qmodel.parameters():
         p.requires_grad_(False)
-    for m in layers:
-        m.weight_quant.learn_step(m.layer.weight)
-    params = [m.weight_quant.log_step for m in layers]
     s0 = [m.weight_quant.scale.detach().clone() for m in layers]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
     losses, order = [], []
     bar = tqdm(total=steps, desc="e2e step sizes", unit="step", disable=not progress, dynamic_ncols=True)
-    try:
+    try:  # whatever stops it, every quantizer ends with its codes fixed on the steps learned so far
+        for m in layers:
+            m.weight_quant.learn_step(m.layer.weight)
+        opt = torch.optim.Adam([m.weight_quant.log_step for m in layers], lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for step in range(steps):
             if not order:
                 order = torch.randperm(len(batches), generator=g).tolist()
