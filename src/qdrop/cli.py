@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's prediction (KL of the logits), the integer codes held; one calibration batch a step "
                    "(docs/nlp.md)")
     q.add_argument("--e2e-lr", type=float, default=None, metavar="F",
-                   help="with --e2e-steps: Adam's learning rate on log(step / initial step) (default 1e-3)")
+                   help="with --e2e-steps: Adam's learning rate on log(step / initial step) (default 1e-2)")
     q.add_argument("--backend", choices=sorted(PRESETS), default="academic")
     q.add_argument("--calib", type=_positive, default=None,
                    help="calibration samples from the training split (default: 1024; transformers: 256)")
