@@ -1055,15 +1055,16 @@ def test_e2e_step_tuning_lowers_the_prediction_error_and_keeps_the_codes(make, b
 
 def test_e2e_steps_run_last_are_recorded_and_bad_settings_are_refused(tmp_path, capsys):
     """e2e_steps in run_nlp_quantize: the tuning runs after GPTQ, its report and settings are recorded (absent when
-    off), the score moves; e2e_lr without steps, bad values (API and CLI) and a vision model are refused."""
+    off), the score moves, and ONNX Runtime scores the exported model as the simulation does; e2e_lr without steps, bad values (API and CLI) and a vision model are refused."""
     from qdrop.cli import main
 
     d, text, args = _tiny_lm_gptq_run(tmp_path, "w3a8")
     base = run_nlp_quantize(f"hf:{d}", "lm", **args)
-    tuned = run_nlp_quantize(f"hf:{d}", "lm", e2e_steps=4, e2e_lr=1e-2, **args)
+    tuned = run_nlp_quantize(f"hf:{d}", "lm", e2e_steps=4, e2e_lr=1e-2, out=tmp_path / "t", onnx=True, **args)
     assert "e2e_steps" not in base and "e2e" not in base["report"]
     assert tuned["e2e_steps"] == 4 and tuned["e2e_lr"] == 1e-2 and tuned["report"]["e2e"]["steps"] == 4
     assert tuned["quant"] != base["quant"]
+    assert tuned["onnx"]["deployed"] == pytest.approx(tuned["quant"], rel=1e-3)  # the learned steps are exported
     with pytest.raises(UsageError, match="give it with e2e_steps"):
         run_nlp_quantize(f"hf:{d}", "lm", e2e_lr=1e-2, **args)
     with pytest.raises(UsageError, match="e2e_steps must be a positive integer"):
