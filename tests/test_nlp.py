@@ -1069,6 +1069,8 @@ def test_e2e_steps_run_last_are_recorded_and_bad_settings_are_refused(tmp_path, 
         run_nlp_quantize(f"hf:{d}", "lm", e2e_lr=1e-2, **args)
     with pytest.raises(UsageError, match="e2e_steps must be a positive integer"):
         run_nlp_quantize(f"hf:{d}", "lm", e2e_steps=0, **args)
+    with pytest.raises(UsageError, match="e2e_lr must be a positive number"):
+        run_nlp_quantize(f"hf:{d}", "lm", e2e_steps=2, e2e_lr="1e-2", **args)
     assert main(["quantize", "--model", f"hf:{d}", "--task", "lm", "--data", str(text), "--bits", "w4a8",
                  "--e2e-lr", "0.01", "--out", str(tmp_path / "r")]) == 2
     assert "give it with e2e_steps" in capsys.readouterr().err and not (tmp_path / "r").exists()
@@ -1093,10 +1095,28 @@ def test_e2e_step_tuning_stopped_midway_leaves_every_quantizer_on_its_codes(monk
             raise KeyboardInterrupt
         return loss(*args)
     monkeypatch.setattr(tune, "prediction_loss", interrupted)
+    scales = {n: m.weight_quant.scale.detach().clone() for n, m in quant_linears(qm)}
+    wants_grad = [p.requires_grad for p in qm.parameters()]
+    qm.train()
     with pytest.raises(KeyboardInterrupt):
         tune.tune_step_sizes(qm, calib, steps=10, lr=1e-2)
     for n, m in quant_linears(qm):
         q = m.weight_quant
         assert q.log_step is None and q._codes is None and q.round_up.dtype == torch.int16
         assert torch.equal(q.int_repr(m.layer.weight), codes[n])
+    assert any(not torch.equal(m.weight_quant.scale, scales[n]) for n, m in quant_linears(qm))  # two steps kept
+    assert qm.training and [p.requires_grad for p in qm.parameters()] == wants_grad
+    qm.eval()
     assert torch.isfinite(hidden(qm, llama_batch(100))).all()
+
+
+def test_e2e_tuning_refuses_outputs_without_tokens():
+    """A sequence classifier's [batch, classes] logits (or a one-label regressor's) have no token axis to tune on."""
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from qdrop.nlp.tune import prediction
+
+    for logits in (torch.randn(2, 3), torch.randn(2, 5, 1)):
+        with pytest.raises(UsageError, match="needs per-token outputs"):
+            prediction(SequenceClassifierOutput(logits=logits))
+    assert prediction(SequenceClassifierOutput(logits=torch.randn(2, 5, 7)))[1] is True

@@ -577,3 +577,24 @@ def test_learn_step_needs_a_calibrated_quantizer_with_its_rounding_decided():
     q.init_adaround(w)
     with pytest.raises(UsageError, match="rounding decided"):
         q.learn_step(w)
+    q = _weight_quantizer(w, 4)
+    with pytest.raises(UsageError, match="call learn_step first"):
+        q.fix_step()
+    q.learn_step(w)
+    with pytest.raises(UsageError, match="no step already being learned"):
+        q.learn_step(w)
+    with pytest.raises(UsageError, match="end it with fix_step first"):
+        q.fix_codes(w, q.int_repr(w))
+    with pytest.raises(UsageError, match="end it with fix_step first"):
+        q.init_adaround(w)
+    start, codes = q.scale.detach().clone(), q.int_repr(w)
+    with torch.no_grad():
+        q.log_step[0] = float("nan")  # a diverged step keeps its starting value; the others are learned
+        q.log_step[1:] = 0.1
+    q.fix_step()
+    assert q.scale[0] == start[0] and torch.allclose(q.scale[1:], start[1:] * math.exp(0.1))
+    assert torch.equal(q.int_repr(w), codes)
+    act = Quantizer(QScheme(bits=8), role="act")
+    act.calibrate_on(torch.randn(100))
+    with pytest.raises(UsageError, match="learn_step needs a calibrated weight quantizer"):
+        act.learn_step(torch.randn(100))

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "output error on the calibration inputs (docs/nlp.md)")
     q.add_argument("--e2e-steps", type=_positive, default=None, metavar="N",
                    help="transformers: last, N Adam steps that learn every weight's per-channel step size against the FP "
-                   "model's prediction (KL of the logits), the integer codes held; one calibration batch a step "
+                   "model's prediction (LM: KL of the logits; encoders: the last hidden state's error), the integer codes held; one calibration batch a step "
                    "(docs/nlp.md)")
     q.add_argument("--e2e-lr", type=float, default=None, metavar="F",
                    help="with --e2e-steps: Adam's learning rate on log(step / initial step) (default 1e-2)")

@@ -97,7 +97,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     e2e_steps: after everything else (transform, ranges, GPTQ, reconstruction), this many Adam steps of end-to-end
     step-size tuning (qdrop.nlp.tune: every weight's per-channel step learned against the FP model's prediction,
     codes held; one calibration batch a step); e2e_lr its learning rate (None: qdrop.nlp.tune.E2E_LR). None = off;
-    both recorded, and in sweep run ids, only when set.
+    in sweep run ids only when set; metrics.json records both (the rate in effect) whenever e2e_steps is set.
     onnx: also export OUT/model.onnx (QDQ, qdrop.export.transformer) and score it on the same evaluation data
     in ONNX Runtime: metrics["onnx"] holds the deployed score, the integer kernels ONNX Runtime runs, the CPU
     and ONNX Runtime's version (what the runtime delivers, beside what the simulation predicts).
@@ -131,8 +131,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         raise UsageError("e2e_lr is the learning rate of end-to-end step-size tuning: give it with e2e_steps (--e2e-steps N)")
     if e2e_steps is not None and (isinstance(e2e_steps, bool) or not isinstance(e2e_steps, int) or e2e_steps < 1):
         raise UsageError(f"e2e_steps must be a positive integer (Adam steps, one calibration batch each), got {e2e_steps!r}")
-    if e2e_lr is not None and not e2e_lr > 0:
-        raise UsageError(f"e2e_lr must be positive (e.g. {E2E_LR}), got {e2e_lr!r}")
+    if e2e_lr is not None and (isinstance(e2e_lr, bool) or not isinstance(e2e_lr, (int, float)) or not e2e_lr > 0):
+        raise UsageError(f"e2e_lr must be a positive number (e.g. {E2E_LR}; in YAML write 1.0e-2), got {e2e_lr!r}")
     if calib_batch is not None and (isinstance(calib_batch, bool) or not isinstance(calib_batch, int) or calib_batch < 1):
         raise UsageError(f"calib_batch must be a positive integer (samples per calibration batch), got {calib_batch!r}")
     if gptq_calib is not None and gptq_calib < 1:
@@ -258,7 +258,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    **({"w_rounding": w_rounding} if w_rounding else {}),
                    **{k: v for k, v in (("gptq_calib", gptq_calib), ("gptq_damp", gptq_damp)) if v is not None},
                    **({"gptq_search": True} if gptq_search else {}),
-                   **{k: v for k, v in (("e2e_steps", e2e_steps), ("e2e_lr", e2e_lr)) if v is not None},
+                   **({"e2e_steps": e2e_steps, "e2e_lr": E2E_LR if e2e_lr is None else e2e_lr} if e2e_steps else {}),
                    calib_size=calib_size, calib_batch=calib_batch_used, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},

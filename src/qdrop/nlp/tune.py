@@ -36,9 +36,14 @@ E2E_LR = 1e-2  # Adam's step on log(s / s0): the best of 1e-3, 5e-3, 1e-2, 2e-2 
 
 
 def prediction(out) -> tuple[torch.Tensor, bool]:
-    """The model's prediction and whether it is logits (a causal LM's, a classifier's) or hidden states."""
+    """The model's per-token prediction, [batch, tokens, features], and whether it is logits (a causal LM's, a token
+    classifier's) or hidden states (an encoder's last layer)."""
     logits = getattr(out, "logits", None)
-    return (logits, True) if logits is not None else (out.last_hidden_state, False)
+    y, is_logits = (logits, True) if logits is not None else (getattr(out, "last_hidden_state", None), False)
+    if not isinstance(y, torch.Tensor) or y.dim() != 3 or (is_logits and y.shape[-1] < 2):
+        raise UsageError("e2e step-size tuning needs per-token outputs: token logits [batch, tokens, vocab] or a "
+                         "last_hidden_state; a sequence classifier's or regressor's head has neither (tune its encoder)")
+    return y, is_logits
 
 
 def prediction_loss(y_q: torch.Tensor, y_fp: torch.Tensor, real: torch.Tensor | None, logits: bool) -> torch.Tensor:
@@ -66,7 +71,13 @@ def tune_step_sizes(qmodel: nn.Module, batches: list, steps: int, lr: float = E2
         raise UsageError("e2e step-size tuning needs calibration batches")
     layers = [m for _, m in quant_linears(qmodel) if m.weight_quant.state == "quant"]
     if not layers:
-        raise UsageError("e2e step-size tuning found no calibrated weight quantizer: calibrate the model first")
+        raise UsageError("e2e step-size tuning found no weight quantizer on (state 'quant'): calibrate the model, "
+                         "and call it outside quant_mode(weights=False)")
+    if any(m.weight_quant.alpha is not None or m.weight_quant.log_step is not None for m in layers):
+        raise UsageError("e2e step-size tuning needs every weight's rounding decided: finish the reconstruction "
+                         "(fix_rounding) first")
+    device = next(qmodel.parameters()).device
+    use_cache = {"use_cache": False} if hasattr(getattr(qmodel, "config", None), "use_cache") else {}
     t0 = time.perf_counter()
     was_training = qmodel.training
     qmodel.eval()
@@ -85,10 +96,10 @@ def tune_step_sizes(qmodel: nn.Module, batches: list, steps: int, lr: float = E2
         for step in range(steps):
             if not order:
                 order = torch.randperm(len(batches), generator=g).tolist()
-            batch = batches[order.pop()]
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[order.pop()].items()}
             with torch.no_grad(), quant_mode(qmodel, weights=False, acts=False):
-                y_fp, _ = prediction(qmodel(**batch))
-            y_q, logits = prediction(qmodel(**batch))
+                y_fp, _ = prediction(qmodel(**batch, **use_cache))
+            y_q, logits = prediction(qmodel(**batch, **use_cache))
             loss = prediction_loss(y_q, y_fp, batch.get("attention_mask"), logits)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"e2e step-size tuning: the loss is {loss.item()} at step {step}")

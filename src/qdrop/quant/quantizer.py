@@ -314,6 +314,8 @@ class Quantizer(nn.Module):
         starting at 0), on a grid whose base floor(w / s0) stays where it started, so the weight is
         s (clamp(floor(w / s0) + z + h(V), qmin, qmax) - z): a step size change moves every code of the channel
         by the same factor instead of re-flooring them (Genie-M's joint step-size and rounding learning)."""
+        if self._codes is not None:
+            raise UsageError("init_adaround: a step size is being learned on held codes; end it with fix_step first")
         if learn_scale and self.round_up is not None:
             raise UsageError("a learned weight step size cannot re-open rounding decisions taken on another step "
                              "size; learn it in the first stage that learns the rounding")
@@ -399,6 +401,8 @@ class Quantizer(nn.Module):
         """Quantize the weight w to these integer codes (another rounding's, e.g. GPTQ's, which may lie
         further than one step from w). Kept like AdaRound's decisions, as an offset from floor(w / s) + z
         (int16), so the FP weight stays unmodified; AdaRound cannot start from them (init_adaround)."""
+        if self._codes is not None:
+            raise UsageError("fix_codes: a step size is being learned on held codes; end it with fix_step first")
         s = _bshape(w, self.scheme.ch_axis, self.scale.detach())
         z = _bshape(w, self.scheme.ch_axis, self.zero_point.detach())
         with torch.no_grad():
@@ -420,17 +424,22 @@ class Quantizer(nn.Module):
         rounding, GPTQ's, a fixed AdaRound's) stay, and the weight is (c - z) s0 exp(log_step), log_step starting
         at 0. Unlike init_adaround(learn_scale=True) nothing is re-floored: a step change only moves the spacing
         of the chosen integers (the end-to-end step-size training of EfficientQAT's E2E-QP and PEQA). fix_step
-        ends it."""
-        if self.alpha is not None or self.state != "quant":
-            raise UsageError("learn_step needs a calibrated weight quantizer with its rounding decided (fix_rounding)")
-        self._codes = self.int_repr(w).to(w.dtype)
+        ends it. A state_dict taken before fix_step holds log_step and not the codes: finish first, then save."""
+        if self.role != "weight" or self.alpha is not None or self.state != "quant" or self.log_step is not None:
+            raise UsageError("learn_step needs a calibrated weight quantizer with its rounding decided (fix_rounding) "
+                             "and no step already being learned (fix_step ends that)")
+        self._codes = self.int_repr(w).to(torch.int16 if self.scheme.qmax <= 32767 else torch.int32)  # (cast per call)
         self._weight = w.detach()
         self.log_step = nn.Parameter(torch.zeros_like(self.scale.detach()))
 
     def fix_step(self) -> None:
-        """End learn_step: the learned step becomes the scale, and the same codes are kept (fix_codes)."""
+        """End learn_step: the learned step becomes the scale, and the same codes are kept (fix_codes). A step
+        that is not finite (a diverged run) keeps its starting value."""
+        if self._codes is None:
+            raise UsageError("fix_step ends learn_step: call learn_step first")
         with torch.no_grad():
-            self.scale.copy_((self.scale * torch.exp(self.log_step)).clamp(min=1e-8))
+            u = torch.where(torch.isfinite(self.log_step), self.log_step, torch.zeros_like(self.log_step))
+            self.scale.copy_((self.scale * torch.exp(u)).clamp(min=1e-8))
         w, codes = self._weight, self._codes
         self.log_step, self._codes, self._weight = None, None, None
         self.fix_codes(w, codes)
@@ -481,7 +490,7 @@ class Quantizer(nn.Module):
             return x
         if self._codes is not None:  # learn_step: the held codes on the learned step
             z = _bshape(x, self.scheme.ch_axis, self.zero_point.detach())
-            return (self._codes - z) * _bshape(x, self.scheme.ch_axis, self.scale.detach() * torch.exp(self.log_step))
+            return (self._codes.to(x.dtype) - z) * _bshape(x, self.scheme.ch_axis, self.scale.detach() * torch.exp(self.log_step))
         if self.alpha is not None or self.round_up is not None:
             out = self._adaround(x)
         else:
