@@ -5,7 +5,7 @@ floating point. Built as `qdrop quantize --model hf:smollm2 --task lm --algo osp
 windows; qdrop.nlp_pipeline.run_nlp_quantize), so `all` is that command's number on the same CPU.
 
     python benchmarks/transformer_parts.py --bits w4a8 --seed 0 --out parts.json [--gptq-search] [--by-kind]
-        [--e2e-steps 64 [--e2e-lr 1e-3]] [--only-all]
+        [--e2e-steps 64 [--e2e-lr 1e-2]] [--only-all]
 
 --e2e-steps adds the command's `--e2e-steps` (qdrop.nlp.tune_step_sizes, on the same calibration batches and seed):
 the model is scored before it (`before_e2e`), then tuned, and the parts are the tuned model's. --only-all skips the
@@ -69,17 +69,22 @@ def main() -> None:
         result["e2e_s"] = round(time.perf_counter() - t, 1)
     result["all"] = ppl()
     print("all", result["all"], flush=True)
-    if args.only_all:
-        result["environment"] = environment()
-        atomic_write_json(args.out, result)
-        return
+    if not args.only_all:
+        score_parts(qmodel, ppl, result, args.by_kind)
+    result["environment"] = environment()
+    print({k: result[k] for k in ("all", "weights_only", "acts_only", "lm_head_fp") if k in result})
+    atomic_write_json(args.out, result)
+
+
+def score_parts(qmodel, ppl, result: dict, by_kind: bool) -> None:
+    """The perplexity with parts of the quantizers off (module docstring), into result."""
     with quant_mode(qmodel, weights=True, acts=False):
         result["weights_only"] = ppl()
     with quant_mode(qmodel, weights=False, acts=True):
         result["acts_only"] = ppl()
     with switched(qmodel, lambda name, q: not name.startswith("lm_head.")):
         result["lm_head_fp"] = ppl()
-    if args.by_kind:
+    if by_kind:
         kinds = sorted({name.rsplit(".", 2)[-2] for name, q in quantizers(qmodel)
                         if q.role == "weight" and not name.startswith("lm_head.")})
         result["weights_fp_of_kind"] = {}
@@ -87,10 +92,6 @@ def main() -> None:
             with switched(qmodel, lambda name, q: not (q.role == "weight" and name.endswith(f".{kind}.weight_quant"))):
                 result["weights_fp_of_kind"][kind] = ppl()
             print(kind, result["weights_fp_of_kind"][kind], flush=True)
-    result["environment"] = environment()
-    print({k: result[k] for k in ("all", "weights_only", "acts_only", "lm_head_fp")})
-    atomic_write_json(args.out, result)
-
 
 if __name__ == "__main__":
     main()

@@ -237,8 +237,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         report["reconstruction"] = _reconstruct(qmodel, tokenizer, recon_data, algorithm, iters, recon_batch, lam, seed,
                                                 units, split_blocks, max_cache_mb, out, progress)
     if e2e_steps:
-        report["e2e"] = tune_step_sizes(qmodel, calib_batches, e2e_steps, lr=E2E_LR if e2e_lr is None else e2e_lr,
-                                        seed=seed, progress=progress)
+        e2e_lr = E2E_LR if e2e_lr is None else e2e_lr  # the rate in effect, also what metrics.json records
+        report["e2e"] = tune_step_sizes(qmodel, calib_batches, e2e_steps, lr=e2e_lr, seed=seed, progress=progress)
     seconds["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     quant = evaluate(qmodel)
@@ -258,7 +258,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    **({"w_rounding": w_rounding} if w_rounding else {}),
                    **{k: v for k, v in (("gptq_calib", gptq_calib), ("gptq_damp", gptq_damp)) if v is not None},
                    **({"gptq_search": True} if gptq_search else {}),
-                   **({"e2e_steps": e2e_steps, "e2e_lr": E2E_LR if e2e_lr is None else e2e_lr} if e2e_steps else {}),
+                   **({"e2e_steps": e2e_steps, "e2e_lr": e2e_lr} if e2e_steps else {}),
                    calib_size=calib_size, calib_batch=calib_batch_used, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},
