@@ -95,6 +95,10 @@ VARIANTS = {
     # qdrop's joint loop with nothing dropped (every activation quantized, unit input from the quantized model):
     # the reference's "BRECQ-style" joint run scored 78.43 at W2A4 against QDrop's 77.81 (../shared/REFERENCE.md)
     "qdrop-p1": ("qdrop", dict(drop_prob=1.0, input_mix=1.0)),
+    # stop 53: after the block-wise stage, the weights' step sizes (on their codes) and the activation step sizes
+    # learned end to end against the FP predictions (configs.E2E_STEPS)
+    "qdrop-plus-e2e": ("qdrop-plus-e2e", {}),
+    "qdrop-e2e": ("qdrop-e2e", {}),
     "qdrop-plus-p1": ("qdrop-plus", dict(drop_prob=1.0, input_mix=1.0)),
 }
 

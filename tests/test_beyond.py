@@ -303,3 +303,67 @@ def test_learned_weight_steps_recover_a_bad_grid_and_keep_their_codes():
         assert all(moved) == (algo == "qdrop-ws") and any(moved) == (algo == "qdrop-ws")
         assert all(m.weight_quant.alpha is None and m.weight_quant.log_step is None for m in layers)
     assert errors["qdrop-ws"] < 0.95 * errors["qdrop"]
+
+
+def _prediction_kl(qmodel, model, x):
+    with torch.no_grad():
+        return torch.nn.functional.kl_div(torch.log_softmax(qmodel(x), 1), torch.log_softmax(model(x), 1),
+                                          reduction="batchmean", log_target=True).item()
+
+
+def test_e2e_steps_keep_the_codes_and_lower_the_prediction_error():
+    """configs.E2E_STEPS after a block-wise stage: the weights' integer codes stay as that stage chose them, their
+    step sizes and the activation step sizes move, and the network's KL from the FP prediction falls."""
+    from dataclasses import replace
+    from qdrop.recon.configs import E2E_STEPS, Algorithm
+
+    assert CANDIDATES["qdrop-plus-e2e"].stages == (*CANDIDATES["qdrop-plus-fastround"].stages, E2E_STEPS)
+    assert CANDIDATES["qdrop-e2e"].stages == (*get_algorithm("qdrop").stages, E2E_STEPS)
+    model, qmodel, x = small_setup()
+    reconstruct(qmodel, None, x, algo="qdrop", iters=30, batch_size=16, progress=False)
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+    codes = {n: m.weight_quant.int_repr(m.layer.weight) for n, m in layers.items()}
+    w_steps = {n: m.weight_quant.scale.detach().clone() for n, m in layers.items()}
+    a_steps = {n: q.scale.detach().clone() for n, q in quantizers(qmodel) if q.role == "act" and q.state == "quant"}
+    before = _prediction_kl(qmodel, model, x)
+    e2e = Algorithm("e2e", "block", (replace(E2E_STEPS, iters_scale=1.0),))
+    report = reconstruct(qmodel, model, x, algo=e2e, iters=150, batch_size=16, progress=False)
+    assert [r["unit"] for r in report["unit_reports"]] == ["network"]
+    assert _prediction_kl(qmodel, model, x) < 0.8 * before
+    for n, m in layers.items():
+        wq = m.weight_quant
+        assert wq.log_step is None and wq.alpha is None
+        assert torch.equal(wq.int_repr(m.layer.weight), codes[n]), n  # the codes held, as the export writes them
+    assert any(not torch.equal(m.weight_quant.scale, w_steps[n]) for n, m in layers.items())
+    assert any(not torch.equal(q.scale, a_steps[n]) for n, q in quantizers(qmodel) if n in a_steps)
+    assert all(q.prob == 1.0 and q.state == "quant" and not q.scale.requires_grad for _, q in quantizers(qmodel))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_e2e_steps_stopped_midway_leave_every_weight_on_its_codes(monkeypatch):
+    """An interrupted end-to-end stage (here the 10th optimizer step raises) still ends with every weight
+    quantizer on its held codes and the steps learned so far: no quantizer is left learning."""
+    from dataclasses import replace
+    from qdrop.recon.configs import E2E_STEPS, Algorithm
+
+    model, qmodel, x = small_setup()
+    reconstruct(qmodel, None, x, algo="qdrop", iters=20, batch_size=16, progress=False)
+    layers = [m for m in qmodel.modules() if isinstance(m, QuantLayer)]
+    codes = [m.weight_quant.int_repr(m.layer.weight) for m in layers]
+    calls = []
+    real_step = torch.optim.Adam.step
+
+    def failing_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
+    e2e = Algorithm("e2e", "block", (replace(E2E_STEPS, iters_scale=1.0),))
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(qmodel, None, x, algo=e2e, iters=50, batch_size=16, progress=False)
+    for m, c in zip(layers, codes):
+        assert m.weight_quant.log_step is None and m.weight_quant._codes is None
+        assert torch.equal(m.weight_quant.int_repr(m.layer.weight), c)
+    assert all(not q.scale.requires_grad for _, q in quantizers(qmodel))

@@ -66,6 +66,7 @@ class Stage:
     hard_tail: float = 0.0  # last fraction of iterations with the rounding hard (V frozen), step sizes still learned
     # The weights' per-channel step sizes learned with the rounding (Quantizer.init_adaround(learn_scale=True)):
     # Adam on log(s / s0), rate w_scale_lr cosine-annealed like act_lr (and scaled by lr_iters like both).
+    # Without learn_weights, the step sizes alone on the integer codes already chosen (Quantizer.learn_step).
     learn_w_scale: bool = False
     w_scale_lr: float = 1e-3
     # Objective and scope (issue #13; docs/algorithms/beyond.md). The torch.fx path only, except "mse"/"unit".
@@ -125,6 +126,17 @@ _QDROP = Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.
 NETWORK_REFINE = Stage(learn_weights=True, learn_acts=True, act_quant=True, drop_prob=0.5, input_mix=1.0,
                        scope="network", loss="pd", iters_scale=0.25, warmup=0.0, b_start=4.0)
 
+# End-to-end step sizes after the block-wise stage (stop 53; docs/algorithms/beyond.md): one unit, the whole
+# network with every quantizer on and nothing dropped; the weights' per-channel step sizes on their held integer
+# codes (Adam on log(s / s0), 1e-2, as qdrop.nlp's --e2e-steps) and the activation step sizes (1e-3) learned
+# against the FP model's predictions (KL at T = 1), for a quarter of the per-unit iterations, no rate scaling.
+# Unlike NETWORK_REFINE the rounding stays as the block-wise stage decided it, and what is learned is learned
+# for the fully quantized network (dropping at network scope trains the steps for a half-quantized one).
+E2E_STEPS = Stage(learn_weights=False, learn_w_scale=True, w_scale_lr=1e-2, learn_acts=True, act_lr=1e-3,
+                  act_quant=True, drop_prob=1.0, input_mix=1.0, scope="network", loss="pd", pd_temp=1.0, pd_reg=0.0,
+                  iters_scale=0.25)
+_FASTROUND = replace(_QDROP, w_lr=1.6e-2, act_lr_iters=2000)
+
 ALGORITHMS = {
     "adaround": Algorithm("adaround", "layer", (Stage(learn_weights=True, learn_acts=False, act_quant=True),)),
     "brecq": Algorithm(
@@ -152,8 +164,10 @@ CANDIDATES = {
     # qdrop with the rounding fast at every budget and the step sizes' rate scaled below 2,000 it/unit
     # (x 16 / x 4 at 500 it/unit, x 16 / x 1 from 2,000). Stops 40-41, ResNet-20, AMD EPYC: see
     # docs/algorithms/qdrop-plus.md#the-rounding-fast-at-every-budget-stop-41-qdrop-plus-fastround
-    "qdrop-plus-fastround": Algorithm(
-        "qdrop-plus-fastround", "block", (replace(_QDROP, w_lr=1.6e-2, act_lr_iters=2000),)),
+    "qdrop-plus-fastround": Algorithm("qdrop-plus-fastround", "block", (_FASTROUND,)),
+    # fastround's block-wise stage, then the step sizes end to end (E2E_STEPS); and qdrop's, then the same
+    "qdrop-plus-e2e": Algorithm("qdrop-plus-e2e", "block", (_FASTROUND, E2E_STEPS)),
+    "qdrop-e2e": Algorithm("qdrop-e2e", "block", (_QDROP, E2E_STEPS)),
     # The published improvements on QDrop, each alone (issue #13's ablation; docs/algorithms/beyond.md).
     "qdrop-fisher": Algorithm("qdrop-fisher", "block", (replace(_QDROP, loss="fisher"),)),
     "qdrop-pd": Algorithm("qdrop-pd", "block", (replace(_QDROP, loss="pd"),)),

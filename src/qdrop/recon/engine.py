@@ -813,6 +813,10 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
             w_params.append(layer.weight_quant.alpha)
             if stage.learn_w_scale:
                 s_params.append(layer.weight_quant.log_step)
+    elif stage.learn_w_scale:  # the step sizes alone, on the codes an earlier stage (or nearest rounding) chose
+        for layer in layers:
+            layer.weight_quant.learn_step(layer.layer.weight)
+            s_params.append(layer.weight_quant.log_step)
     if stage.learn_acts:
         for q in acts:
             q.learn_scale()
@@ -948,6 +952,9 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
                 bar.update(m)
                 bar.set_postfix_str(f"unit {label} loss {mean:.4g}")
     finally:
+        for layer in layers:  # learn_step's held codes: fixed on the steps learned so far, whatever stopped the loop
+            if not stage.learn_weights and layer.weight_quant.log_step is not None:
+                layer.weight_quant.fix_step()
         for q in acts:
             q.set_drop(1.0)
             q.eval()
