@@ -209,7 +209,7 @@ def test_recorded_runs_keep_their_ids(config, results):
 
 def test_shipped_configs_dry_run(capsys, monkeypatch):
     monkeypatch.setenv("IMAGENET", "/data/imagenet")
-    configs = [("cifar10", 32), ("imagenet_paper", 96), ("nlp", 24), ("deploy", 24), ("beyond", 69)]
+    configs = [("cifar10", 32), ("imagenet_paper", 96), ("nlp", 24), ("deploy", 24), ("beyond", 88)]
     if importlib.util.find_spec("efficientnet_lite_pytorch"):  # qdrop[vision]: lite0.yaml's model needs it
         configs.append(("lite0", 8))
     for name, n in configs:
@@ -230,17 +230,17 @@ def test_shipped_configs_dry_run(capsys, monkeypatch):
     # issue #13's ablation: each component alone at W2A4/W2A2 (ResNet-20, seed 0, 2,000 it); qdrop vs qdrop-plus
     # at four bit-widths, 3 seeds on ResNet-20 and one on ResNet-32, and W2A4 at 500 it
     beyond = [r.config for r in load_sweep(ROOT / "benchmarks" / "beyond.yaml").runs]
-    components = {c["algo"] for c in beyond} - {"qdrop", "qdrop-plus", "qdrop-plus-fastround"}
+    components = {c["algo"] for c in beyond} - {"qdrop", "qdrop-plus", "qdrop-plus-fastround", "qdrop-plus-e2e"}
     assert components == {"qdrop-fisher", "qdrop-pd", "qdrop-dc", "qdrop-pdquant", "qdrop-net", "qdrop-mrecg"}
     assert {(c["algo"], c["bits"]) for c in beyond if c["algo"] in components} == {
         (a, b) for a in components for b in ("w2a4", "w2a2")}
-    for algo in ("qdrop-plus", "qdrop-plus-fastround"):
+    for algo in ("qdrop-plus", "qdrop-plus-fastround", "qdrop-plus-e2e"):
         assert {(c["seed"], c["bits"]) for c in beyond if c["model"] == "cifar10_resnet20" and c["algo"] == algo
                 and c["iters"] == 2000} == {(s, b) for s in (0, 1, 2) for b in ("w2a4", "w2a2", "w3a3", "w4a4")}
         assert {(c["seed"], c["bits"]) for c in beyond if c["model"] == "cifar10_resnet32" and c["algo"] == algo} == {
             (0, b) for b in ("w2a4", "w2a2", "w3a3", "w4a4")}
     assert {(c["bits"], c["algo"]) for c in beyond if c["iters"] == 500} == {
-        ("w2a4", "qdrop"), ("w2a4", "qdrop-plus"), ("w2a4", "qdrop-plus-fastround")}
+        ("w2a4", "qdrop"), ("w2a4", "qdrop-plus"), ("w2a4", "qdrop-plus-fastround"), ("w2a4", "qdrop-plus-e2e")}
 
 
 def test_dry_run_only_limit(tmp_path, tiny, capsys):

@@ -319,6 +319,8 @@ def test_e2e_steps_keep_the_codes_and_lower_the_prediction_error():
 
     assert CANDIDATES["qdrop-plus-e2e"].stages == (*CANDIDATES["qdrop-plus-fastround"].stages, E2E_STEPS)
     assert CANDIDATES["qdrop-e2e"].stages == (*get_algorithm("qdrop").stages, E2E_STEPS)
+    from qdrop.recon.configs import RESEARCH_ALGOS, VISION_ALGOS
+    assert "qdrop-plus-e2e" in VISION_ALGOS and RESEARCH_ALGOS.count("qdrop-plus-e2e") == 1  # shipped, listed once
     model, qmodel, x = small_setup()
     reconstruct(qmodel, None, x, algo="qdrop", iters=30, batch_size=16, progress=False)
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
@@ -367,3 +369,41 @@ def test_e2e_steps_stopped_midway_leave_every_weight_on_its_codes(monkeypatch):
         assert m.weight_quant.log_step is None and m.weight_quant._codes is None
         assert torch.equal(m.weight_quant.int_repr(m.layer.weight), c)
     assert all(not q.scale.requires_grad for _, q in quantizers(qmodel))
+
+
+def test_a_run_killed_in_its_e2e_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """qdrop-plus-e2e killed halfway through its network-scope stage: rerun with the same state file, it redoes
+    that stage from the block-wise result and ends where an uninterrupted run ends."""
+    from test_recon import int_state
+
+    _, full, x = small_setup()
+    reconstruct(full, None, x, algo="qdrop-plus-e2e", iters=24, batch_size=16, progress=False)
+    _, qmodel, x = small_setup()
+    n_block_steps = 24 * len(engine.GraphPartition(qmodel).blocks)
+    calls = []
+    real_step = torch.optim.Adam.step
+
+    def killed(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == n_block_steps + 3:  # the network stage's third step (6 in all)
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    state = tmp_path / "state.pt"
+    monkeypatch.setattr(torch.optim.Adam, "step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(qmodel, None, x, algo="qdrop-plus-e2e", iters=24, batch_size=16, progress=False, state_path=str(state))
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert engine._load_state(str(state), "cpu")["done"] == len(engine.GraphPartition(qmodel).blocks) - 1  # (killed
+    # after every block unit was saved: in the network stage)
+    _, resumed, x = small_setup()
+    report = reconstruct(resumed, None, x, algo="qdrop-plus-e2e", iters=24, batch_size=16, progress=False,
+                         state_path=str(state))
+    assert report["unit_reports"][-1]["unit"] == "network"
+    want, got = int_state(full), int_state(resumed)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k)
+    for n, m in full.named_modules():  # the learned weight steps too, not only the codes
+        if isinstance(m, QuantLayer):
+            torch.testing.assert_close(resumed.get_submodule(n).weight_quant.scale, m.weight_quant.scale)
