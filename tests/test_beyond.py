@@ -339,7 +339,9 @@ def test_e2e_steps_keep_the_codes_and_lower_the_prediction_error():
     assert any(not torch.equal(m.weight_quant.scale, w_steps[n]) for n, m in layers.items())
     assert any(not torch.equal(q.scale, a_steps[n]) for n, q in quantizers(qmodel) if n in a_steps)
     assert all(q.prob == 1.0 and q.state == "quant" and not q.scale.requires_grad for _, q in quantizers(qmodel))
-    assert all(p.requires_grad for p in model.parameters())
+    assert all(m.layer.weight.requires_grad for m in layers.values())  # the FP weights the stage froze, restored
+    # the stage's rates are never scaled by a budget given to every stage (--lr-iters)
+    assert get_algorithm("qdrop-plus-e2e", lr_iters=8000).stages[1].act_lr_iters == 1
 
 
 def test_e2e_steps_stopped_midway_leave_every_weight_on_its_codes(monkeypatch):
@@ -368,7 +370,8 @@ def test_e2e_steps_stopped_midway_leave_every_weight_on_its_codes(monkeypatch):
     for m, c in zip(layers, codes):
         assert m.weight_quant.log_step is None and m.weight_quant._codes is None
         assert torch.equal(m.weight_quant.int_repr(m.layer.weight), c)
-    assert all(not q.scale.requires_grad for _, q in quantizers(qmodel))
+    assert all(not q.scale.requires_grad and q.prob == 1.0 and not q.training for _, q in quantizers(qmodel))
+    assert all(m.layer.weight.requires_grad for m in layers)
 
 
 def test_a_run_killed_in_its_e2e_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -407,3 +410,17 @@ def test_a_run_killed_in_its_e2e_stage_resumes_to_the_uninterrupted_result(tmp_p
     for n, m in full.named_modules():  # the learned weight steps too, not only the codes
         if isinstance(m, QuantLayer):
             torch.testing.assert_close(resumed.get_submodule(n).weight_quant.scale, m.weight_quant.scale)
+
+
+def test_torchrun_refuses_one_process_stages_before_anything_is_loaded(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) a network-scope stage is refused by QuantizeJob.check, with a one-line
+    error, before data or model are loaded; a plain qdrop job passes the same check."""
+    from qdrop.pipeline import QuantizeJob
+    from test_cli import CIFAR
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="without torchrun"):
+        QuantizeJob("cifar10_resnet20", "w4a4", "qdrop-plus-e2e", data=str(CIFAR)).check()
+    QuantizeJob("cifar10_resnet20", "w4a4", "qdrop", data=str(CIFAR)).check()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    QuantizeJob("cifar10_resnet20", "w4a4", "qdrop-plus-e2e", data=str(CIFAR)).check()

@@ -137,9 +137,11 @@ NETWORK_REFINE = Stage(learn_weights=True, learn_acts=True, act_quant=True, drop
 # against the FP model's predictions (KL at T = 1), for a quarter of the per-unit iterations, no rate scaling.
 # Unlike NETWORK_REFINE the rounding stays as the block-wise stage decided it, and what is learned is learned
 # for the fully quantized network (dropping at network scope trains the steps for a half-quantized one).
+# act_lr_iters=1: its step sizes' rates are meant for any budget, so an lr_iters given to every stage (--lr-iters)
+# never scales them (at x 10 the activation rate collapsed a run; docs/algorithms/beyond.md).
 E2E_STEPS = Stage(learn_weights=False, learn_w_scale=True, w_scale_lr=1e-2, learn_acts=True, act_lr=1e-3,
                   act_quant=True, drop_prob=1.0, input_mix=1.0, scope="network", loss="pd", pd_temp=1.0, pd_reg=0.0,
-                  iters_scale=0.25)
+                  iters_scale=0.25, act_lr_iters=1)
 _FASTROUND = replace(_QDROP, w_lr=1.6e-2, act_lr_iters=2000)
 
 ALGORITHMS = {
@@ -154,9 +156,9 @@ ALGORITHMS = {
     ),
     "qdrop": Algorithm("qdrop", "block", (_QDROP,)),
 }
-# Candidates: configurations measured better in some settings but not yet at every bit-width and at the
-# full budget (issue #13's bar: ResNet-20, 3 seeds, 2,000 it/unit, and ResNet-32). Reachable
-# by name through the CLI's --algo, get_algorithm, QuantizeJob and the sweeps; `qdrop` stays the default.
+# Candidates: configurations measured in docs/algorithms/ (issue #13's bar for shipping one: beat qdrop at every
+# bit-width, ResNet-20, 3 seeds, 2,000 it/unit, and ResNet-32; SHIPPED below holds those that did). Reachable
+# by name through the CLI's --algo, get_algorithm, QuantizeJob and the sweeps; `qdrop` stays the paper's loop.
 CANDIDATES = {
     "qdrop-plus": Algorithm(
         "qdrop-plus",
@@ -214,7 +216,7 @@ RESEARCH_ALGOS = VISION_ALGOS + tuple(c for c in CANDIDATES if c not in SHIPPED)
 
 def get_algorithm(name: str, **overrides) -> Algorithm:
     if name not in ALGORITHMS and name not in CANDIDATES:
-        raise UsageError(f"unknown algorithm {name!r}; choose from {sorted(ALGORITHMS)} (or 'naive')")
+        raise UsageError(f"unknown algorithm {name!r}; choose from {', '.join(a for a in RESEARCH_ALGOS if a != 'naive')}")
     algo = ALGORITHMS.get(name) or CANDIDATES[name]
     if overrides:
         algo = replace(algo, stages=tuple(replace(s, **overrides) for s in algo.stages))

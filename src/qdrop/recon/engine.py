@@ -815,8 +815,9 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
                 s_params.append(layer.weight_quant.log_step)
     elif stage.learn_w_scale:  # the step sizes alone, on the codes an earlier stage (or nearest rounding) chose
         for layer in layers:
-            layer.weight_quant.learn_step(layer.layer.weight)
-            s_params.append(layer.weight_quant.log_step)
+            if layer.weight_quant.state == "quant":  # (a weight kept in FP has no step)
+                layer.weight_quant.learn_step(layer.layer.weight)
+                s_params.append(layer.weight_quant.log_step)
     if stage.learn_acts:
         for q in acts:
             q.learn_scale()
@@ -952,9 +953,6 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
                 bar.update(m)
                 bar.set_postfix_str(f"unit {label} loss {mean:.4g}")
     finally:
-        for layer in layers:  # learn_step's held codes: fixed on the steps learned so far, whatever stopped the loop
-            if not stage.learn_weights and layer.weight_quant.log_step is not None:
-                layer.weight_quant.fix_step()
         for q in acts:
             q.set_drop(1.0)
             q.eval()
@@ -962,6 +960,9 @@ def _optimize(qmodel, unit: Unit, fn, x_q, x_fp, y_fp, stage: Stage, iters, cfg:
                 q.stop_learning()
         for t in frozen:
             t.requires_grad_(True)
+        for layer in layers:  # learn_step's held codes: fixed on the steps learned so far, whatever stopped the loop
+            if not stage.learn_weights and layer.weight_quant.log_step is not None:
+                layer.weight_quant.fix_step()
     seconds = time.perf_counter() - t0
     for layer in layers:
         if layer.weight_quant.alpha is not None:
