@@ -344,6 +344,20 @@ def test_e2e_steps_keep_the_codes_and_lower_the_prediction_error():
     assert get_algorithm("qdrop-plus-e2e", lr_iters=8000).stages[1].act_lr_iters == 1
 
 
+def _interrupt_adam_step(monkeypatch, n: int) -> None:
+    """Make the n-th Adam step from now on (counted over every optimizer) raise KeyboardInterrupt, as a kill would."""
+    calls = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
 def test_e2e_steps_stopped_midway_leave_every_weight_on_its_codes(monkeypatch):
     """An interrupted end-to-end stage (here the 10th optimizer step raises) still ends with every weight
     quantizer on its held codes and the steps learned so far: no quantizer is left learning."""
@@ -354,16 +368,7 @@ def test_e2e_steps_stopped_midway_leave_every_weight_on_its_codes(monkeypatch):
     reconstruct(qmodel, None, x, algo="qdrop", iters=20, batch_size=16, progress=False)
     layers = [m for m in qmodel.modules() if isinstance(m, QuantLayer)]
     codes = [m.weight_quant.int_repr(m.layer.weight) for m in layers]
-    calls = []
-    real_step = torch.optim.Adam.step
-
-    def failing_step(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
+    _interrupt_adam_step(monkeypatch, 10)
     e2e = Algorithm("e2e", "block", (replace(E2E_STEPS, iters_scale=1.0),))
     with pytest.raises(KeyboardInterrupt):
         reconstruct(qmodel, None, x, algo=e2e, iters=50, batch_size=16, progress=False)
@@ -383,20 +388,11 @@ def test_a_run_killed_in_its_e2e_stage_resumes_to_the_uninterrupted_result(tmp_p
     reconstruct(full, None, x, algo="qdrop-plus-e2e", iters=24, batch_size=16, progress=False)
     _, qmodel, x = small_setup()
     n_block_steps = 24 * len(engine.GraphPartition(qmodel).blocks)
-    calls = []
-    real_step = torch.optim.Adam.step
-
-    def killed(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == n_block_steps + 3:  # the network stage's third step (6 in all)
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
     state = tmp_path / "state.pt"
-    monkeypatch.setattr(torch.optim.Adam, "step", killed)
+    _interrupt_adam_step(monkeypatch, n_block_steps + 3)  # the network stage's third step (6 in all)
     with pytest.raises(KeyboardInterrupt):
         reconstruct(qmodel, None, x, algo="qdrop-plus-e2e", iters=24, batch_size=16, progress=False, state_path=str(state))
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    monkeypatch.undo()
     assert engine._load_state(str(state), "cpu")["done"] == len(engine.GraphPartition(qmodel).blocks) - 1  # (killed
     # after every block unit was saved: in the network stage)
     _, resumed, x = small_setup()

@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: per-layer sensitivity measure (default output: error at the unit's output; "
                    "hessian: HAWQ-v2 trace x perturbation)")
     q.add_argument("--algo", choices=RESEARCH_ALGOS + tuple(a for a in NLP_ALGOS if a not in RESEARCH_ALGOS), default="naive",
-                   help="vision: naive|adaround|brecq|qdrop (the papers' algorithms), qdrop-plus-e2e (beats qdrop at "
-                   "every bit-width measured: docs/algorithms/beyond.md), or a candidate measured in docs/algorithms/ "
+                   help="vision: naive|adaround|brecq|qdrop (the papers' algorithms), "
+                   f"{'|'.join(SHIPPED)} (beats qdrop at every bit-width measured: docs/algorithms/beyond.md), "
+                   "or a candidate measured in docs/algorithms/ "
                    f"({'|'.join(c for c in CANDIDATES if c not in SHIPPED)}); transformers (--model hf:...): "
                    "naive|os|smoothquant|osplus, or adaround|brecq|qdrop (block reconstruction, after --init)")
     q.add_argument("--init", choices=INITS, default=None,

@@ -16,7 +16,7 @@ from .graph.prepare import PRESETS, TARGET_CPUS, PrepareConfig, prepare, quantiz
 from .quant.scheme import is_average_bits, parse_mixed_bits
 from .recon.mixed import CANDIDATE_BITS, SENSITIVITIES, parse_budget, search
 from .recon import reconstruct
-from .recon.configs import PREDICTION_LOSSES, RESEARCH_ALGOS, get_algorithm
+from .recon.configs import RESEARCH_ALGOS, get_algorithm
 from .errors import CheckpointError, ModelError, UsageError
 from .io import atomic_torch_save, atomic_write_json, environment, load_torch_file, remove_stale_temps
 
@@ -108,8 +108,7 @@ class QuantizeJob:
 
         if self.algo not in RESEARCH_ALGOS:
             raise UsageError(f"unknown algorithm {self.algo!r}; choose from {RESEARCH_ALGOS}")
-        if qdist.launched() and self.algo != "naive" and any(
-                s.scope != "unit" or s.loss in PREDICTION_LOSSES or s.dc_iters for s in get_algorithm(self.algo).stages):
+        if qdist.launched() and self.algo != "naive" and any(s.needs_network for s in get_algorithm(self.algo).stages):
             raise UsageError(f"--algo {self.algo} has a network-scope stage, a prediction objective or a distribution "
                              "correction, which run in one process: run it without torchrun")
         w, _ = parse_mixed_bits(self.bits)

@@ -87,6 +87,12 @@ class Stage:
     dc_lr: float = 1e-3  # PD-Quant's bn_lr
     dc_reg: float = 50.0  # weight of the squared distance to the original input (PD-Quant: 1 / lamb_c, lamb_c 0.02)
 
+    @property
+    def needs_network(self) -> bool:
+        """Whether the stage looks past its unit (the prediction, the whole network, the folded BN statistics): it
+        needs the torch.fx path's graph, block units and one process (engine.reconstruct, QuantizeJob.check)."""
+        return self.loss in PREDICTION_LOSSES or self.scope != "unit" or bool(self.dc_iters)
+
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise UsageError(f"unknown reconstruction loss {self.loss!r}; choose from {', '.join(LOSSES)}")

@@ -460,7 +460,7 @@ def reconstruct(
     qmodel.to(device).eval()
     part = GraphPartition(qmodel) if partition is None else partition
     world, rank = qdist.world_size(), qdist.rank()
-    beyond = [s for s in algorithm.stages if s.loss in PREDICTION_LOSSES or s.scope != "unit" or s.dc_iters]
+    beyond = [s for s in algorithm.stages if s.needs_network]
     if beyond and not hasattr(part, "tail_fn"):
         raise UsageError(f"{algorithm.name}: the losses 'fisher'/'pd', distribution correction and network-scope stages "
                          "cover the torch.fx path (CNNs); reconstruct transformers with the unit-output error")
