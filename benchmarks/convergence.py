@@ -98,6 +98,8 @@ VARIANTS = {
     # stop 53: after the block-wise stage, the weights' step sizes (on their codes) and the activation step sizes
     # learned end to end against the FP predictions (configs.E2E_STEPS)
     "qdrop-plus-e2e": ("qdrop-plus-e2e", {}),
+    # stop 54: its e2e stage on the calibration images and 3 shifted, mirrored copies of each (Stage.views)
+    "qdrop-plus-e2e-views4": ("qdrop-plus-e2e", dict(network=dict(views=4))),
     "qdrop-e2e": ("qdrop-e2e", {}),
     "qdrop-plus-p1": ("qdrop-plus", dict(drop_prob=1.0, input_mix=1.0)),
 }

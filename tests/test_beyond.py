@@ -2,7 +2,10 @@
 prediction-difference objectives, and the network-wise refinement stage."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import qdrop
 from qdrop.graph import quantizers
 from qdrop.quant.layers import QuantLayer
 from qdrop.recon import quant_mode, reconstruct
@@ -420,3 +423,64 @@ def test_torchrun_refuses_one_process_stages_before_anything_is_loaded(monkeypat
     QuantizeJob("cifar10_resnet20", "w4a4", "qdrop", data=str(CIFAR)).check()
     monkeypatch.setenv("WORLD_SIZE", "1")
     QuantizeJob("cifar10_resnet20", "w4a4", "qdrop-plus-e2e", data=str(CIFAR)).check()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 3), h=st.integers(2, 20), w=st.integers(2, 20), views=st.integers(1, 4),
+       seed=st.integers(0, 2**31 - 1))
+def test_augmented_views_are_the_inputs_then_shifted_mirrored_copies(n, c, h, w, views, seed):
+    """shifted_flips: the inputs first, unchanged; then views - 1 copies, each image a window of itself or of its
+    mirror image, shifted by at most 1/8 of its side, the edge repeated into the border; the same seed, the same copies."""
+    import torch.nn.functional as F
+    from qdrop.recon.augment import shifted_flips
+
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed % 1000))
+    out = shifted_flips(x, views, seed)
+    assert out.shape == (views * n, c, h, w)
+    assert torch.equal(out[:n], x)
+    assert torch.equal(out, shifted_flips(x, views, seed))
+    p = max(1, round(min(h, w) / 8))
+    for i in range(n, views * n):
+        src = x[i % n]
+        windows = [F.pad(img[None], (p, p, p, p), mode="replicate")[0, :, dy:dy + h, dx:dx + w]
+                   for img in (src, src.flip(-1)) for dy in range(2 * p + 1) for dx in range(2 * p + 1)]
+        assert any(torch.equal(out[i], win) for win in windows), i
+
+
+def test_a_network_stage_with_views_learns_on_the_copies_against_fp_predictions_on_them(monkeypatch):
+    """Stage.views=4 on the e2e stage: its unit sees the calibration set and 3 augmented copies (4 x the samples), and
+    its targets are the FP model's predictions on those very inputs; the block-wise stage before it sees the set as
+    given. Non-image inputs and unit-scope stages with views are refused with one line."""
+    from dataclasses import replace
+    from qdrop.recon.augment import shifted_flips
+    from qdrop.recon.configs import E2E_STEPS, Algorithm
+
+    model, qmodel, x = small_setup()
+    seen = []
+    optimize = engine._optimize
+
+    def spy(qm, unit, fn, x_q, x_fp, y_fp, stage, *a, aux=None, **kw):
+        seen.append((unit.name, x_q[0].clone(), None if aux is None else aux[0].clone()))
+        return optimize(qm, unit, fn, x_q, x_fp, y_fp, stage, *a, aux=aux, **kw)
+
+    monkeypatch.setattr(engine, "_optimize", spy)
+    algo = Algorithm("e2e-views", "block", (get_algorithm("qdrop").stages[0], replace(E2E_STEPS, views=4)))
+    reconstruct(qmodel, None, x, algo=algo, iters=8, batch_size=16, seed=3, progress=False)
+    assert all(s[1].shape[0] == len(x) for s in seen[:-1])  # the block units: the inputs as given
+    name, inputs, targets = seen[-1]
+    assert name == "network" and inputs.shape[0] == 4 * len(x)
+    torch.testing.assert_close(inputs, shifted_flips(x, 4, engine._unit_seed(3, 1, 0, 1)))
+    with torch.no_grad():
+        torch.testing.assert_close(targets, model(inputs), rtol=1e-4, atol=1e-4)  # the FP model on the copies
+    monkeypatch.undo()
+    with pytest.raises(UsageError, match="scope='network' or views=1"):
+        replace(get_algorithm("qdrop").stages[0], views=2)
+    with pytest.raises(UsageError, match="positive integer"):
+        replace(E2E_STEPS, views=0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    v = torch.randn(64, 8)
+    qmlp = qdrop.prepare(mlp, (v[:2],), bits="w4a4")
+    qdrop.calibrate(qmlp, [v[:32]])
+    with pytest.raises(UsageError, match=r"images \[N, C, H, W\]"):
+        reconstruct(qmlp, None, v, algo=Algorithm("e2e", "block", (replace(E2E_STEPS, views=4),)), iters=4,
+                    batch_size=16, progress=False)

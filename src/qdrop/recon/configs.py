@@ -86,6 +86,9 @@ class Stage:
     dc_iters: int = 0  # Adam steps per batch of batch_size inputs (PD-Quant: 500)
     dc_lr: float = 1e-3  # PD-Quant's bn_lr
     dc_reg: float = 50.0  # weight of the squared distance to the original input (PD-Quant: 1 / lamb_c, lamb_c 0.02)
+    # A network-scope stage's inputs: the calibration images and views - 1 shifted, mirrored copies of each, with
+    # the FP model's predictions on them as targets (recon/augment.py; images [N, C, H, W] only). 1: as given.
+    views: int = 1
 
     @property
     def needs_network(self) -> bool:
@@ -104,6 +107,11 @@ class Stage:
                 raise UsageError(f"{name} must be a positive integer or None, got {v!r}")
         if not self.pd_temp > 0 or not self.pd_reg >= 0:
             raise UsageError(f"pd_temp must be > 0 and pd_reg >= 0, got {self.pd_temp!r} and {self.pd_reg!r}")
+        if not isinstance(self.views, int) or isinstance(self.views, bool) or self.views < 1:
+            raise UsageError(f"views must be a positive integer (1: the calibration inputs as given), got {self.views!r}")
+        if self.views > 1 and self.scope != "network":
+            raise UsageError(f"views={self.views} augments the inputs of a network-scope stage; a unit stage learns "
+                             "from its cached block inputs: set scope='network' or views=1")
         if not isinstance(self.dc_iters, int) or self.dc_iters < 0 or not self.dc_lr > 0 or not self.dc_reg >= 0:
             raise UsageError(f"dc_iters must be an integer >= 0, dc_lr > 0 and dc_reg >= 0, got {self.dc_iters!r}, "
                              f"{self.dc_lr!r} and {self.dc_reg!r}")

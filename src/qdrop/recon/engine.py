@@ -40,6 +40,7 @@ from ..graph.units import Unit, block_units, layer_units, subgraph
 from ..quant.state import quant_mode, quantizers, switched  # noqa: F401 (quant_mode: re-exported by qdrop.recon)
 from ..quant.layers import QuantLayer
 from ..quant.quantizer import bernoulli_mask
+from .augment import shifted_flips
 from .configs import PREDICTION_LOSSES, Algorithm, ReconConfig, Stage, get_algorithm
 
 
@@ -483,6 +484,9 @@ def reconstruct(
     with quant_mode(qmodel, weights=False, acts=False):
         xs0, masks = part.start(calib_data, device)
     n_calib = sum(int(x.shape[0]) for x in xs0)
+    if any(s.views > 1 for s in algorithm.stages) and (len(xs0) != 1 or xs0[0].dim() != 4):
+        raise UsageError(f"{algorithm.name}: augmented views (Stage.views) shift and flip images [N, C, H, W]; these "
+                         f"calibration inputs are not (shape {tuple(xs0[0].shape)}): use views=1")
     if len(xs0) == 1 and n_calib < batch_size:  # (groups of a transformer's batches may be smaller: one group a step)
         raise DataError(f"calibration set has {n_calib} samples, fewer than the batch size {batch_size}")
     n_rank = n_calib
@@ -533,14 +537,23 @@ def reconstruct(
     try:  # the bar is closed on errors too, so that an error message starts on its own line
         step = 0
         logits_fp = None  # the FP model's outputs over the calibration set, for objectives on the prediction
+
+        def fp_logits(xs):  # (small: [samples, classes], on the device)
+            with quant_mode(qmodel, weights=False, acts=False):
+                return [t.to(device) for t in run_groups(part.network().block_fn(0), xs, part.extras(0), device)]
+
         for s_idx, (stage, sp) in enumerate(zip(algorithm.stages, stage_parts)):
             stage_iters = max(1, int(round(iters * stage.iters_scale)))
-            if stage.loss in PREDICTION_LOSSES and logits_fp is None:  # (small: [samples, classes], on the device)
-                with quant_mode(qmodel, weights=False, acts=False):
-                    logits_fp = [t.to(device) for t in run_groups(part.network().block_fn(0), xs0, part.extras(0), device)]
+            xs, stage_logits = xs0, None
+            if stage.views > 1:  # a network stage's augmented inputs (seeded: a resumed run makes the same ones)
+                xs = [shifted_flips(xs0[0], stage.views, _unit_seed(cfg.seed, s_idx, 0, 1))]
+                stage_logits = fp_logits(xs) if stage.loss in PREDICTION_LOSSES and step > done else None
+            elif stage.loss in PREDICTION_LOSSES:
+                logits_fp = fp_logits(xs0) if logits_fp is None else logits_fp
+                stage_logits = logits_fp
             # cached tensors held at once: x_q, x_fp, y_fp; Fisher weights; the corrected x and y of a correction
             cache.copies = 3 + (stage.loss == "fisher") + 2 * bool(stage.dc_iters)
-            x_fp = cache.put(xs0)
+            x_fp = cache.put(xs)
             x_q = x_fp
             for k, block in enumerate(sp.blocks):
                 fn = sp.block_fn(k)
@@ -559,7 +572,7 @@ def reconstruct(
                 else:
                     y_fp, aux = _reconstruct_block(qmodel, sp, k, fn, extras, masks, x_q, x_fp, algorithm, stage, s_idx,
                                                    stage_iters, cfg, lam, device, bar, report, total_units, step, cache,
-                                                   logits_fp)
+                                                   stage_logits)
                     if state_path and rank == 0:
                         atomic_torch_save(dict(meta=meta, done=step, state_dict=qmodel.state_dict(),
                                           unit_reports=report["unit_reports"]), state_path)
@@ -607,7 +620,7 @@ def reconstruct(
 # Stage fields added after state files were first written: recorded only when not at their defaults,
 # so that a run started before they existed resumes (its stages are the same configuration).
 _LATER_FIELDS = {"loss": "mse", "pd_reg": 0.1, "pd_temp": 4.0, "scope": "unit", "dc_iters": 0, "dc_lr": 1e-3, "dc_reg": 50.0,
-                 "act_lr_iters": None}
+                 "act_lr_iters": None, "views": 1}
 
 
 def _stage_meta(stage: Stage) -> dict:
