@@ -97,8 +97,10 @@ VARIANTS = {
     "qdrop-p1": ("qdrop", dict(drop_prob=1.0, input_mix=1.0)),
     # stop 53: after the block-wise stage, the weights' step sizes (on their codes) and the activation step sizes
     # learned end to end against the FP predictions (configs.E2E_STEPS)
-    "qdrop-plus-e2e": ("qdrop-plus-e2e", {}),
-    # stop 54: its e2e stage on the calibration images and 3 shifted, mirrored copies of each (Stage.views)
+    # (views=1: the stage as stop 53 measured it; E2E_STEPS has views=4 since stop 54, the variant below)
+    "qdrop-plus-e2e": ("qdrop-plus-e2e", dict(network=dict(views=1))),
+    # stop 54: its e2e stage on the calibration images and 3 shifted, mirrored copies of each (Stage.views): the
+    # shipped qdrop-plus-e2e since then
     "qdrop-plus-e2e-views4": ("qdrop-plus-e2e", dict(network=dict(views=4))),
     "qdrop-e2e": ("qdrop-e2e", {}),
     "qdrop-plus-p1": ("qdrop-plus", dict(drop_prob=1.0, input_mix=1.0)),
@@ -159,7 +161,9 @@ class RoundingProbe:
 
 def augmented_views(x: torch.Tensor, views: int, seed: int) -> torch.Tensor:
     """x (CIFAR-preprocessed NCHW) followed by views - 1 copies, each image randomly cropped from a 4-pixel black
-    border (black in the ImageNet-normalised space) and flipped with probability 1/2."""
+    border (black in the ImageNet-normalised space) and flipped with probability 1/2. The data-level views of the
+    stop 39-40 variants, seen by every stage; the engine's own, for a network stage alone (Stage.views), are
+    recon/augment.py's (no dataset constants: the edge repeated into the border)."""
     from qdrop.data import IMAGENET_MEAN, IMAGENET_STD
 
     g = torch.Generator().manual_seed(seed)
