@@ -470,6 +470,20 @@ def test_a_network_stage_with_views_learns_on_the_copies_against_fp_predictions_
     name, inputs, targets = seen[-1]
     assert name == "network" and inputs.shape[0] == 4 * len(x)
     torch.testing.assert_close(inputs, shifted_flips(x, 4, engine._unit_seed(3, 1, 0, 1)))
+    copies = inputs[len(x):]
+    unchanged = sum(torch.equal(c, x[i % len(x)]) for i, c in enumerate(copies))
+    mirrored = sum(torch.equal(c, x[i % len(x)].flip(-1)) for i, c in enumerate(copies))  # mirrored, not shifted
+    assert unchanged < len(copies) / 8 and mirrored < len(copies) / 8  # (each 1 in 2 x 81 for a 28-pixel side)
+    # some copies are windows of the mirrored image, some of the image itself (each with probability 1/2)
+    p = round(28 / 8)
+
+    def window_of(c, img):
+        padded = torch.nn.functional.pad(img[None], (p, p, p, p), mode="replicate")[0]
+        return any(torch.equal(c, padded[:, dy:dy + 28, dx:dx + 28]) for dy in range(2 * p + 1) for dx in range(2 * p + 1))
+
+    flips = [window_of(c, x[i].flip(-1)) for i, c in enumerate(copies[:16])]
+    assert all(f or window_of(c, x[i]) for i, (c, f) in enumerate(zip(copies[:16], flips)))
+    assert 0 < sum(flips) < 16
     with torch.no_grad():
         torch.testing.assert_close(targets, model(inputs), rtol=1e-4, atol=1e-4)  # the FP model on the copies
     monkeypatch.undo()

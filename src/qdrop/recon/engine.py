@@ -553,7 +553,9 @@ def reconstruct(
                 stage_logits = logits_fp
             # cached tensors held at once: x_q, x_fp, y_fp; Fisher weights; the corrected x and y of a correction
             cache.copies = 3 + (stage.loss == "fisher") + 2 * bool(stage.dc_iters)
+            cache.rows = rows * stage.views  # (the disk tier's rows in memory: one step's batch of these)
             x_fp = cache.put(xs)
+            del xs  # (the augmented copies live on in their cache tier only)
             x_q = x_fp
             for k, block in enumerate(sp.blocks):
                 fn = sp.block_fn(k)
