@@ -160,25 +160,15 @@ class RoundingProbe:
 
 
 def augmented_views(x: torch.Tensor, views: int, seed: int) -> torch.Tensor:
-    """x (CIFAR-preprocessed NCHW) followed by views - 1 copies, each image randomly cropped from a 4-pixel black
-    border (black in the ImageNet-normalised space) and flipped with probability 1/2. The data-level views of the
-    stop 39-40 variants, seen by every stage; the engine's own, for a network stage alone (Stage.views), are
-    recon/augment.py's (no dataset constants: the edge repeated into the border)."""
+    """x (CIFAR-preprocessed NCHW) followed by views - 1 copies, each shifted up to 4 pixels from a black border
+    (black in the ImageNet-normalised space) and flipped with probability 1/2: the data-level views of the stop
+    39-40 variants, seen by every stage. The engine's own views (Stage.views, a network stage alone) are the same
+    function with the edge repeated into the border; with fill=black it gives the recorded runs' copies exactly."""
     from qdrop.data import IMAGENET_MEAN, IMAGENET_STD
+    from qdrop.recon.augment import shifted_flips
 
-    g = torch.Generator().manual_seed(seed)
-    black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
-    n, c, h, w = x.shape
-    padded = black.expand(n, c, h + 8, w + 8).clone()
-    padded[:, :, 4:4 + h, 4:4 + w] = x
-    out = [x]
-    for _ in range(views - 1):
-        dy, dx = torch.randint(0, 9, (2, n), generator=g)
-        flip = torch.rand(n, generator=g) < 0.5
-        v = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-        v[flip] = v[flip].flip(-1)
-        out.append(v)
-    return torch.cat(out)
+    black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
+    return shifted_flips(x, views, seed, fill=black)
 
 
 def run_one(variant: str, bits: str, iters: int, seed: int, data: str, model: str = "cifar10_resnet20") -> dict:

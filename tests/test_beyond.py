@@ -427,22 +427,32 @@ def test_torchrun_refuses_one_process_stages_before_anything_is_loaded(monkeypat
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 4), c=st.integers(1, 3), h=st.integers(2, 20), w=st.integers(2, 20), views=st.integers(1, 4),
-       seed=st.integers(0, 2**31 - 1))
-def test_augmented_views_are_the_inputs_then_shifted_mirrored_copies(n, c, h, w, views, seed):
+       seed=st.integers(0, 2**31 - 1), constant_border=st.booleans())
+def test_augmented_views_are_the_inputs_then_shifted_mirrored_copies(n, c, h, w, views, seed, constant_border):
     """shifted_flips: the inputs first, unchanged; then views - 1 copies, each image a window of itself or of its
-    mirror image, shifted by at most 1/8 of its side, the edge repeated into the border; the same seed, the same copies."""
+    mirror image, shifted by at most 1/8 of its side, the edge repeated into the border (or, given fill, the border
+    that constant per channel); the same seed, the same copies."""
     import torch.nn.functional as F
     from qdrop.recon.augment import shifted_flips
 
     x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed % 1000))
-    out = shifted_flips(x, views, seed)
+    fill = torch.randn(c, generator=torch.Generator().manual_seed(seed % 997)) if constant_border else None
+    out = shifted_flips(x, views, seed, fill=fill)
     assert out.shape == (views * n, c, h, w)
     assert torch.equal(out[:n], x)
-    assert torch.equal(out, shifted_flips(x, views, seed))
+    assert torch.equal(out, shifted_flips(x, views, seed, fill=fill))
     p = max(1, round(min(h, w) / 8))
+
+    def bordered(img):
+        if fill is None:
+            return F.pad(img[None], (p, p, p, p), mode="replicate")[0]
+        framed = fill.view(c, 1, 1).expand(c, h + 2 * p, w + 2 * p).clone()
+        framed[:, p:p + h, p:p + w] = img
+        return framed
+
     for i in range(n, views * n):
         src = x[i % n]
-        windows = [F.pad(img[None], (p, p, p, p), mode="replicate")[0, :, dy:dy + h, dx:dx + w]
+        windows = [bordered(img)[:, dy:dy + h, dx:dx + w]
                    for img in (src, src.flip(-1)) for dy in range(2 * p + 1) for dx in range(2 * p + 1)]
         assert any(torch.equal(out[i], win) for win in windows), i
 

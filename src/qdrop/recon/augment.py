@@ -19,8 +19,12 @@ import torch.nn.functional as F
 from ..errors import UsageError
 
 
-def shifted_flips(x: torch.Tensor, views: int, seed: int) -> torch.Tensor:
-    """x [N, C, H, W] followed by views - 1 augmented copies of it (seeded: the same seed, the same copies)."""
+def shifted_flips(x: torch.Tensor, views: int, seed: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, C, H, W] followed by views - 1 augmented copies of it (seeded: the same seed, the same copies).
+
+    fill: None repeats the image's edge into the border (the engine's choice: no dataset constant); a value per
+    channel [C] fills the border with it instead (e.g. black in the normalised space, as the convergence
+    benchmark's data-level views of stops 39-40 did)."""
     if x.dim() != 4:
         raise UsageError(f"augmented views (Stage.views={views}) shift and flip images [N, C, H, W]; the inputs "
                          f"have shape {tuple(x.shape)}: use views=1")
@@ -29,7 +33,11 @@ def shifted_flips(x: torch.Tensor, views: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     n, _, h, w = x.shape
     pad = max(1, round(min(h, w) / 8))
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    if fill is None:
+        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    else:
+        padded = fill.to(x.dtype).view(1, -1, 1, 1).expand(n, x.shape[1], h + 2 * pad, w + 2 * pad).clone()
+        padded[:, :, pad:pad + h, pad:pad + w] = x
     out = [x]
     for _ in range(views - 1):
         dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=g).tolist()
