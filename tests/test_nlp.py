@@ -618,6 +618,31 @@ def test_spearman_with_ties():
     assert spearman(a, b) == pytest.approx(scipy.spearmanr(a, b).correlation, abs=1e-12)
 
 
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(20, 80), noise=st.floats(0.3, 3.0), seed=st.integers(0, 2**16))
+def test_paired_bootstrap_orders_scorers_and_is_antisymmetric(n, noise, seed):
+    """paired_spearman_bootstrap: a scorer against itself differs by exactly 0; the gold scores themselves beat a
+    noisy copy of them, with an interval that stays above 0 once the copy is noisy enough; and swapping the two
+    scorers negates the difference and its interval (the same resampled pairs for both)."""
+    import numpy as np
+    from qdrop.eval.nlp_metrics import paired_spearman_bootstrap
+
+    rng = np.random.default_rng(seed)
+    gold = rng.normal(size=n)
+    noisy = gold + noise * rng.normal(size=n)
+    same = paired_spearman_bootstrap(noisy, noisy, gold, resamples=200)
+    assert same["difference"] == same["low"] == same["high"] == 0.0 and same["a_above_b"] == 0.0
+    r = paired_spearman_bootstrap(gold, noisy, gold, resamples=200)
+    assert r["a"] == pytest.approx(100.0) and r["b"] == pytest.approx(100.0 * spearman(noisy, gold))
+    assert r["difference"] == pytest.approx(r["a"] - r["b"]) and r["low"] <= r["difference"] <= r["high"]
+    if r["b"] < 70.0:
+        assert r["low"] > 0.0 and r["a_above_b"] == 1.0
+    back = paired_spearman_bootstrap(noisy, gold, gold, resamples=200)
+    assert (back["difference"], back["low"], back["high"]) == pytest.approx((-r["difference"], -r["high"], -r["low"]))
+    with pytest.raises(DataError, match="same pairs"):
+        paired_spearman_bootstrap(gold[:-1], noisy, gold)
+
+
 def test_mean_pool_ignores_padding():
     h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     assert torch.allclose(mean_pool(h, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
@@ -734,6 +759,20 @@ def test_run_nlp_quantize_sts_and_lm(tmp_path):
         assert k in m
     assert m["calib_size"] == 8 and m["eval_size"] == 26 and m["metric"] == "stsb_spearman_x100"
     assert not list((tmp_path / "out").glob(".*tmp*"))  # the temp file was renamed
+    # the per-pair scores behind both numbers, for paired comparisons of runs (benchmarks/sts_paired.py)
+    cos = json.loads((tmp_path / "out" / "sts_cosines.json").read_text())
+    assert cos["pairs"] == len(cos["gold"]) == len(cos["fp"]) == len(cos["quant"]) == 26 and cos["deployed"] is None
+    assert 100 * spearman(cos["quant"], cos["gold"]) == pytest.approx(m["quant"], abs=1e-3)
+    assert 100 * spearman(cos["fp"], cos["gold"]) == pytest.approx(m["fp"], abs=1e-3)
+    assert m["fp_agreement"] == pytest.approx(100 * spearman(cos["quant"], cos["fp"]), abs=1e-3)
+    assert cos["quant"] != cos["fp"]  # two evaluations: the quantized model's scores are not FP's
+    spec = importlib.util.spec_from_file_location("sts_paired", Path(__file__).parents[1] / "benchmarks" / "sts_paired.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    row = paired.compare(str(tmp_path / "out"), "fp", resamples=50)
+    assert row["a"] == pytest.approx(m["quant"], abs=1e-3) and row["b"] == pytest.approx(m["fp"], abs=1e-3)
+    assert row["a_fp_agreement"] == pytest.approx(m["fp_agreement"], abs=1e-3)
+    assert paired.main([str(tmp_path / "out"), str(tmp_path)]) == 2  # not a run folder: one line, non-zero
 
     d, words = _tiny_hf_dir(tmp_path, "llama")
     text = tmp_path / "wiki.txt"

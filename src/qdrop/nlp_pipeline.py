@@ -18,7 +18,7 @@ from torch import nn
 from . import distributed as qdist
 from .data.paths import data_root
 from .errors import DataError, UsageError
-from .eval.nlp_metrics import perplexity, sts_spearman
+from .eval.nlp_metrics import perplexity, spearman, sts_cosines
 from .io import atomic_write_json, environment
 from .nlp.data import length_sorted_batches, lm_splits, read_tokens, segment_batches, sentence_calib_batches, sts_splits
 from .nlp.models import TASKS, load_hf
@@ -172,6 +172,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     gptq_batches = None  # GPTQ's statistics on the calibration batches
     if calib_batch is None:  # every recorded run's batching (docstring)
         calib_batch = batch_size if task == "sts" else max(1, min(batch_size, 8))
+    cosines = []  # STS: each evaluation's per-pair similarity scores (FP when evaluated here, quantized, deployed)
     if task == "sts":
         eval_set, calib_sentences, calib_source = sts_splits(data, calib, seed)
         calib_batches = sentence_calib_batches(tokenizer, calib_sentences, calib_batch)
@@ -193,7 +194,9 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         calib_size, eval_size = len(calib_sentences), len(eval_set)
 
         def evaluate(m):
-            return sts_spearman(m, tokenizer, eval_set.sentences1, eval_set.sentences2, eval_set.scores, progress=progress)
+            cos = sts_cosines(m, tokenizer, eval_set.sentences1, eval_set.sentences2, progress=progress)
+            cosines.append(cos)  # the pairs' scores, kept for OUT/sts_cosines.json (paired comparisons of runs)
+            return 100.0 * spearman(cos, eval_set.scores)
     else:
         tokens = read_tokens(data, tokenizer)
         eval_tokens, cal = lm_splits(tokens, calib, calib_len, window, max_windows)
@@ -222,6 +225,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
 
     t = time.perf_counter()
     fp_score = evaluate(fp_model) if fp is None else fp
+    fp_cos = cosines[-1] if cosines else None  # None: the FP score was given (a sweep's cached one)
     seconds["eval_fp"] = time.perf_counter() - t
     t = time.perf_counter()
     qmodel, report = quantize_transformer(fp_model, calib_batches, bits, transform, act_granularity, w_observer, a_observer,
@@ -242,6 +246,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     seconds["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     quant = evaluate(qmodel)
+    quant_cos = cosines[-1] if task == "sts" else None
     seconds["eval_quant"] = time.perf_counter() - t
     deployed = None
     if onnx:
@@ -265,11 +270,21 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    report=_jsonable(report), environment=environment())
     if task == "lm":
         metrics["lm"] = lm_info
+    if fp_cos is not None:
+        # how closely the quantized model ranks the pairs as the FP model does: what reconstruction aims at, and
+        # what tells a score above FP's (luck in the quantization error) from a faithful one
+        metrics["fp_agreement"] = round(100.0 * spearman(quant_cos, fp_cos), 4)
     if deployed is not None:
         metrics["onnx"] = deployed
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        if task == "sts":  # for paired comparisons of two runs on the same pairs (benchmarks/sts_paired.py)
+            atomic_write_json(out / "sts_cosines.json", dict(
+                data=str(data), pairs=len(eval_set), gold=[float(v) for v in eval_set.scores],
+                fp=None if fp_cos is None else [round(float(v), 6) for v in fp_cos],
+                quant=[round(float(v), 6) for v in quant_cos],
+                deployed=[round(float(v), 6) for v in cosines[-1]] if deployed is not None else None), indent=None)
         atomic_write_json(out / "metrics.json", metrics)
         (out / "recon_state.pt").unlink(missing_ok=True)  # done: the metrics are the result
     return metrics

@@ -78,13 +78,40 @@ def spearman(a, b) -> float:
 
 
 @torch.no_grad()
+def sts_cosines(model: nn.Module, tokenizer, sentences1: list[str], sentences2: list[str], batch_size: int = 64,
+                progress: bool = False) -> np.ndarray:
+    """cosine(mean-pooled embeddings) of each sentence pair: the model's similarity scores [N]."""
+    e1 = encode(model, tokenizer, list(sentences1), batch_size, progress=progress)
+    e2 = encode(model, tokenizer, list(sentences2), batch_size, progress=progress)
+    return torch.nn.functional.cosine_similarity(e1, e2, dim=1).numpy()
+
+
 def sts_spearman(model: nn.Module, tokenizer, sentences1: list[str], sentences2: list[str], scores,
                  batch_size: int = 64, progress: bool = False) -> float:
     """Spearman x 100 between cosine(mean-pooled embeddings) and the gold scores."""
-    e1 = encode(model, tokenizer, list(sentences1), batch_size, progress=progress)
-    e2 = encode(model, tokenizer, list(sentences2), batch_size, progress=progress)
-    cos = torch.nn.functional.cosine_similarity(e1, e2, dim=1)
-    return 100.0 * spearman(cos.numpy(), np.asarray(scores, dtype=np.float64))
+    cos = sts_cosines(model, tokenizer, sentences1, sentences2, batch_size, progress)
+    return 100.0 * spearman(cos, np.asarray(scores, dtype=np.float64))
+
+
+def paired_spearman_bootstrap(a, b, gold, resamples: int = 2000, seed: int = 0) -> dict:
+    """Is scorer a better than scorer b on these pairs, beyond the evaluation set's own noise?
+
+    Spearman x 100 of a and of b against gold, and of their difference a - b over `resamples` resamplings of the
+    pairs with replacement (the same pairs for both: a paired bootstrap). Why paired: two quantized models of one
+    network err on mostly the same pairs, so their difference varies far less than either score does."""
+    a, b, gold = (np.asarray(v, dtype=np.float64) for v in (a, b, gold))
+    if not (len(a) == len(b) == len(gold)) or len(gold) < 3:
+        raise DataError(f"a paired comparison needs the same pairs, at least 3: got {len(a)}, {len(b)} and "
+                        f"{len(gold)} scores")
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    for k in range(resamples):
+        i = rng.integers(0, len(gold), len(gold))
+        diffs[k] = 100.0 * (spearman(a[i], gold[i]) - spearman(b[i], gold[i]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return dict(a=100.0 * spearman(a, gold), b=100.0 * spearman(b, gold),
+                difference=100.0 * (spearman(a, gold) - spearman(b, gold)), low=float(lo), high=float(hi),
+                a_above_b=float((diffs > 0).mean()), resamples=resamples, pairs=len(gold))
 
 
 @torch.no_grad()
