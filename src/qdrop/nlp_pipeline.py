@@ -280,11 +280,10 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         if task == "sts":  # for paired comparisons of two runs on the same pairs (benchmarks/sts_paired.py)
+            listed = lambda cos: None if cos is None else [float(v) for v in cos]  # noqa: E731 (exact: no new ties)
             atomic_write_json(out / "sts_cosines.json", dict(
-                data=str(data), pairs=len(eval_set), gold=[float(v) for v in eval_set.scores],
-                fp=None if fp_cos is None else [round(float(v), 6) for v in fp_cos],
-                quant=[round(float(v), 6) for v in quant_cos],
-                deployed=[round(float(v), 6) for v in cosines[-1]] if deployed is not None else None), indent=None)
+                model=model, data=str(data), pairs=len(eval_set), gold=listed(eval_set.scores), fp=listed(fp_cos),
+                quant=listed(quant_cos), deployed=listed(cosines[-1]) if deployed is not None else None), indent=None)
         atomic_write_json(out / "metrics.json", metrics)
         (out / "recon_state.pt").unlink(missing_ok=True)  # done: the metrics are the result
     return metrics

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from ..errors import DataError
+from ..errors import DataError, UsageError
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -100,18 +100,23 @@ def paired_spearman_bootstrap(a, b, gold, resamples: int = 2000, seed: int = 0) 
     pairs with replacement (the same pairs for both: a paired bootstrap). Why paired: two quantized models of one
     network err on mostly the same pairs, so their difference varies far less than either score does."""
     a, b, gold = (np.asarray(v, dtype=np.float64) for v in (a, b, gold))
-    if not (len(a) == len(b) == len(gold)) or len(gold) < 3:
-        raise DataError(f"a paired comparison needs the same pairs, at least 3: got {len(a)}, {len(b)} and "
+    # 10 pairs: below that a resample can draw one pair throughout, whose ranks are constant (no correlation)
+    if not (len(a) == len(b) == len(gold)) or len(gold) < 10:
+        raise DataError(f"a paired comparison needs the same pairs, at least 10: got {len(a)}, {len(b)} and "
                         f"{len(gold)} scores")
+    if resamples < 1:
+        raise UsageError(f"resamples={resamples}: give at least 1 (2,000 for a 95 % interval)")
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
     for k in range(resamples):
         i = rng.integers(0, len(gold), len(gold))
         diffs[k] = 100.0 * (spearman(a[i], gold[i]) - spearman(b[i], gold[i]))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
+    # the share of resamplings in which a scores above b, a tie counting half (two equal scorers: 0.5)
+    a_wins = float((diffs > 0).mean() + 0.5 * (diffs == 0).mean())
     return dict(a=100.0 * spearman(a, gold), b=100.0 * spearman(b, gold),
                 difference=100.0 * (spearman(a, gold) - spearman(b, gold)), low=float(lo), high=float(hi),
-                a_above_b=float((diffs > 0).mean()), resamples=resamples, pairs=len(gold))
+                a_wins=a_wins, resamples=resamples, pairs=len(gold))
 
 
 @torch.no_grad()
