@@ -70,11 +70,14 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def spearman(a, b) -> float:
-    """Spearman rank correlation (Pearson correlation of the average ranks)."""
-    ra, rb = _rank(np.asarray(a, dtype=np.float64)), _rank(np.asarray(b, dtype=np.float64))
+def _pearson(ra: np.ndarray, rb: np.ndarray) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / math.sqrt((ra * ra).sum() * (rb * rb).sum()))
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (Pearson correlation of the average ranks)."""
+    return _pearson(_rank(np.asarray(a, dtype=np.float64)), _rank(np.asarray(b, dtype=np.float64)))
 
 
 @torch.no_grad()
@@ -110,12 +113,13 @@ def paired_spearman_bootstrap(a, b, gold, resamples: int = 2000, seed: int = 0) 
     diffs = np.empty(resamples)
     for k in range(resamples):
         i = rng.integers(0, len(gold), len(gold))
-        diffs[k] = 100.0 * (spearman(a[i], gold[i]) - spearman(b[i], gold[i]))
+        gold_ranks = _rank(gold[i])  # ranked once for both scorers
+        diffs[k] = 100.0 * (_pearson(_rank(a[i]), gold_ranks) - _pearson(_rank(b[i]), gold_ranks))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     # the share of resamplings in which a scores above b, a tie counting half (two equal scorers: 0.5)
     a_wins = float((diffs > 0).mean() + 0.5 * (diffs == 0).mean())
-    return dict(a=100.0 * spearman(a, gold), b=100.0 * spearman(b, gold),
-                difference=100.0 * (spearman(a, gold) - spearman(b, gold)), low=float(lo), high=float(hi),
+    rho_a, rho_b = spearman(a, gold), spearman(b, gold)
+    return dict(a=100.0 * rho_a, b=100.0 * rho_b, difference=100.0 * (rho_a - rho_b), low=float(lo), high=float(hi),
                 a_wins=a_wins, resamples=resamples, pairs=len(gold))
 
 
