@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from qdrop.nlp.gptq import gptq_transformer  # noqa: E402
 from qdrop.quant.gptq import gptq_codes  # noqa: E402
 from qdrop.nlp.data import lm_splits, read_sentences, read_sts, sts_splits  # noqa: E402
 from qdrop.nlp.mask import current_mask, real_tokens  # noqa: E402
-from qdrop.errors import DataError, UsageError  # noqa: E402
+from qdrop.errors import DataError, PartitionError, UsageError  # noqa: E402
 from qdrop.quant.state import quant_mode  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nlp"
@@ -907,16 +908,17 @@ def test_run_nlp_quantize_with_block_reconstruction(tmp_path, capsys):
     text.write_text(" ".join(words[j] for j in torch.randint(0, 100, (600,), generator=g)))
     out = tmp_path / "out"
     m = run_nlp_quantize(f"hf:{d}", "lm", data=text, bits="w4a8", algo="qdrop", init="osplus", iters=5, lr_iters=20,
-                         calib=4, calib_len=32, window=64, max_windows=2, out=out)
+                         calib=4, calib_len=32, window=64, max_windows=2, batch_size=4, out=out)
     rec = m["report"]["reconstruction"]
     assert m["init"] == "osplus" and "osplus" in m["report"] and m["iters"] == 5 and m["lr_iters"] == 20
     assert rec["units"] == 2 and [r["unit"] for r in rec["unit_reports"]] == ["model.layers.0", "model.layers.1"]
     assert rec["stages"][0]["lr_iters"] == 20 and rec["stages"][0]["drop_prob"] == 0.5
     assert (out / "recon.json").exists() and not (out / "recon_state.pt").exists()
+    assert m["peak_memory"]["peak_rss_mb"] > 0 and json.loads((out / "metrics.json").read_text())["peak_memory"] == m["peak_memory"]
     assert "held weight codes" not in capsys.readouterr().err  # nearest rounding's start: nothing held, no warning
     # reconstruction from GPTQ's codes: GPTQ runs after the transform, then the blocks learn from its codes
     m = run_nlp_quantize(f"hf:{d}", "lm", data=text, bits="w4a8", algo="qdrop", init="osplus", w_rounding="gptq",
-                         iters=5, calib=4, calib_len=32, window=64, max_windows=2)
+                         iters=5, calib=4, calib_len=32, window=64, max_windows=2, batch_size=4)
     assert m["w_rounding"] == "gptq" and m["report"]["gptq"]["layers"] > 0
     units = m["report"]["reconstruction"]["unit_reports"]
     assert len(units) == 2 and math.isfinite(m["quant"])
@@ -935,6 +937,75 @@ def test_run_nlp_quantize_with_block_reconstruction(tmp_path, capsys):
     with pytest.raises(UsageError, match="--keep-fp 'lm_haed' matches"):  # one bare pattern (a sweep's yaml) is one pattern
         run_nlp_quantize(f"hf:{d}", "lm", data=text, algo="naive", keep_fp="lm_haed", out=tmp_path / "typo")
 
+
+
+
+def test_cli_reconstructs_a_transformer_after_an_equivalent_transform(tmp_path, monkeypatch):
+    """`qdrop quantize --model hf:... --algo qdrop --init osplus --units ... --max-cache-mb N`: the transform runs
+    first, the named blocks are the units, and the cache cap reaches the engine in bytes."""
+    import qdrop.api
+    from qdrop.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    d, words = _tiny_hf_dir(tmp_path, "bert")
+
+    def sent():
+        return " ".join(words[j] for j in torch.randint(0, 100, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g))
+
+    sts = _write_sts(tmp_path / "stsb_dev.tsv", [(sent(), sent(), f"{i % 5}.0") for i in range(30)])
+    seen, real = {}, qdrop.api.reconstruct
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(qdrop.api, "reconstruct", spy)
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", f"hf:{d}", "--task", "sts", "--data", str(sts), "--bits", "w4a8", "--algo", "qdrop",
+                 "--init", "osplus", "--units", "encoder.layer", "--max-cache-mb", "3", "--calib", "8", "--batch-size", "4",
+                 "--iters", "2", "--threads", "1", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["algo"] == "qdrop" and m["init"] == "osplus" and "osplus" in m["report"]
+    assert [u["unit"] for u in m["report"]["reconstruction"]["unit_reports"]] == ["encoder.layer.0", "encoder.layer.1"]
+    assert seen["units"] == "encoder.layer" and seen["max_cache_bytes"] == 3 * 2**20 and seen["batch_size"] == 4
+    assert m["peak_memory"]["peak_rss_mb"] > 0
+
+def test_cli_refuses_a_transformer_without_blocks_or_enough_calibration_before_writing(tmp_path, capsys):
+    """Bad input of the reconstruction path, through the command line: a units= that names no module,
+    a model with no repeated blocks, and a calibration set smaller than one step's batch each end in
+    one line naming the problem and its fix, exit 2, before the FP evaluation and with nothing written."""
+    from torch import nn
+
+    from qdrop.cli import main
+
+    d, words = _tiny_hf_dir(tmp_path, "llama")
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(words[i % 100] for i in range(600)))
+    base = ["quantize", "--model", f"hf:{d}", "--task", "lm", "--data", str(text), "--bits", "w4a8", "--algo", "qdrop",
+            "--init", "osplus", "--iters", "2", "--calib-len", "32", "--max-windows", "1", "--threads", "1"]
+    cases = [
+        (["--units", "model.blocks", "--calib", "4", "--batch-size", "4"],
+         "units='model.blocks': LlamaForCausalLM has no module 'model.blocks'"),
+        (["--calib", "4"], "reconstruction samples 8 calibration segments a step (--batch-size, at most 8 for lm) but --calib "
+                           "is 4: give --calib 8 or more, or --batch-size 4"),
+    ]
+    for k, (extra, message) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        assert main([*base, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
+    # a model with one block: nothing repeats, so nothing is found structurally, and the error names the option
+    single = tmp_path / "single"
+    shutil.copytree(d, single)  # the tokenizer's files
+    model = LlamaForCausalLM.from_pretrained(d)
+    model.model.layers = nn.ModuleList([model.model.layers[0]])
+    model.config.num_hidden_layers = 1
+    model.save_pretrained(single)
+    with pytest.raises(PartitionError, match="LlamaForCausalLM has no list of repeated blocks .* units='path.to.blocks'"):
+        run_nlp_quantize(f"hf:{single}", "lm", data=text, bits="w4a8", algo="qdrop", calib=4, calib_len=32,
+                         batch_size=4, max_windows=1, out=tmp_path / "single_out")
+    assert not (tmp_path / "single_out").exists()
 
 def test_run_nlp_quantize_errors(tmp_path):
     with pytest.raises(UsageError, match="w_rounding must be one of"):

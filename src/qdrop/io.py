@@ -181,10 +181,8 @@ PACKAGES = ("qdrop", "torch", "torchvision", "numpy", "pillow", "pyyaml", "effic
 def git_info(path: str | Path | None = None) -> dict | None:
     """{'commit', 'dirty', 'changed'} of the git checkout holding `path` (default: the qdrop
     package), or None when it is not in a git repository or git is missing."""
-    if path is None:
-        import qdrop
-
-        path = Path(qdrop.__file__).resolve().parent
+    if path is None:  # this file's folder is the package's (no `import qdrop`: io sits below every other module)
+        path = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)
         if commit.returncode != 0:

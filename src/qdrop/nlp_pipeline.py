@@ -24,6 +24,7 @@ from .nlp.data import length_sorted_batches, lm_splits, read_tokens, segment_bat
 from .nlp.models import TASKS, load_hf
 from .nlp.pipeline import FINE_LR, NLP_ALGOS, W_ROUNDINGS, quantize_transformer
 from .nlp.prepare import skip_patterns
+from .nlp.units import find_blocks
 from .nlp.tune import E2E_LR, tune_step_sizes
 from .quant.gptq import DAMP
 from .quant.scheme import parse_bits
@@ -69,7 +70,8 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
     observers only, or an equivalent transform: smoothquant / osplus / os) - one unit per repeated
     block (`units` names them when the structure is unusual), or one per part of a block with
     split_blocks (attention, MLP; qdrop.nlp.units; None = False, and kept out of sweep run ids). A step samples `batch_size` sentences
-    (sts) or min(batch_size, 8) segments (lm) of the calibration set; padding is not in the error.
+    (sts) or min(batch_size, 8) segments (lm) of the calibration set (a smaller `calib` is refused); padding is not
+    in the error. A model whose blocks cannot be found, or a `units` that names none, is refused right after loading.
     calib_batch: sentences (sts) or segments (lm) per calibration batch; None = batch_size (sts) or
     min(batch_size, 8) (lm), what every recorded run used. The MSE observers and OS+ sample a bounded number
     of values per batch (so do the percentile observer, EMA observers, and OS's fine-clipping steps), so the
@@ -155,12 +157,21 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         w_observer = "mse" if task == "sts" else "minmax"
     if calib < 1:
         raise UsageError(f"calib must be at least 1, got {calib}")
+    if recon:  # a step samples one batch of the calibration set: a smaller set would silently shrink every step
+        step = batch_size if task == "sts" else min(batch_size, 8)
+        if calib < step:
+            what = "sentences" if task == "sts" else "segments"
+            raise UsageError(f"reconstruction samples {step} calibration {what} a step (--batch-size"
+                             f"{'' if task == 'sts' else ', at most 8 for lm'}) but --calib is {calib}: give --calib "
+                             f"{step} or more, or --batch-size {calib}")
     data = Path(data) if data is not None else data_root() / DEFAULT_DATA[task]
     if not data.exists():
         raise DataError(f"{data} does not exist")
     seconds = {}
     fp_model, tokenizer = load_hf(model, task)
     seconds["load"] = time.perf_counter() - t0
+    if recon:  # the FP model has the quantized one's blocks: a model without them (or a bad units=) is refused now,
+        find_blocks(fp_model, units, layer=nn.Linear)  # not after minutes of evaluation and transforms
     keep_fp = skip_patterns(keep_fp)
     linears = [n for n, m in fp_model.named_modules() if isinstance(m, torch.nn.Linear)]
     for pattern in keep_fp:  # a typo would otherwise quantize the layer the user meant to keep
@@ -267,6 +278,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    calib_size=calib_size, calib_batch=calib_batch_used, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},
+                   peak_memory=qdist.peak_memory_mb(next(qmodel.parameters()).device),  # this process's, up to now
                    report=_jsonable(report), environment=environment())
     if task == "lm":
         metrics["lm"] = lm_info

@@ -44,15 +44,17 @@ class _Stop(Exception):
     """Raised by the last block's pre-hook: capturing needs nothing after it (no LM head)."""
 
 
-def find_blocks(model: nn.Module, units: str | None = None) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of the repeated blocks, in order."""
+def find_blocks(model: nn.Module, units: str | None = None, layer: type = QuantLayer) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of the repeated blocks, in order. layer: what a block must hold, the quantized
+    layers; nn.Linear finds the same blocks in the FP model, so that a run can refuse a model (or a units=)
+    before it spends minutes evaluating and transforming it."""
     if units is not None:
         try:
             container = model.get_submodule(units)
         except AttributeError:
             raise PartitionError(f"units={units!r}: {type(model).__name__} has no module {units!r}") from None
         kids = list(container.named_children())
-        if not kids or not any(isinstance(m, QuantLayer) for _, c in kids for m in c.modules()):
+        if not kids or not any(isinstance(m, layer) for _, c in kids for m in c.modules()):
             raise PartitionError(f"units={units!r} has no children holding quantized layers; name the container of "
                                  "the model's repeated blocks")
         return [(f"{units}.{n}", c) for n, c in kids]
@@ -63,7 +65,7 @@ def find_blocks(model: nn.Module, units: str | None = None) -> list[tuple[str, n
         kids = list(m.named_children())
         if len(kids) < 2 or len({type(c) for _, c in kids}) != 1:
             continue
-        counts = [sum(isinstance(x, QuantLayer) for x in c.modules()) for _, c in kids]
+        counts = [sum(isinstance(x, layer) for x in c.modules()) for _, c in kids]
         if min(counts) == 0:
             continue
         if best is None or sum(counts) > best[0]:  # ties: the outermost (named_modules is pre-order)
