@@ -296,6 +296,53 @@ def test_sweep_records_and_resume(tiny_results, capsys):
     assert len(read_results(tiny_results["results"])) == 2
 
 
+
+def test_a_run_whose_algorithm_changed_since_runs_again(tiny, tmp_path, monkeypatch, capsys):
+    """The run id hashes the algorithm's name, not what the name runs: a finished run records its algorithm's
+    definition, and once that definition changes the run is stale and runs again (only it); a definition that
+    gained an option at its default, or a record from before definitions were kept, stays current."""
+    import dataclasses
+
+    from qdrop.recon import configs
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tiny, tmp_path / "out"))
+    assert run_sweep(path, progress=False)["ran"] == 2
+    naive, qd = read_results(tmp_path / "out")
+    assert "algorithm" not in naive and qd["algorithm"] == configs.definition("qdrop")
+    assert qd["algorithm"]["algorithm"]["stages"][0]["drop_prob"] == 0.5
+    assert run_sweep(path, progress=False)["ran"] == 0
+    # qdrop's definition changes: its run is stale, the naive run is not
+    old = configs.ALGORITHMS["qdrop"]
+    changed = dataclasses.replace(old, stages=(dataclasses.replace(old.stages[0], drop_prob=0.75),))
+    monkeypatch.setitem(configs.ALGORITHMS, "qdrop", changed)
+    capsys.readouterr()
+    s = run_sweep(path, dry_run=True, progress=False)
+    assert list(s["stale"]) == [qd["run_id"]] and s["stale"][qd["run_id"]] == ["algorithm.stages[0].drop_prob: 0.5 -> 0.75"]
+    err = capsys.readouterr().err
+    assert "1 finished runs (qdrop) were recorded under an earlier definition" in err and "0.5 -> 0.75" in err
+    (tmp_path / "out" / qd["out_dir"] / "recon_state.pt").write_bytes(b"a state of the old definition")
+    s = run_sweep(path, progress=False)
+    assert s["ran"] == 1 and s["records"][0]["run_id"] == qd["run_id"] and not s["records"][0].get("recovered")
+    assert s["records"][0]["status"] == "ok" and s["records"][0]["algorithm"] == configs.definition("qdrop")
+    assert not (tmp_path / "out" / qd["out_dir"] / "recon_state.pt").exists()
+    assert len(read_results(tmp_path / "out")) == 3 and run_sweep(path, progress=False)["ran"] == 0
+    # an option added since, at its default, leaves the run current; at another value, it does not
+    monkeypatch.setitem(configs.ALGORITHMS, "qdrop", old)
+    recorded = configs.definition("qdrop")
+    del recorded["algorithm"]["stages"][0]["views"], recorded["algorithm"]["merge"]
+    assert configs.definition_changes(recorded, configs.definition("qdrop")) == []
+    assert configs.definition_changes(recorded, configs.definition("qdrop-mrecg")) == ["algorithm.name: 'qdrop' -> 'qdrop-mrecg'",
+                                                                                      "algorithm.merge: (absent) -> 2"]
+    two = configs.definition("qdrop-plus-e2e")
+    assert configs.definition_changes(recorded, two)[-1] == "algorithm.stages: 1 -> 2"
+    # a record from before definitions were kept: nothing to compare, current
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    del last["algorithm"]
+    (tmp_path / "out" / "results.jsonl").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    monkeypatch.setitem(configs.ALGORITHMS, "qdrop", changed)
+    assert run_sweep(path, progress=False)["ran"] == 0
+
 def test_truncated_line_and_recovered_run(tiny, tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(tiny, tmp_path / "out"))
     s = run_sweep(path, only="algo=naive", progress=False)

@@ -9,7 +9,8 @@ Layout of a results folder::
                                   model.onnx and parity.json with `deploy: onnxruntime`)
 
 A run whose latest record has status "ok" is skipped; failed runs are retried by the next
-invocation. With `deploy: onnxruntime`, a finished run whose record has no deployment (or a failed
+invocation. A finished run of a reconstruction algorithm whose definition (the stages its name stands for,
+kept in the record) has changed since is "stale" and runs again. With `deploy: onnxruntime`, a finished run whose record has no deployment (or a failed
 one) is exported and scored again from its model.pt, without quantizing it again. With `--ray`, the
 pending runs are Ray tasks instead (ray_runner.py); the planning, the lock and the records stay
 here, written by this process alone. Exit status of
@@ -315,6 +316,9 @@ def execute_run(run: Run, results_dir: Path, sweep_name: str, fp_top1: float | N
     run_dir = results_dir / "runs" / run.run_id
     record = dict(schema=SCHEMA, run_id=run.run_id, sweep=sweep_name, kind=run.kind, config=c,
                   out_dir=str(Path("runs") / run.run_id), started=_now(), git=git_info(), versions=package_versions())
+    algorithm = algorithm_definition(c)
+    if algorithm is not None:  # what the algorithm's name ran, for the next plan to compare (_plan)
+        record["algorithm"] = algorithm
     t0 = time.perf_counter()
     metrics = None
     with PeakMemory() as mem, torch_threads(c.get("threads")):
@@ -421,24 +425,58 @@ def resolve_results_dir(sweep: Sweep, out: str | Path | None) -> Path:
     return Path(folder).expanduser()
 
 
+def algorithm_definition(c: dict) -> dict | None:
+    """The reconstruction algorithm a run's `algo` names, as data (None: observers, transforms, no name)."""
+    from ..recon.configs import ALGORITHMS, CANDIDATES, definition
+
+    name = c.get("algo")
+    return definition(name) if isinstance(name, str) and (name in ALGORITHMS or name in CANDIDATES) else None
+
+
+def stale_runs(selected: list, latest: dict[str, dict]) -> dict[str, list[str]]:
+    """run_id -> what changed, for each finished run whose algorithm's definition differs from the one its record
+    kept (a record from before definitions were kept counts as current: nothing to compare)."""
+    from ..recon.configs import definition_changes
+
+    out = {}
+    for r in selected:
+        rec = latest.get(r.run_id)
+        if rec is None or rec.get("status") != "ok" or not isinstance(rec.get("algorithm"), dict):
+            continue
+        changes = definition_changes(rec["algorithm"], algorithm_definition(r.config) or {})
+        if changes:
+            out[r.run_id] = changes
+    return out
+
+
+def _supersede(run_dir: Path) -> None:
+    """A stale run's folder before it runs again: its metrics.json would be taken as the new run's result (a
+    kill's recovery) and a leftover state file resumed; its model.pt is overwritten by the new run."""
+    for name in ("metrics.json", "recon_state.pt"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def _plan(selected: list, results_dir: Path, limit: int | None, warn: bool = True):
     """What a sweep has left to do, from its results file: (latest records, status per run, runs
-    only to deploy, runs that cannot be deployed, pending runs, number already done)."""
+    only to deploy, runs that cannot be deployed, pending runs, number already done, stale runs: those
+    finished under an earlier definition of their algorithm, which run again)."""
     latest = latest_records(read_results(results_dir, warn=warn))
-    done = {rid for rid, r in latest.items() if r.get("status") == "ok"}
+    stale = stale_runs(selected, latest)
+    done = {rid for rid, r in latest.items() if r.get("status") == "ok"} - stale.keys()
     # finished runs that still need their deployment: they are exported from their checkpoint, not
     # quantized again; a run whose checkpoint was deleted (keep_checkpoint: false) stays as recorded
     to_deploy = {r.run_id for r in selected if _deploy_pending(r, latest.get(r.run_id))}
     no_checkpoint = {rid for rid in to_deploy if not (results_dir / "runs" / rid / CHECKPOINT).exists()}
     to_deploy -= no_checkpoint
     status = {r.run_id: ("deploy" if r.run_id in to_deploy else "done, no model.pt to deploy" if r.run_id in no_checkpoint
-                         else "done" if r.run_id in done else "failed" if r.run_id in latest else "pending")
+                         else "done" if r.run_id in done else "stale" if r.run_id in stale
+                         else "failed" if r.run_id in latest else "pending")
               for r in selected}
     pending = [r for r in selected if r.run_id not in done or r.run_id in to_deploy]
     if limit is not None:
         pending = pending[:limit]
     skipped = sum(1 for r in selected if r.run_id in done and r.run_id not in to_deploy)
-    return latest, status, to_deploy, no_checkpoint, pending, skipped
+    return latest, status, to_deploy, no_checkpoint, pending, skipped, stale
 
 
 def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: bool = False, only=None,
@@ -476,9 +514,16 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
     for w in sweep.warnings:
         print(f"warning: {w}", file=sys.stderr)
 
-    latest, status, to_deploy, no_checkpoint, pending, skipped = _plan(selected, results_dir, limit)
+    latest, status, to_deploy, no_checkpoint, pending, skipped, stale = _plan(selected, results_dir, limit)
     summary = dict(results_dir=str(results_dir), runs=selected, plan=pending, skipped=skipped,
-                   ran=0, failed=0, deployed=0, deploy_failed=0, records=[], config_hash=sweep.config_hash)
+                   ran=0, failed=0, deployed=0, deploy_failed=0, records=[], config_hash=sweep.config_hash, stale=stale)
+    if stale:
+        algos = sorted({r.config.get("algo") for r in selected if r.run_id in stale})
+        first = next(iter(stale.values()))
+        print(f"note: {len(stale)} finished runs ({', '.join(algos)}) were recorded under an earlier definition of their "
+              f"algorithm ({'; '.join(first[:3])}{'; ...' if len(first) > 3 else ''}); they "
+              f"{'would run' if dry_run else 'run'} again, and their new records replace the old ones in reports",
+              file=sys.stderr)
 
     if dry_run:
         foreign = ""
@@ -507,8 +552,11 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
         stack.enter_context(_lock(results_dir))
         _claim(results_dir, sweep, force)
         # planned again under the lock: another process may have finished runs since the first read
-        latest, status, to_deploy, no_checkpoint, pending, skipped = _plan(selected, results_dir, limit, warn=False)
-        summary.update(plan=pending, skipped=skipped)
+        latest, status, to_deploy, no_checkpoint, pending, skipped, stale = _plan(selected, results_dir, limit, warn=False)
+        for run in pending:
+            if run.run_id in stale:
+                _supersede(results_dir / "runs" / run.run_id)
+        summary.update(plan=pending, skipped=skipped, stale=stale)
         fp_cache = {}
         for r in latest.values():
             if r.get("status") == "ok" and (r.get("metrics") or {}).get("fp") is not None:

@@ -47,7 +47,8 @@ qdrop-fisher, qdrop-pd, qdrop-dc, qdrop-net, qdrop-mrecg, qdrop-pdquant, qdrop-w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from ..errors import UsageError
 
 
@@ -239,3 +240,45 @@ def get_algorithm(name: str, **overrides) -> Algorithm:
     if overrides:
         algo = replace(algo, stages=tuple(replace(s, **overrides) for s in algo.stages))
     return algo
+
+
+# ---- what a name means, recorded --------------------------------------------------------------------------------
+# A sweep's run id hashes its settings, the algorithm's *name* among them; what the name runs is code. Each run's
+# record keeps the definition below, and `qdrop bench` runs a finished run again when its algorithm's definition
+# has changed since (docs/benchmarks.md), so that a table never mixes what a name meant then with what it means now.
+_RECON_DEFAULTS = ("warmup", "b_start", "b_end")  # ReconConfig values a Stage falls back on (None: the default)
+_FIELD_DEFAULTS = {f.name: f.default for cls in (Stage, Algorithm) for f in fields(cls) if f.default is not MISSING}
+
+
+def definition(name: str) -> dict:
+    """The reconstruction algorithm `name` as data (JSON types): its Algorithm, stages included, and the ReconConfig
+    defaults its stages fall back on."""
+    rc = ReconConfig()
+    return json.loads(json.dumps(dict(algorithm=asdict(get_algorithm(name)),
+                                      defaults={k: getattr(rc, k) for k in _RECON_DEFAULTS})))
+
+
+def definition_changes(recorded: dict, now: dict) -> list[str]:
+    """'where: then -> now' for every value of two definitions that differs. A field the recorded one lacks (an
+    option added since) counts as unchanged while it is at its default, so adding an option that is off by default
+    leaves earlier runs current; a field since removed is not compared."""
+    changes = []
+
+    def walk(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in b:
+                if k in a:
+                    walk(a[k], b[k], f"{where}.{k}" if where else k)
+                elif b[k] != _FIELD_DEFAULTS.get(k, MISSING):
+                    changes.append(f"{where}.{k}: (absent) -> {b[k]!r}")
+        elif isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) for x in a + b):
+            if len(a) != len(b):
+                changes.append(f"{where}: {len(a)} -> {len(b)}")
+            else:
+                for i, (x, y) in enumerate(zip(a, b)):
+                    walk(x, y, f"{where}[{i}]")
+        elif a != b:
+            changes.append(f"{where}: {a!r} -> {b!r}")
+
+    walk(recorded, now, "")
+    return changes
