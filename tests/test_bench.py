@@ -320,12 +320,28 @@ def test_a_run_whose_algorithm_changed_since_runs_again(tiny, tmp_path, monkeypa
     assert list(s["stale"]) == [qd["run_id"]] and s["stale"][qd["run_id"]] == ["algorithm.stages[0].drop_prob: 0.5 -> 0.75"]
     err = capsys.readouterr().err
     assert "1 finished runs (qdrop) were recorded under an earlier definition" in err and "0.5 -> 0.75" in err
-    (tmp_path / "out" / qd["out_dir"] / "recon_state.pt").write_bytes(b"a state of the old definition")
+    # asked to deploy too, the stale run is quantized again (not only exported from its old model.pt)
+    run_sweep(path, dry_run=True, progress=False, set_values=["deploy=onnxruntime"])
+    table = {line.split()[1]: line.split()[0] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()}
+    assert table[qd["run_id"]] == "stale" and table[naive["run_id"]] == "deploy"
+    report = render_report(tmp_path / "out", plots=False)  # the stale run is out of the tables, and listed
+    assert "1 stale" in report and "## Stale runs" in report and f"`{qd['run_id']}` | algorithm.stages[0].drop_prob" in report
+    # the old run's metrics.json is not taken for the new run's (a kill's recovery): it runs again
+    run_dir = tmp_path / "out" / qd["out_dir"]
+    assert json.loads((run_dir / "metrics.json").read_text())["quant"] == qd["metrics"]["quant"]
     s = run_sweep(path, progress=False)
     assert s["ran"] == 1 and s["records"][0]["run_id"] == qd["run_id"] and not s["records"][0].get("recovered")
     assert s["records"][0]["status"] == "ok" and s["records"][0]["algorithm"] == configs.definition("qdrop")
-    assert not (tmp_path / "out" / qd["out_dir"] / "recon_state.pt").exists()
     assert len(read_results(tmp_path / "out")) == 3 and run_sweep(path, progress=False)["ran"] == 0
+    assert "stale" not in render_report(tmp_path / "out", plots=False)
+    # a rerun killed after its metrics.json, before its results line, is recovered, not run a third time
+    again = dataclasses.replace(old, stages=(dataclasses.replace(old.stages[0], drop_prob=0.9),))
+    monkeypatch.setitem(configs.ALGORITHMS, "qdrop", again)
+    finished = dict(s["records"][0]["metrics"], quant=12.5)
+    (run_dir / "metrics.json").write_text(json.dumps(finished))
+    s = run_sweep(path, progress=False)
+    assert s["ran"] == 1 and s["records"][0].get("recovered") and s["records"][0]["metrics"] == finished
+    assert read_results(tmp_path / "out")[-1]["algorithm"] == configs.definition("qdrop")  # the rerun's definition
     # an option added since, at its default, leaves the run current; at another value, it does not
     monkeypatch.setitem(configs.ALGORITHMS, "qdrop", old)
     recorded = configs.definition("qdrop")
@@ -342,6 +358,7 @@ def test_a_run_whose_algorithm_changed_since_runs_again(tiny, tmp_path, monkeypa
     (tmp_path / "out" / "results.jsonl").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
     monkeypatch.setitem(configs.ALGORITHMS, "qdrop", changed)
     assert run_sweep(path, progress=False)["ran"] == 0
+
 
 def test_truncated_line_and_recovered_run(tiny, tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(tiny, tmp_path / "out"))

@@ -97,7 +97,7 @@ def test_quantize_naive_writes_metrics_and_checkpoint(tmp_path):
         assert key in m
     assert m["metric"] == "top1" and m["calib_size"] == 256
     assert abs(m["fp"] - m["quant"]) <= 1.0  # W8A8 naive is nearly free
-    assert 100 < m["peak_memory"]["peak_rss_mb"] < 64 * 1024  # the process's peak: torch and the model at least
+    assert 100 < m["process_peak"]["peak_rss_mb"] < 64 * 1024  # the process's peak: torch and the model at least
     ev = run_cli("eval", "--model", "cifar10_resnet20", "--data", str(CIFAR), "--checkpoint", str(out), "--eval-limit", "1000")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout.strip().splitlines()[-1])["quant"] == m["quant"]  # the checkpoint reloads exactly

@@ -914,7 +914,7 @@ def test_run_nlp_quantize_with_block_reconstruction(tmp_path, capsys):
     assert rec["units"] == 2 and [r["unit"] for r in rec["unit_reports"]] == ["model.layers.0", "model.layers.1"]
     assert rec["stages"][0]["lr_iters"] == 20 and rec["stages"][0]["drop_prob"] == 0.5
     assert (out / "recon.json").exists() and not (out / "recon_state.pt").exists()
-    assert m["peak_memory"]["peak_rss_mb"] > 0 and json.loads((out / "metrics.json").read_text())["peak_memory"] == m["peak_memory"]
+    assert m["process_peak"]["peak_rss_mb"] > 0 and json.loads((out / "metrics.json").read_text())["process_peak"] == m["process_peak"]
     assert "held weight codes" not in capsys.readouterr().err  # nearest rounding's start: nothing held, no warning
     # reconstruction from GPTQ's codes: GPTQ runs after the transform, then the blocks learn from its codes
     m = run_nlp_quantize(f"hf:{d}", "lm", data=text, bits="w4a8", algo="qdrop", init="osplus", w_rounding="gptq",
@@ -968,7 +968,7 @@ def test_cli_reconstructs_a_transformer_after_an_equivalent_transform(tmp_path, 
     assert m["algo"] == "qdrop" and m["init"] == "osplus" and "osplus" in m["report"]
     assert [u["unit"] for u in m["report"]["reconstruction"]["unit_reports"]] == ["encoder.layer.0", "encoder.layer.1"]
     assert seen["units"] == "encoder.layer" and seen["max_cache_bytes"] == 3 * 2**20 and seen["batch_size"] == 4
-    assert m["peak_memory"]["peak_rss_mb"] > 0
+    assert m["process_peak"]["peak_rss_mb"] > 0
 
 def test_cli_refuses_a_transformer_without_blocks_or_enough_calibration_before_writing(tmp_path, capsys):
     """Bad input of the reconstruction path, through the command line: a units= that names no module,
@@ -1018,6 +1018,9 @@ def test_run_nlp_quantize_errors(tmp_path):
         run_nlp_quantize("hf:x", "sts", data=tmp_path, bits="w9a8")
     with pytest.raises(ValueError, match="down_proj"):
         run_nlp_quantize("hf:x", "lm", data=tmp_path, algo="naive", down_proj=True)
+    with pytest.raises(UsageError, match=r"samples 16 calibration sentences a step \(--batch-size\) but --calib is 8: "
+                                         r"give --calib 16 or more, or --batch-size 8"):
+        run_nlp_quantize("hf:x", "sts", data=tmp_path, algo="qdrop", calib=8, batch_size=16)
     with pytest.raises(DataError, match="does not exist"):
         run_nlp_quantize("hf:x", "sts", data=tmp_path / "missing.tsv")
     # a model folder without tokenizer files, offline

@@ -278,7 +278,7 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
                    calib_size=calib_size, calib_batch=calib_batch_used, calib_source=calib_source, seed=seed, metric=METRIC[task],
                    higher_is_better=task == "sts", fp=round(float(fp_score), 4), quant=round(float(quant), 4),
                    eval_size=eval_size, data=str(data), seconds={k: round(v, 2) for k, v in seconds.items()},
-                   peak_memory=qdist.peak_memory_mb(next(qmodel.parameters()).device),  # this process's, up to now
+                   process_peak=qdist.peak_memory_mb(next(qmodel.parameters()).device),  # MiB, the process's since it started
                    report=_jsonable(report), environment=environment())
     if task == "lm":
         metrics["lm"] = lm_info

@@ -254,7 +254,8 @@ def run_quantize(job: QuantizeJob, out: str | Path | None = None, progress: bool
                    ms_per_iter=round(1000 * recon_report["seconds"] / max(1, sum(r["iters"] for r in recon_report["unit_reports"])), 2)
                    if recon_report else None,
                    lam=recon_report["lam"] if recon_report else None, weight_bytes=_weight_bytes(qmodel),
-                   allocation=config.get("allocation"), peak_memory=qdist.peak_memory_mb(device),  # this process's, so far
+                   allocation=config.get("allocation"),
+                   process_peak=qdist.peak_memory_mb(device),  # MiB, the process's since it started
                    environment=environment())
     metrics.update(integer)
     if recon_report and "ranks" in recon_report:  # data-parallel: each rank's share, cache and peak memory

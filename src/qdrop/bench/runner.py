@@ -433,27 +433,39 @@ def algorithm_definition(c: dict) -> dict | None:
     return definition(name) if isinstance(name, str) and (name in ALGORITHMS or name in CANDIDATES) else None
 
 
-def stale_runs(selected: list, latest: dict[str, dict]) -> dict[str, list[str]]:
-    """run_id -> what changed, for each finished run whose algorithm's definition differs from the one its record
-    kept (a record from before definitions were kept counts as current: nothing to compare)."""
+def record_changes(rec: dict) -> list[str]:
+    """What changed in a finished run's algorithm since it ran ([] when nothing did, or when the record is from
+    before definitions were kept: nothing to compare). Ray workers write the definition of the qdrop they run."""
     from ..recon.configs import definition_changes
 
+    if rec.get("status") != "ok" or not isinstance(rec.get("algorithm"), dict):
+        return []
+    return definition_changes(rec["algorithm"], algorithm_definition(rec.get("config") or {}) or {})
+
+
+def stale_runs(selected: list, latest: dict[str, dict]) -> dict[str, list[str]]:
+    """run_id -> what changed, for each selected finished run whose algorithm's definition differs from the one
+    its record kept."""
     out = {}
     for r in selected:
-        rec = latest.get(r.run_id)
-        if rec is None or rec.get("status") != "ok" or not isinstance(rec.get("algorithm"), dict):
-            continue
-        changes = definition_changes(rec["algorithm"], algorithm_definition(r.config) or {})
+        changes = record_changes(latest[r.run_id]) if r.run_id in latest else []
         if changes:
             out[r.run_id] = changes
     return out
 
 
-def _supersede(run_dir: Path) -> None:
-    """A stale run's folder before it runs again: its metrics.json would be taken as the new run's result (a
-    kill's recovery) and a leftover state file resumed; its model.pt is overwritten by the new run."""
-    for name in ("metrics.json", "recon_state.pt"):
-        (run_dir / name).unlink(missing_ok=True)
+def _supersede(run_dir: Path, old: dict) -> None:
+    """A stale run's folder before it runs again: the old run's metrics.json would be taken as the new run's result
+    (a kill's recovery), so it goes; a metrics.json the rerun itself wrote before a kill (other metrics than the old
+    record's) stays and is recovered, and so does the rerun's state file (the engine refuses one written by another
+    configuration). The old model.pt is overwritten by the new run."""
+    path = run_dir / "metrics.json"
+    try:
+        written, recorded = json.loads(path.read_text()), old.get("metrics") or {}
+        if isinstance(written, dict) and all(written.get(k) == v for k, v in recorded.items()):  # (records keep a part)
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def _plan(selected: list, results_dir: Path, limit: int | None, warn: bool = True):
@@ -465,12 +477,13 @@ def _plan(selected: list, results_dir: Path, limit: int | None, warn: bool = Tru
     done = {rid for rid, r in latest.items() if r.get("status") == "ok"} - stale.keys()
     # finished runs that still need their deployment: they are exported from their checkpoint, not
     # quantized again; a run whose checkpoint was deleted (keep_checkpoint: false) stays as recorded
-    to_deploy = {r.run_id for r in selected if _deploy_pending(r, latest.get(r.run_id))}
+    # (a stale run is quantized again, not only deployed)
+    to_deploy = {r.run_id for r in selected if r.run_id not in stale and _deploy_pending(r, latest.get(r.run_id))}
     no_checkpoint = {rid for rid in to_deploy if not (results_dir / "runs" / rid / CHECKPOINT).exists()}
     to_deploy -= no_checkpoint
-    status = {r.run_id: ("deploy" if r.run_id in to_deploy else "done, no model.pt to deploy" if r.run_id in no_checkpoint
-                         else "done" if r.run_id in done else "stale" if r.run_id in stale
-                         else "failed" if r.run_id in latest else "pending")
+    status = {r.run_id: ("stale" if r.run_id in stale else "deploy" if r.run_id in to_deploy
+                         else "done, no model.pt to deploy" if r.run_id in no_checkpoint
+                         else "done" if r.run_id in done else "failed" if r.run_id in latest else "pending")
               for r in selected}
     pending = [r for r in selected if r.run_id not in done or r.run_id in to_deploy]
     if limit is not None:
@@ -555,7 +568,7 @@ def run_sweep(config_path: str | Path, out: str | Path | None = None, dry_run: b
         latest, status, to_deploy, no_checkpoint, pending, skipped, stale = _plan(selected, results_dir, limit, warn=False)
         for run in pending:
             if run.run_id in stale:
-                _supersede(results_dir / "runs" / run.run_id)
+                _supersede(results_dir / "runs" / run.run_id, latest[run.run_id])
         summary.update(plan=pending, skipped=skipped, stale=stale)
         fp_cache = {}
         for r in latest.values():

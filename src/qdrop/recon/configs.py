@@ -247,7 +247,17 @@ def get_algorithm(name: str, **overrides) -> Algorithm:
 # record keeps the definition below, and `qdrop bench` runs a finished run again when its algorithm's definition
 # has changed since (docs/benchmarks.md), so that a table never mixes what a name meant then with what it means now.
 _RECON_DEFAULTS = ("warmup", "b_start", "b_end")  # ReconConfig values a Stage falls back on (None: the default)
-_FIELD_DEFAULTS = {f.name: f.default for cls in (Stage, Algorithm) for f in fields(cls) if f.default is not MISSING}
+
+
+def _defaults(cls) -> dict:
+    """A dataclass's field defaults as definition() writes values (JSON types; factories called)."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out))
 
 
 def definition(name: str) -> dict:
@@ -264,21 +274,25 @@ def definition_changes(recorded: dict, now: dict) -> list[str]:
     leaves earlier runs current; a field since removed is not compared."""
     changes = []
 
-    def walk(a, b, where):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in b:
-                if k in a:
-                    walk(a[k], b[k], f"{where}.{k}" if where else k)
-                elif b[k] != _FIELD_DEFAULTS.get(k, MISSING):
-                    changes.append(f"{where}.{k}: (absent) -> {b[k]!r}")
-        elif isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) for x in a + b):
-            if len(a) != len(b):
-                changes.append(f"{where}: {len(a)} -> {len(b)}")
-            else:
-                for i, (x, y) in enumerate(zip(a, b)):
-                    walk(x, y, f"{where}[{i}]")
-        elif a != b:
+    def fields_of(a: dict, b: dict, defaults: dict, where: str) -> None:
+        for k in b:
+            if k in a:
+                same(a[k], b[k], f"{where}.{k}")
+            elif b[k] != defaults.get(k, MISSING):
+                changes.append(f"{where}.{k}: (absent) -> {b[k]!r}")
+
+    def same(a, b, where: str) -> None:
+        if a != b:
             changes.append(f"{where}: {a!r} -> {b!r}")
 
-    walk(recorded, now, "")
+    ra, na = recorded.get("algorithm") or {}, now.get("algorithm") or {}
+    stages = dict(ra=ra.get("stages") or [], na=na.get("stages") or [])
+    fields_of({k: v for k, v in ra.items() if k != "stages"}, {k: v for k, v in na.items() if k != "stages"},
+              _defaults(Algorithm), "algorithm")
+    if len(stages["ra"]) != len(stages["na"]):
+        changes.append(f"algorithm.stages: {len(stages['ra'])} -> {len(stages['na'])}")
+    else:
+        for i, (x, y) in enumerate(zip(stages["ra"], stages["na"])):
+            fields_of(x, y, _defaults(Stage), f"algorithm.stages[{i}]")
+    fields_of(recorded.get("defaults") or {}, now.get("defaults") or {}, _defaults(ReconConfig), "defaults")
     return changes
