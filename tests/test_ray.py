@@ -116,11 +116,11 @@ def test_unanswered_address_is_one_line_error(tiny, tmp_path, capsys):
 
 # ---- running --------------------------------------------------------------------------------
 
-VOLATILE = {"seconds", "wall_seconds", "ms_per_iter", "started", "finished", "peak_memory", "fp_reused"}
+VOLATILE = {"seconds", "wall_seconds", "ms_per_iter", "started", "finished", "peak_memory", "process_peak", "fp_reused"}
 
 
 def stable(value):
-    """A record without its timings (and fp_reused: runs submitted together each evaluate the FP model)."""
+    """A record without its timings and memory peaks (and fp_reused: runs submitted together each evaluate the FP model)."""
     if isinstance(value, dict):
         return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
     if isinstance(value, list):
