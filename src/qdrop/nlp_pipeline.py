@@ -157,13 +157,14 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
         w_observer = "mse" if task == "sts" else "minmax"
     if calib < 1:
         raise UsageError(f"calib must be at least 1, got {calib}")
-    if recon:  # a step samples one batch of the calibration set: a smaller set would silently shrink every step
-        step = batch_size if task == "sts" else min(batch_size, 8)
-        if calib < step:
-            what = "sentences" if task == "sts" else "segments"
-            raise UsageError(f"reconstruction samples {step} calibration {what} a step (--batch-size"
-                             f"{'' if task == 'sts' else ', at most 8 for lm'}) but --calib is {calib}: give --calib "
-                             f"{step} or more, or --batch-size {calib}")
+    # reconstruction: a step samples batch_size sentences (sts) or min(batch_size, 8) segments (lm) of the calibration
+    # set (which holds exactly `calib`, or the splits refuse); a smaller set would silently shrink every step
+    recon_batch = batch_size if task == "sts" else max(1, min(batch_size, 8))
+    if recon and calib < recon_batch:
+        what = "sentences" if task == "sts" else "segments"
+        raise UsageError(f"reconstruction samples {recon_batch} calibration {what} a step (--batch-size"
+                         f"{'' if task == 'sts' else ', at most 8 for lm'}) but --calib is {calib}: give --calib "
+                         f"{recon_batch} or more, or --batch-size {calib}")
     data = Path(data) if data is not None else data_root() / DEFAULT_DATA[task]
     if not data.exists():
         raise DataError(f"{data} does not exist")
@@ -200,7 +201,6 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             gptq_batches = sentence_calib_batches(tokenizer, gptq_sentences, calib_batch)
         # reconstruction: groups of RECON_GROUP sentences of similar length (a step samples batch_size of one group),
         # so that steps do not compute on padding
-        recon_batch = min(batch_size, len(calib_sentences))
         recon_data = length_sorted_batches(tokenizer, calib_sentences, max(RECON_GROUP, recon_batch)) if recon else None
         calib_size, eval_size = len(calib_sentences), len(eval_set)
 
@@ -222,7 +222,6 @@ def run_nlp_quantize(model: str, task: str, data=None, bits: str = "w8a8", algo:
             gptq_seg = lm_splits(tokens, gptq_calib, calib_len, window, max_windows)[1]
             gptq_batches = segment_batches(gptq_seg, batch_size=calib_batch)
         recon_data = segment_batches(cal, batch_size=cal.shape[0]) if recon else None
-        recon_batch = max(1, min(batch_size, 8, cal.shape[0]))
         calib_size, eval_size = cal.shape[0], eval_tokens.numel()
         calib_source = f"last {cal.numel()} tokens of {data.name} ({cal.shape[0]} segments of {calib_len})"
         lm_info = {}

@@ -245,7 +245,7 @@ def get_algorithm(name: str, **overrides) -> Algorithm:
 # ---- what a name means, recorded --------------------------------------------------------------------------------
 # A sweep's run id hashes its settings, the algorithm's *name* among them; what the name runs is code. Each run's
 # record keeps the definition below, and `qdrop bench` runs a finished run again when its algorithm's definition
-# has changed since (docs/benchmarks.md), so that a table never mixes what a name meant then with what it means now.
+# has changed since (docs/benchmark_protocol.md), so that a table never mixes what a name meant then with what it means now.
 _RECON_DEFAULTS = ("warmup", "b_start", "b_end")  # ReconConfig values a Stage falls back on (None: the default)
 
 
@@ -276,23 +276,18 @@ def definition_changes(recorded: dict, now: dict) -> list[str]:
 
     def fields_of(a: dict, b: dict, defaults: dict, where: str) -> None:
         for k in b:
-            if k in a:
-                same(a[k], b[k], f"{where}.{k}")
-            elif b[k] != defaults.get(k, MISSING):
+            if k in a and a[k] != b[k]:
+                changes.append(f"{where}.{k}: {a[k]!r} -> {b[k]!r}")
+            elif k not in a and b[k] != defaults.get(k, MISSING):
                 changes.append(f"{where}.{k}: (absent) -> {b[k]!r}")
 
-    def same(a, b, where: str) -> None:
-        if a != b:
-            changes.append(f"{where}: {a!r} -> {b!r}")
-
-    ra, na = recorded.get("algorithm") or {}, now.get("algorithm") or {}
-    stages = dict(ra=ra.get("stages") or [], na=na.get("stages") or [])
-    fields_of({k: v for k, v in ra.items() if k != "stages"}, {k: v for k, v in na.items() if k != "stages"},
-              _defaults(Algorithm), "algorithm")
-    if len(stages["ra"]) != len(stages["na"]):
-        changes.append(f"algorithm.stages: {len(stages['ra'])} -> {len(stages['na'])}")
+    ra, na = dict(recorded.get("algorithm") or {}), dict(now.get("algorithm") or {})
+    then_stages, now_stages = ra.pop("stages", None) or [], na.pop("stages", None) or []
+    fields_of(ra, na, _defaults(Algorithm), "algorithm")
+    if len(then_stages) != len(now_stages):
+        changes.append(f"algorithm.stages: {len(then_stages)} -> {len(now_stages)}")
     else:
-        for i, (x, y) in enumerate(zip(stages["ra"], stages["na"])):
+        for i, (x, y) in enumerate(zip(then_stages, now_stages)):
             fields_of(x, y, _defaults(Stage), f"algorithm.stages[{i}]")
     fields_of(recorded.get("defaults") or {}, now.get("defaults") or {}, _defaults(ReconConfig), "defaults")
     return changes
